@@ -1,0 +1,219 @@
+"""Optimizer pieces with llm.c's semantics: LR schedules, AdamW (optax), grad clipping, outlier z-scores.
+
+llm.c references: llmc/schedulers.h, llmc/adamw.cuh, llmc/outlier_detector.h and the update part of
+train_gpt2.cu's loop (z-scores, LR for `step`, global norm, clip, AdamW with t = step + 1).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant", "wsd")
+
+_f32 = np.float32
+
+
+def learning_rate(step: int, *, schedule: str, max_lr: float, warmup: int, total_steps: int,
+                  final_frac: float) -> float:
+    """LR for 0-based `step`, computed in float32 in the same operation order as llm.c's schedulers.h.
+
+    The decay phase requires 0 <= r <= 1 (llm.c asserts it), so `step` may go up to `total_steps`
+    (where the LR is exactly max_lr * final_frac); the last update, step total_steps - 1, is one
+    decay increment short of that. `constant` ignores warmup and never checks the step.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning rate schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    lr, W, N = _f32(max_lr), int(warmup), int(total_steps)
+    if schedule == "constant":
+        return float(lr)
+    if step < 0:
+        raise ValueError(f"learning_rate: step must be >= 0, got {step}")
+    if step < W:
+        if schedule == "wsd":  # llm.c's wsd divides first, then multiplies
+            return float(lr * (_f32(step + 1) / _f32(W)))
+        return float(lr * _f32(step + 1) / _f32(W))
+    min_lr = lr * _f32(final_frac)
+    if schedule == "wsd":
+        decay_point = int(_f32(0.8) * _f32(N))  # (int)(0.8f * N): truncation of a float32 product
+        if step < decay_point:
+            return float(lr)
+        start = decay_point
+    else:
+        start = W
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = _f32(step - start) / _f32(N - start)
+    if not 0.0 <= r <= 1.0:  # also catches NaN (N == start)
+        raise ValueError(f"learning_rate: decay ratio {float(r)} outside [0, 1] at step {step} "
+                         f"({schedule}, warmup={W}, total_steps={N})")
+    if schedule == "cosine":
+        # cosf(M_PI * r): the product is taken in double, then rounded to float for cosf
+        coeff = _f32(0.5) * (_f32(1.0) + np.cos(_f32(math.pi * float(r))))
+        return float(min_lr + coeff * (lr - min_lr))
+    if schedule == "linear":
+        return float(lr - r * (lr - min_lr))
+    return float(min_lr + (_f32(1.0) - np.sqrt(r)) * (lr - min_lr))  # wsd: 1 - sqrt decay
+
+
+# llm.c decays tensors 0,1,4,6,10,12: every 2-D matrix incl. the embeddings; no LN params, no biases.
+WEIGHT_DECAY_PARAMS: frozenset[str] = frozenset({"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"})
+
+
+def weight_decay_mask(params: dict[str, Any]) -> dict[str, bool]:
+    """True where AdamW applies weight decay (same keys as `params`)."""
+    return {name: name in WEIGHT_DECAY_PARAMS for name in params}
+
+
+def _to_f32(tree: Any) -> Any:
+    return None if tree is None else jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def make_optimizer(*, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """AdamW as llm.c's kernel: p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p), decay masked.
+
+    optax.adamw computes exactly this. Wrapped in inject_hyperparams so that the LR lives in the state
+    (set it with `set_learning_rate`, traced values are fine, no recompiles), and wrapped again so that
+    m, v and the returned updates are float32 whatever the params' dtype (optax keeps v in the params'
+    dtype). The state starts with LR 0: set it before every update. For llm.c's bias correction with
+    t = step + 1 (also after skipped updates and resumes) call `set_step` before every update as well.
+    """
+    inner = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"),
+                                     hyperparam_dtype=jnp.float32)(
+        learning_rate=0.0, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay,
+        mu_dtype=jnp.float32, mask=weight_decay_mask)
+
+    def init_fn(params: Any) -> Any:
+        return inner.init(_to_f32(params))
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        return inner.update(_to_f32(updates), state, _to_f32(params))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def set_learning_rate(opt_state: Any, lr: float | jax.Array) -> Any:
+    """A copy of `opt_state` whose AdamW learning rate is `lr` (python float or traced scalar)."""
+    hyperparams = dict(opt_state.hyperparams)
+    hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    return opt_state._replace(hyperparams=hyperparams)
+
+
+def set_step(opt_state: Any, step: int | jax.Array) -> Any:
+    """A copy of `opt_state` whose next update bias-corrects with t = step + 1, as llm.c does.
+
+    optax counts applied updates; llm.c uses the loop step, which also advances on skipped updates.
+    """
+    count = jnp.asarray(step, jnp.int32)
+    inner = tuple(st._replace(count=count) if isinstance(st, optax.ScaleByAdamState) else st
+                  for st in opt_state.inner_state)
+    if not any(isinstance(st, optax.ScaleByAdamState) for st in inner):
+        raise ValueError("set_step: no ScaleByAdamState in opt_state (not from make_optimizer?)")
+    return opt_state._replace(count=count, inner_state=inner)
+
+
+def global_norm(grads: Any) -> jax.Array:
+    """sqrt of the sum of squares over all leaves, accumulated in float32 (llm.c's grad norm)."""
+    leaves = jax.tree.leaves(grads)
+    total = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves)
+    return jnp.sqrt(jnp.asarray(total, jnp.float32))
+
+
+def clip_by_global_norm(grads: Any, norm: jax.Array, max_norm: float) -> Any:
+    """Scale by max_norm / norm when norm > max_norm (llm.c); max_norm <= 0 turns clipping off.
+
+    Returns float32 grads: llm.c applies the scale in fp32 inside the AdamW kernel, so the scaled
+    gradient is never rounded back to bf16. A NaN norm compares false and leaves grads unscaled.
+    """
+    if max_norm <= 0:
+        return _to_f32(grads)
+    norm = jnp.asarray(norm, jnp.float32)
+    scale = jnp.where(norm > max_norm, jnp.float32(max_norm) / norm, jnp.float32(1.0))
+    return jax.tree.map(lambda g: g.astype(jnp.float32) * scale, grads)
+
+
+class OutlierDetector:
+    """Host-side z-score of each new value against a sliding window, exactly llm.c's detector.
+
+    The first `window` updates return NaN (the window-th value fills the window and still gets NaN);
+    afterwards the oldest value is replaced by x *before* the statistics are taken, so x is part of
+    the window it is scored against. Running sums in float64, population std. One deviation: when
+    rounding makes the variance <= 0 we return 0.0 where llm.c returns 0.0 (var == 0) or NaN (var < 0).
+    """
+
+    def __init__(self, window: int = 128) -> None:
+        if window <= 0:
+            raise ValueError(f"OutlierDetector: window must be positive, got {window}")
+        self.window = window
+        self.buffer = np.zeros(window, np.float64)
+        self.count = 0
+        self.index = 0
+        self.sum = 0.0
+        self.sum_sq = 0.0
+
+    def update(self, x: float) -> float:
+        x = float(x)
+        W = self.window
+        if self.count < W:
+            self.buffer[self.count] = x
+            self.sum += x
+            self.sum_sq += x * x
+            self.count += 1
+            return math.nan
+        old = float(self.buffer[self.index])
+        self.sum -= old
+        self.sum_sq -= old * old
+        self.buffer[self.index] = x
+        self.sum += x
+        self.sum_sq += x * x
+        self.index = (self.index + 1) % W
+        mean = self.sum / W
+        var = self.sum_sq / W - mean * mean
+        if not var > 0.0:
+            return 0.0
+        return (x - mean) / math.sqrt(var)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically (the running sums are not recomputed)."""
+        return {"window": self.window, "buffer": self.buffer.copy(), "count": self.count,
+                "index": self.index, "sum": self.sum, "sum_sq": self.sum_sq}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        buffer = np.asarray(d["buffer"], np.float64)
+        if int(d["window"]) != buffer.shape[0] or buffer.ndim != 1:
+            raise ValueError(f"OutlierDetector: buffer of shape {buffer.shape} for window {d['window']}")
+        self.window = int(d["window"])
+        self.buffer = buffer.copy()
+        self.count, self.index = int(d["count"]), int(d["index"])
+        self.sum, self.sum_sq = float(d["sum"]), float(d["sum_sq"])
+
+
+class DetectorState(NamedTuple):
+    """Device-side detector state (a pytree): for skip decisions inside the jitted step."""
+
+    buffer: jax.Array  # (window,) float32
+    count: jax.Array   # int32, values seen while filling (saturates at window)
+    index: jax.Array   # int32, slot of the oldest value once full
+
+
+def detector_init(window: int = 128) -> DetectorState:
+    return DetectorState(jnp.zeros((window,), jnp.float32), jnp.int32(0), jnp.int32(0))
+
+
+def detector_update(state: DetectorState, x: jax.Array) -> tuple[DetectorState, jax.Array]:
+    """Jittable twin of OutlierDetector.update: same window rule and NaN-until-full, but the stats are
+    recomputed two-pass from the float32 buffer (no float64 under default JAX; no drift either)."""
+    W = state.buffer.shape[0]
+    full = state.count >= W
+    pos = jnp.where(full, state.index, state.count)
+    buffer = state.buffer.at[pos].set(jnp.asarray(x, jnp.float32))
+    new = DetectorState(buffer, jnp.where(full, state.count, state.count + 1),
+                        jnp.where(full, (state.index + 1) % W, state.index))
+    mean = jnp.mean(buffer)
+    std = jnp.sqrt(jnp.mean(jnp.square(buffer - mean)))
+    z = jnp.where(std > 0, (jnp.asarray(x, jnp.float32) - mean) / jnp.where(std > 0, std, 1.0), 0.0)
+    return new, jnp.where(full, z, jnp.nan)
