@@ -1,0 +1,312 @@
+"""The op library: one `jax.custom_vjp` per llm.c layer, with the backward derived by hand.
+
+Shaped like llm.c's train_gpt2.c: every layer is a forward/backward pair, and the forward rule
+saves exactly the residuals the backward needs (layernorm: mean and rstd; attention: the
+log-sum-exp of each score row; classifier: the logits). Each op also has a plain-jnp
+`*_reference` that JAX differentiates itself; the tests hold the two against each other.
+
+Mixed precision: the compute dtype is the dtype of the activation input (float32 or bfloat16).
+Parameters arrive in float32 (master weights) and are cast inside the op, so their gradients
+come back in float32; matmuls accumulate in float32; layernorm statistics, softmax and the loss
+are computed in float32.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+LN_EPS = 1e-5
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def _precision(dtype) -> lax.Precision:
+    # fp32 means exact fp32 (no TF32 on GPU); bf16 inputs use the tensor cores as they are.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _dot(a, b, contract, dtype=None):
+    """a . b contracting a's axis contract[0] with b's contract[1] (no batch dims), fp32 accumulation."""
+    out = lax.dot_general(a, b, ((contract[0], contract[1]), ((), ())),
+                          precision=_precision(a.dtype), preferred_element_type=F32)
+    return out if dtype is None else out.astype(dtype)
+
+
+def _sum_leading(x):
+    """Sum over every axis but the last, in fp32 (bias and layernorm parameter gradients)."""
+    return jnp.sum(x.astype(F32), axis=tuple(range(x.ndim - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder: x = wte[idx] + wpe[t]
+
+@jax.custom_vjp
+def encoder(wte, wpe, idx_BT, dtype_like):
+    """Token plus position embedding; `dtype_like` is a scalar whose dtype is the compute dtype."""
+    return _encoder_fwd(wte, wpe, idx_BT, dtype_like)[0]
+
+
+def _encoder_fwd(wte, wpe, idx_BT, dtype_like):
+    T = idx_BT.shape[1]
+    x = jnp.take(wte, idx_BT, axis=0) + wpe[:T][None]
+    return x.astype(dtype_like.dtype), (idx_BT, wte.shape, wpe.shape)
+
+
+def _encoder_bwd(res, dx_BTC):
+    idx_BT, wte_shape, wpe_shape = res
+    T = idx_BT.shape[1]
+    dx = dx_BTC.astype(F32)
+    # Scatter-add into the rows that were used; every other row's gradient is exactly zero.
+    dwte = jnp.zeros(wte_shape, F32).at[idx_BT.reshape(-1)].add(dx.reshape(-1, wte_shape[1]))
+    dwpe = jnp.zeros(wpe_shape, F32).at[:T].set(dx.sum(axis=0))
+    return dwte, dwpe, None, None
+
+
+encoder.defvjp(_encoder_fwd, _encoder_bwd)
+
+
+def encoder_reference(wte, wpe, idx_BT, dtype_like):
+    T = idx_BT.shape[1]
+    return (wte[idx_BT] + wpe[:T][None]).astype(dtype_like.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# layernorm over the last axis, eps 1e-5, biased variance
+
+@jax.custom_vjp
+def layernorm(x, w, b):
+    return _layernorm_fwd(x, w, b)[0]
+
+
+def _layernorm_stats(x):
+    x32 = x.astype(F32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    rstd = lax.rsqrt(var + LN_EPS)
+    return x32, mean, rstd
+
+
+def _layernorm_fwd(x, w, b):
+    x32, mean, rstd = _layernorm_stats(x)
+    out = ((x32 - mean) * rstd * w + b).astype(x.dtype)
+    return out, (x, w, mean, rstd)
+
+
+def _layernorm_bwd(res, dout):
+    x, w, mean, rstd = res
+    norm = (x.astype(F32) - mean) * rstd
+    dout32 = dout.astype(F32)
+    dnorm = dout32 * w
+    # dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+    dx = rstd * (dnorm - jnp.mean(dnorm, axis=-1, keepdims=True)
+                 - norm * jnp.mean(dnorm * norm, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), _sum_leading(dout32 * norm), _sum_leading(dout32)
+
+
+layernorm.defvjp(_layernorm_fwd, _layernorm_bwd)
+
+
+def layernorm_reference(x, w, b):
+    x32 = x.astype(F32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) / jnp.sqrt(var + LN_EPS) * w + b).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# matmul with bias: out = x @ w.T + b, w in llm.c's (OC, C) layout
+
+@jax.custom_vjp
+def matmul(x, w, b):
+    return _matmul_fwd(x, w, b)[0]
+
+
+def _matmul_fwd(x, w, b):
+    out = (_dot(x, w.astype(x.dtype), ((x.ndim - 1,), (1,))) + b).astype(x.dtype)
+    return out, (x, w)
+
+
+def _matmul_bwd(res, dout):
+    x, w = res
+    OC, C = w.shape
+    dx = _dot(dout, w.astype(x.dtype), ((dout.ndim - 1,), (0,)), x.dtype)
+    dw = _dot(dout.reshape(-1, OC), x.reshape(-1, C), ((0,), (0,)))
+    return dx, dw.astype(w.dtype), _sum_leading(dout)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul_reference(x, w, b):
+    y = jnp.einsum("...c,oc->...o", x, w.astype(x.dtype), precision=_precision(x.dtype),
+                   preferred_element_type=F32)
+    return (y + b).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU, tanh approximation
+
+def _gelu32(x32):
+    return 0.5 * x32 * (1.0 + jnp.tanh(GELU_SCALE * (x32 + 0.044715 * x32 ** 3)))
+
+
+@jax.custom_vjp
+def gelu(x):
+    return _gelu32(x.astype(F32)).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, dout):
+    x32 = x.astype(F32)
+    tanh_out = jnp.tanh(GELU_SCALE * (x32 + 0.044715 * x32 ** 3))
+    sech2 = 1.0 - tanh_out * tanh_out
+    local_grad = 0.5 * (1.0 + tanh_out) + x32 * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x32 * x32)
+    return ((dout.astype(F32) * local_grad).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def gelu_reference(x):
+    return jax.nn.gelu(x.astype(F32), approximate=True).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# residual: out = a + b (the gradient flows unchanged into both branches)
+
+@jax.custom_vjp
+def residual(a, b):
+    return a + b
+
+
+residual.defvjp(lambda a, b: (a + b, None), lambda _, dout: (dout, dout))
+
+
+def residual_reference(a, b):
+    return a + b
+
+
+# ----------------------------------------------------------------------------------------------
+# causal self-attention on the packed (B, T, 3C) qkv activation, scale 1/sqrt(HS)
+
+def _split_heads(qkv_BT3C, NH):
+    B, T, C3 = qkv_BT3C.shape
+    HS = C3 // (3 * NH)
+    qkv = qkv_BT3C.reshape(B, T, 3, NH, HS)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]   # each (B, T, NH, HS)
+
+
+def _causal_scores(q, k):
+    """Scaled, causally masked scores (B, NH, T, T) in fp32."""
+    T, HS = q.shape[1], q.shape[3]
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_precision(q.dtype),
+                   preferred_element_type=F32) * (1.0 / math.sqrt(HS))
+    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
+    return jnp.where(mask, s, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention(qkv_BT3C, NH: int):
+    return _attention_fwd(qkv_BT3C, NH)[0]
+
+
+def _attention_fwd(qkv_BT3C, NH):
+    q, k, v = _split_heads(qkv_BT3C, NH)
+    s = _causal_scores(q, k)
+    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)         # (B, NH, T, 1), saved
+    p = jnp.exp(s - lse).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=_precision(v.dtype), preferred_element_type=F32)
+    B, T = qkv_BT3C.shape[:2]
+    return out.reshape(B, T, -1).astype(qkv_BT3C.dtype), (qkv_BT3C, lse)
+
+
+def _attention_bwd(NH, res, dout_BTC):
+    qkv_BT3C, lse = res
+    q, k, v = _split_heads(qkv_BT3C, NH)
+    B, T, C3 = qkv_BT3C.shape
+    HS = C3 // (3 * NH)
+    dt = qkv_BT3C.dtype
+    prec = _precision(dt)
+    p = jnp.exp(_causal_scores(q, k) - lse)                   # recomputed from the saved lse
+    do = dout_BTC.reshape(B, T, NH, HS)
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(dt), do, precision=prec, preferred_element_type=F32)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", do, v, precision=prec, preferred_element_type=F32)
+    # softmax backward: ds = p * (dp - sum_k p * dp); then the 1/sqrt(HS) scale
+    ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * (1.0 / math.sqrt(HS))).astype(dt)
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k, precision=prec, preferred_element_type=F32)
+    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q, precision=prec, preferred_element_type=F32)
+    dqkv = jnp.stack([dq, dk, dv], axis=2).reshape(B, T, C3)
+    return (dqkv.astype(dt),)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention_reference(qkv_BT3C, NH: int):
+    q, k, v = _split_heads(qkv_BT3C, NH)
+    p = jax.nn.softmax(_causal_scores(q, k), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=_precision(v.dtype), preferred_element_type=F32)
+    B, T = qkv_BT3C.shape[:2]
+    return out.reshape(B, T, -1).astype(qkv_BT3C.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused classifier: logits = x @ wte.T over Vp columns, softmax over the first V, mean cross-entropy
+
+def _logits(x_BTC, wte):
+    return _dot(x_BTC, wte.astype(x_BTC.dtype), ((2,), (1,)), x_BTC.dtype)    # (B, T, Vp)
+
+
+def _classifier_lse(logits, V):
+    z = logits[..., :V].astype(F32)
+    return jax.nn.logsumexp(z, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fused_classifier(x_BTC, wte, targets_BT, V: int):
+    """Mean cross-entropy of the tied-embedding logits; the padded columns V..Vp never contribute."""
+    return _classifier_fwd(x_BTC, wte, targets_BT, V)[0]
+
+
+def _classifier_fwd(x_BTC, wte, targets_BT, V):
+    logits = _logits(x_BTC, wte)
+    lse = _classifier_lse(logits, V)
+    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0].astype(F32)
+    loss = jnp.mean(lse - target_logit)
+    return loss, (x_BTC, wte, targets_BT, logits, lse)
+
+
+def _classifier_bwd(V, res, dloss):
+    x_BTC, wte, targets_BT, logits, lse = res
+    B, T, C = x_BTC.shape
+    Vp = logits.shape[-1]
+    scale = dloss / (B * T)
+    # dlogits = (softmax - onehot(target)) * dloss / (B*T), written directly; padded columns are 0
+    col = jnp.arange(Vp)
+    probs = jnp.where(col < V, jnp.exp(logits.astype(F32) - lse[..., None]), 0.0)
+    dlogits = ((probs - (col == targets_BT[..., None])) * scale).astype(x_BTC.dtype)
+    dx = _dot(dlogits, wte.astype(x_BTC.dtype), ((2,), (0,)), x_BTC.dtype)
+    dwte = _dot(dlogits.reshape(-1, Vp), x_BTC.reshape(-1, C), ((0,), (0,)))
+    return dx, dwte.astype(wte.dtype), None
+
+
+fused_classifier.defvjp(_classifier_fwd, _classifier_bwd)
+
+
+def classifier_reference(x_BTC, wte, targets_BT, V: int):
+    logits = jnp.einsum("btc,vc->btv", x_BTC, wte.astype(x_BTC.dtype), precision=_precision(x_BTC.dtype),
+                        preferred_element_type=F32).astype(x_BTC.dtype)
+    logp = jax.nn.log_softmax(logits[..., :V].astype(F32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets_BT[..., None], axis=-1))
+
+
+def logits(x_BTC, wte):
+    """The (B, T, Vp) logits of the tied classifier, for inference and debug-state checks."""
+    return _logits(x_BTC, wte)
