@@ -1,0 +1,38 @@
+import os
+import sys
+
+# Tests run on the CPU with the repository importable without installation.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from llmc_jax.config import GPTConfig  # noqa: E402
+
+# V < Vp so the padded vocabulary columns are exercised; T values below are not powers of two.
+TEST_CONFIG = GPTConfig(L=2, NH=4, C=64, maxT=64, V=250, Vp=256)
+
+
+def random_params(config: GPTConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights with every tensor non-trivial (layernorm weights away from 1, biases non-zero)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in config.param_shapes().items():
+        scale = 0.1 if name.endswith("b") or name in ("ln1w", "ln2w", "lnfw") else 0.02
+        params[name] = rng.normal(0.0, scale, shape).astype(np.float32)
+        if name in ("ln1w", "ln2w", "lnfw"):
+            params[name] += 1.0
+    params["wte"][config.V:] = 0.0
+    return params
+
+
+def random_batch(config: GPTConfig, B: int, T: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.V, size=B * T + 1).astype(np.int32)
+    return tokens[:-1].reshape(B, T), tokens[1:].reshape(B, T)
+
+
+@pytest.fixture
+def tiny_params():
+    return random_params(TEST_CONFIG)

@@ -1,0 +1,94 @@
+"""The whole model: manual backward vs autodiff, forward vs an independent float64 NumPy GPT-2."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_gpt2
+from conftest import TEST_CONFIG, random_batch
+from llmc_jax import model, reference
+from llmc_jax.config import PARAM_NAMES, from_descriptor
+
+CFG = TEST_CONFIG
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _jnp(params):
+    return {k: jnp.asarray(v) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T", [(2, 16), (1, 45)])
+def test_manual_gradients_match_autodiff(tiny_params, dtype, tol, B, T):
+    x, y = random_batch(CFG, B, T)
+    p = _jnp(tiny_params)
+    loss_m, g_m = jax.jit(model.value_and_grad(CFG, dtype=dtype))(p, x, y)
+    loss_a, g_a = jax.jit(reference.value_and_grad(CFG, dtype=dtype))(p, x, y)
+    assert abs(float(loss_m) - float(loss_a)) < tol * abs(float(loss_a))
+    for name in PARAM_NAMES:
+        assert g_m[name].dtype == jnp.float32, name   # fp32 master gradients in both paths
+        assert _rel(g_m[name], g_a[name]) < tol, f"{name}: {_rel(g_m[name], g_a[name])}"
+    assert np.all(np.asarray(g_m["wte"])[CFG.V:] == 0.0)   # padded vocab rows: exactly zero
+
+
+def test_forward_matches_float64_numpy(tiny_params):
+    x, y = random_batch(CFG, 2, 11)
+    want_logits, _ = numpy_gpt2.forward(tiny_params, x, CFG)
+    got = jax.jit(lambda p, i: model.logits(p, i, CFG))(_jnp(tiny_params), x)
+    assert got.shape == (2, 11, CFG.Vp)
+    assert _rel(got, want_logits) < 1e-5
+    loss = jax.jit(lambda p, i, t: model.loss(p, i, t, CFG))(_jnp(tiny_params), x, y)
+    assert abs(float(loss) - numpy_gpt2.loss(tiny_params, x, y, CFG)) < 1e-5
+
+
+def test_bf16_forward_close_to_float64(tiny_params):
+    x, y = random_batch(CFG, 2, 11)
+    loss = jax.jit(lambda p, i, t: model.loss(p, i, t, CFG, dtype=jnp.bfloat16))(_jnp(tiny_params), x, y)
+    # bf16 activations: ~3 significant digits on a loss of ~5.5
+    assert abs(float(loss) - numpy_gpt2.loss(tiny_params, x, y, CFG)) < 2e-2
+
+
+def test_causality(tiny_params):
+    """Changing token t never changes the logits at positions before t."""
+    x, _ = random_batch(CFG, 1, 20)
+    f = jax.jit(lambda p, i: model.logits(p, i, CFG))
+    base = np.asarray(f(_jnp(tiny_params), x))
+    for t in (0, 7, 19):
+        x2 = x.copy()
+        x2[0, t] = (x2[0, t] + 1) % CFG.V
+        out = np.asarray(f(_jnp(tiny_params), x2))
+        np.testing.assert_array_equal(out[0, :t], base[0, :t])
+        assert not np.allclose(out[0, t], base[0, t])
+
+
+@pytest.mark.parametrize("recompute", [1, 2])
+def test_recompute_gives_same_gradients(tiny_params, recompute):
+    x, y = random_batch(CFG, 2, 16)
+    p = _jnp(tiny_params)
+    l0, g0 = jax.jit(model.value_and_grad(CFG))(p, x, y)
+    l1, g1 = jax.jit(model.value_and_grad(CFG, recompute=recompute))(p, x, y)
+    assert float(l0) == float(l1)
+    for name in PARAM_NAMES:
+        assert _rel(g1[name], g0[name]) < 1e-6, name
+
+
+def test_parameter_counts():
+    assert from_descriptor("d12").num_parameters == 124_475_904
+    assert from_descriptor("gpt2:d24").num_parameters == 354_871_296
+    assert from_descriptor("d36").num_parameters == 774_090_240
+    assert from_descriptor("d48").num_parameters == 1_557_686_400
+
+
+def test_sequence_longer_than_maxT_is_refused(tiny_params):
+    x = np.zeros((1, CFG.maxT + 1), np.int32)
+    with pytest.raises(ValueError, match="exceeds the model's maxT"):
+        model.logits(_jnp(tiny_params), x, CFG)
+
+
+def test_unknown_kernels_name():
+    with pytest.raises(ValueError, match="unknown kernels"):
+        model.op_set("cuda")
