@@ -60,10 +60,11 @@ def relative_error(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return diff, diff / scale if scale > 0 else diff
 
 
-def _row(name: str, diff: float, rel: float, tol: float) -> bool:
+def _row(name: str, diff: float, rel: float, tol: float, failed: list[str]) -> None:
     ok = rel <= tol
     print(f"{name:>10s} | {diff:12.4e} | {rel:12.4e} | {'OK' if ok else 'NOT OK'}")
-    return ok
+    if not ok:
+        failed.append(name)
 
 
 def main(argv=None) -> int:
@@ -106,20 +107,20 @@ def main(argv=None) -> int:
     grads_a = {k: np.asarray(v) for k, v in grads_a.items()}
     print(f"loss manual {float(loss_m):.6f} autodiff {float(loss_a):.6f} ({time.time() - t0:.1f} s)")
 
-    ok = True
+    failed: list[str] = []
     print(f"\nmanual vs autodiff gradients, relative tolerance {tol:g}")
     print(f"{'tensor':>10s} | {'max abs diff':>12s} | {'rel error':>12s} | status")
     for name in PARAM_NAMES:
-        ok &= _row(name, *relative_error(grads_m[name], grads_a[name]), tol)
+        _row(name, *relative_error(grads_m[name], grads_a[name]), tol, failed)
 
     if state is not None:
         ltol = args.tol if args.tol is not None else LLMC_TOLERANCE[args.dtype]
         print(f"\nmanual vs llm.c debug state {args.llmc_state}, relative tolerance {ltol:g}")
         print(f"{'tensor':>10s} | {'max abs diff':>12s} | {'rel error':>12s} | status")
-        ok &= _row("logits", *relative_error(np.asarray(logits, np.float32)[..., :cfg.V], state.logits), ltol)
-        ok &= _row("loss", *relative_error(np.float32(loss_m), np.float32(state.loss)), ltol)
+        _row("logits", *relative_error(np.asarray(logits, np.float32)[..., :cfg.V], state.logits), ltol, failed)
+        _row("loss", *relative_error(np.float32(loss_m), np.float32(state.loss)), ltol, failed)
         for name in PARAM_NAMES:
-            ok &= _row(name, *relative_error(grads_m[name], state.grads[name]), ltol)
+            _row(name, *relative_error(grads_m[name], state.grads[name]), ltol, failed)
 
     if args.dump:
         arrays = {"loss": np.float32(loss_m), "logits": np.asarray(logits, np.float32)}
@@ -127,8 +128,11 @@ def main(argv=None) -> int:
         arrays.update({f"autodiff/{k}": v.astype(np.float32) for k, v in grads_a.items()})
         np.savez(args.dump, **arrays)
         print(f"wrote {args.dump}")
-    print("\nall OK" if ok else "\nFAILED: some tensors are NOT OK")
-    return 0 if ok else 1
+    if failed:
+        print(f"\nFAILED: NOT OK: {', '.join(failed)}")
+        return 1
+    print("\nall OK")
+    return 0
 
 
 if __name__ == "__main__":
