@@ -1,0 +1,286 @@
+"""llm.c's distributed data loader over GPT-2 token shards (numpy only, no JAX).
+
+Semantics follow llm.c's `llmc/dataloader.h` exactly:
+
+* The shards are the sorted matches of a glob (or an explicit list of paths), all validated up front.
+* A *sample* is one global batch of P*B*T tokens (P processes). A shard of n tokens holds
+  floor((n-1)/(P*B*T)) samples; its tail is dropped. Rank r of sample k reads the B*T+1 tokens at
+  token offset k*P*B*T + r*B*T: inputs are the first B*T, targets the same window shifted by one.
+* Without shuffling the shards come in glob order and the samples in order. With shuffling, an
+  MT19937 generator seeded like torch.manual_seed(seed + rank) (llm.c: 42 + rank) permutes the
+  shard order at every epoch start (the permutation is applied to the previous epoch's order, as
+  llm.c does) and the sample order of every shard when it is loaded, both with llm.c's Fisher-Yates
+  (i from n-1 down to 1, j = randint32 % (i+1), swap). Each rank reads only its own slot of every
+  sample, so every token slot is read exactly once per epoch even though ranks shuffle differently.
+* After the last sample of the last shard the loader starts a new epoch (and reshuffles).
+
+Shards are opened lazily as read-only memmaps, one at a time, so 100M-token shards never sit in RAM.
+`state_dict()` / `load_state_dict()` capture the position (shard, sample, epoch), the shard order and
+the generator, as plain JSON-able values, so a resumed loader continues exactly.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from llmc_jax.llmc_format import LLMCFormatError, read_shard, read_shard_header
+
+STATE_VERSION = 1
+LLMC_SHUFFLE_SEED = 42  # llm.c seeds its shuffling generator with 42 + process_rank
+
+
+# ------------------------------------------------------------------ MT19937 as torch / llm.c seed it
+
+def _init_genrand(seed: int) -> np.ndarray:
+    """The 624-word MT19937 state that torch.manual_seed / llm.c's manual_seed build (init_genrand)."""
+    key = np.empty(624, dtype=np.uint32)
+    x = int(seed) & 0xFFFFFFFF
+    key[0] = x
+    for j in range(1, 624):
+        x = (1812433253 * (x ^ (x >> 30)) + j) & 0xFFFFFFFF
+        key[j] = x
+    return key
+
+
+class MT19937:
+    """Raw 32-bit MT19937 outputs (llm.c's `randint32`), seeded like torch.manual_seed(seed).
+
+    Backed by numpy's MT19937 bit generator with the torch/llm.c key installed directly, and position
+    624 so the first draw regenerates the whole state first (llm.c's `left_ = 1`). `random_raw` yields
+    the untempered-then-tempered 32-bit words unchanged, i.e. exactly genrand_int32.
+    """
+
+    def __init__(self, seed: int):
+        self._bg = np.random.MT19937()
+        self.set_state({"key": _init_genrand(seed).tolist(), "pos": 624})
+
+    def randint32(self, n: int) -> np.ndarray:
+        """The next n outputs as uint32."""
+        if n <= 0:
+            return np.zeros(0, dtype=np.uint32)
+        return self._bg.random_raw(n).astype(np.uint32)
+
+    def get_state(self) -> dict[str, Any]:
+        st = self._bg.state["state"]
+        return {"key": [int(v) for v in st["key"]], "pos": int(st["pos"])}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        key = np.asarray(state["key"], dtype=np.uint32)
+        pos = int(state["pos"])
+        if key.shape != (624,) or not 0 <= pos <= 624:
+            raise ValueError("bad MT19937 state: need 'key' of 624 uint32 words and 0 <= 'pos' <= 624")
+        self._bg.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+
+
+def random_permutation(data: list[int], rng: MT19937) -> list[int]:
+    """llm.c's `random_permutation`, in place on `data` (and returned): Fisher-Yates from the top,
+    j = randint32 % (i+1) for i = n-1 .. 1 (n-1 draws; none for n <= 1)."""
+    n = len(data)
+    if n <= 1:
+        return data
+    words = rng.randint32(n - 1)  # words[k] is the draw for i = n-1-k
+    # j for every i at once (exact integer math), then the sequential swaps.
+    js = (words.astype(np.int64) % np.arange(n, 1, -1, dtype=np.int64)).tolist()
+    for i, j in zip(range(n - 1, 0, -1), js):
+        data[i], data[j] = data[j], data[i]
+    return data
+
+
+# ------------------------------------------------------------------ the loader
+
+def _expand(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    if isinstance(pattern, (str, os.PathLike)):
+        pat = os.fspath(pattern)
+        paths = sorted(_glob.glob(pat))
+        if not paths:
+            raise ValueError(
+                f"no data shards match the pattern {pat!r}; check the path (-i/-j take a glob such as "
+                f"'dev/data/fineweb10B/fineweb_train_*.bin'; quote it so the shell does not expand it)")
+        return paths
+    paths = [os.fspath(p) for p in pattern]
+    if not paths:
+        raise ValueError("the list of data shards is empty; give at least one .bin shard")
+    return paths
+
+
+class DataLoader:
+    """llm.c's distributed, shuffling, resumable data loader; `next_batch()` -> (x, y), int32 (B, T)."""
+
+    def __init__(self, pattern: str | os.PathLike | Sequence[str | os.PathLike], B: int, T: int,
+                 process_rank: int = 0, num_processes: int = 1, shuffle: bool = True, seed: int = LLMC_SHUFFLE_SEED,
+                 vocab_size: int | None = None):
+        B, T, P, rank = int(B), int(T), int(num_processes), int(process_rank)
+        if B <= 0 or T <= 0:
+            raise ValueError(f"batch size B={B} and sequence length T={T} must both be positive")
+        if P <= 0 or not 0 <= rank < P:
+            raise ValueError(f"process rank {rank} is out of range for {P} processes (need 0 <= rank < num_processes)")
+        if vocab_size is not None and not 0 < int(vocab_size) <= 65536:
+            raise ValueError(f"vocab_size={vocab_size} must be in [1, 65536] for uint16 shards")
+        self.pattern = pattern if isinstance(pattern, str) else None
+        self.B, self.T = B, T
+        self.process_rank, self.num_processes = rank, P
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
+        self.shard_paths = _expand(pattern)
+        self.global_batch_tokens = P * B * T
+
+        # Validate every shard's header and size now (cheap: headers only), as llm.c does.
+        need = self.global_batch_tokens + 1
+        ntoks = []
+        for path in self.shard_paths:
+            ntok = read_shard_header(path)
+            if ntok < need:
+                raise LLMCFormatError(
+                    f"{path}: shard has {ntok} tokens, but one batch needs num_processes*B*T+1 = "
+                    f"{P}*{B}*{T}+1 = {need}; use a smaller batch size (-b) or sequence length (-t), "
+                    f"fewer processes, or a larger shard")
+            ntoks.append(ntok)
+        self.shard_num_tokens = ntoks
+        self.shard_num_samples_all = [(n - 1) // self.global_batch_tokens for n in ntoks]
+        self.num_tokens = int(sum(ntoks))  # all tokens in all shards (llm.c's num_tokens)
+        self.batches_per_epoch = int(sum(self.shard_num_samples_all))  # samples per epoch (steps per epoch)
+        self.num_usable_tokens = self.batches_per_epoch * self.global_batch_tokens  # tokens read per epoch
+
+        self._vocab_checked: set[int] = set()
+        self._tokens: np.ndarray | None = None  # memmap of the current shard
+        self._rng = MT19937(self.seed + rank) if self.shuffle else None
+        self.shard_indices = list(range(len(self.shard_paths)))
+        self.intra_shard_indices: list[int] | None = None
+        self._rng_before_intra: dict[str, Any] | None = None
+        self.epoch = -1
+        self.reset()
+
+    # -------------------------------------------------------------- llm.c's state machine
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_paths)
+
+    @property
+    def current_shard(self) -> str:
+        """Path of the shard being read now."""
+        return self.shard_paths[self.shard_indices[self.current_shard_idx]]
+
+    def _load_shard(self) -> None:
+        """Open shard number current_shard_idx (after the shard permutation); draw its sample order."""
+        file_idx = self.shard_indices[self.current_shard_idx]
+        path = self.shard_paths[file_idx]
+        self._tokens = None  # drop the previous memmap first: one open shard at a time
+        check = self.vocab_size if file_idx not in self._vocab_checked else None
+        self._tokens = read_shard(path, vocab_size=check)
+        self._vocab_checked.add(file_idx)
+        if len(self._tokens) != self.shard_num_tokens[file_idx]:
+            raise LLMCFormatError(f"{path}: shard changed on disk while training (had "
+                                  f"{self.shard_num_tokens[file_idx]} tokens, now {len(self._tokens)})")
+        self.shard_num_samples = self.shard_num_samples_all[file_idx]
+        if self.shuffle:
+            self._rng_before_intra = self._rng.get_state()
+            self.intra_shard_indices = random_permutation(list(range(self.shard_num_samples)), self._rng)
+
+    def reset(self) -> None:
+        """Start a new epoch: back to the first shard (shuffled: permute the shard order again)."""
+        self.current_shard_idx = 0
+        self.current_sample_idx = 0
+        self.epoch += 1
+        if self.shuffle:
+            random_permutation(self.shard_indices, self._rng)
+        self._load_shard()
+
+    def _advance(self) -> None:
+        if self.current_shard_idx == self.num_shards - 1:
+            self.reset()
+            return
+        self.current_shard_idx += 1
+        self.current_sample_idx = 0
+        self._load_shard()
+
+    def next_window(self) -> np.ndarray:
+        """The next B*T+1 contiguous tokens of this rank (uint16, a copy): x = w[:-1], y = w[1:]."""
+        if self.current_sample_idx >= self.shard_num_samples:
+            self._advance()
+        k = self.current_sample_idx
+        idx = self.intra_shard_indices[k] if self.shuffle else k
+        start = idx * self.global_batch_tokens + self.process_rank * self.B * self.T
+        window = np.array(self._tokens[start:start + self.B * self.T + 1])
+        self.current_sample_idx += 1
+        return window
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next (inputs, targets), each int32 (B, T); targets are the inputs shifted by one token."""
+        w = self.next_window().astype(np.int32)
+        return w[:-1].reshape(self.B, self.T), w[1:].reshape(self.B, self.T)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.next_batch()
+
+    # -------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly, as JSON-able python values.
+
+        With shuffling, `rng` is the generator state from just before the current shard's sample order
+        was drawn: loading re-draws that order, which also leaves the generator where it was.
+        """
+        return {
+            "version": STATE_VERSION,
+            "B": self.B, "T": self.T,
+            "process_rank": self.process_rank, "num_processes": self.num_processes,
+            "shuffle": self.shuffle, "seed": self.seed,
+            "shard_num_tokens": list(self.shard_num_tokens),
+            "epoch": self.epoch,
+            "shard_idx": self.current_shard_idx,
+            "sample_idx": self.current_sample_idx,
+            "shard_indices": list(self.shard_indices) if self.shuffle else None,
+            "rng": self._rng_before_intra if self.shuffle else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()` of a loader over the same shards and batch geometry."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self.state_dict()
+        for k in ("B", "T", "process_rank", "num_processes", "shuffle", "seed"):
+            if k == "seed" and not self.shuffle:
+                continue  # the seed only matters when shuffling
+            if state[k] != mine[k]:
+                raise ValueError(
+                    f"data loader state was saved with {k}={state[k]!r} but this loader has {k}={mine[k]!r}; "
+                    f"resume with the same -b/-t, process count/rank, shuffle and seed (or start afresh)")
+        if list(state["shard_num_tokens"]) != self.shard_num_tokens:
+            raise ValueError(
+                f"data loader state was saved over {len(state['shard_num_tokens'])} shards with token counts "
+                f"{_brief(state['shard_num_tokens'])}, but the pattern now gives {self.num_shards} shards with "
+                f"{_brief(self.shard_num_tokens)}; resume with the same data shards")
+        shard_idx, sample_idx = int(state["shard_idx"]), int(state["sample_idx"])
+        if not 0 <= shard_idx < self.num_shards:
+            raise ValueError(f"data loader state has shard index {shard_idx}, outside [0, {self.num_shards})")
+        if self.shuffle:
+            order = [int(i) for i in state["shard_indices"]]
+            if sorted(order) != list(range(self.num_shards)):
+                raise ValueError("data loader state has a shard order that is not a permutation of the shards")
+            self.shard_indices = order
+            self._rng.set_state(state["rng"])
+        self.current_shard_idx = shard_idx
+        self._load_shard()
+        if not 0 <= sample_idx <= self.shard_num_samples:
+            raise ValueError(f"data loader state has sample index {sample_idx}, outside [0, {self.shard_num_samples}]")
+        self.current_sample_idx = sample_idx
+        self.epoch = int(state["epoch"])
+
+    def __repr__(self) -> str:
+        return (f"DataLoader({self.num_shards} shards, {self.num_tokens} tokens, B={self.B}, T={self.T}, "
+                f"rank {self.process_rank}/{self.num_processes}, shuffle={self.shuffle}, "
+                f"{self.batches_per_epoch} batches/epoch)")
+
+
+def _brief(xs: Sequence[int]) -> str:
+    xs = list(xs)
+    return str(xs) if len(xs) <= 6 else f"[{', '.join(map(str, xs[:3]))}, ..., {xs[-1]}]"
