@@ -1,0 +1,297 @@
+"""python -m llmc_jax.train: llm.c's training loop (train_gpt2.cu), step for step.
+
+Loop order per step s (0-based), as llm.c: validation (at s % v == 0 and at the last step),
+sampling (s > 0 and s % s_every == 0, and the last step), checkpoint (s > 0 and s % n == 0, and
+the last step), then, unless s is the last step, one optimizer update. So -x N runs N updates
+and evaluates once more after the last one. main.log gets llm.c's lines.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from llmc_jax import cli
+
+
+class UsageError(SystemExit):
+    """A flag combination that cannot work; raised before any work is done."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def _print0(*a, **k):
+    print(*a, **k, flush=True)
+
+
+def _validate_flags(args) -> None:
+    if args.resume and not args.output_dir:
+        raise UsageError("-y 1 (resume) needs the output dir with the checkpoints: add -o DIR")
+    if args.checkpoint_every > 0 and not args.output_dir:
+        raise UsageError("-n (checkpoint every N steps) needs an output dir: add -o DIR")
+    if args.hellaswag:
+        raise UsageError("-h 1 (HellaSwag) is not available yet in llmc-jax; run with -h 0")
+    if args.zero_stage != 0 or args.num_processes != 1 or args.coordinator:
+        raise UsageError("sharded and multi-process training (-z > 0, -pn > 1, --coordinator) is not "
+                         "available yet; run with -z 0 -pn 1 on one process")
+    if args.attention != "xla":
+        raise UsageError(f"--attention {args.attention} is not available yet; use --attention xla")
+    for name in ("batch_size", "seq_len"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+
+
+def _resolve_model(args):
+    """(GPTConfig, numpy params or None for a resumed run that loads them from the checkpoint)."""
+    from llmc_jax import config as cfgmod, llmc_format, model
+    if args.model_config is not None:
+        cfg = args.model_config
+        return cfg, model.init_params(cfg)
+    if cfgmod.is_descriptor(args.init):
+        cfg = cfgmod.from_descriptor(args.init)
+        return cfg, model.init_params(cfg)
+    if not os.path.exists(args.init):
+        raise UsageError(f"-e {args.init}: no such file, and not a descriptor (dN, gpt2:dN, gpt3:cN, "
+                         f"{', '.join(cfgmod.PRESETS)})")
+    return llmc_format.read_model(args.init)
+
+
+def _tokenizer(args, cfg):
+    """Something with decode(list[int]) -> str, or None where no tokenizer fits the vocabulary."""
+    if cfg.V == 256:
+        from llmc_jax.corpus import ByteTokenizer
+        return ByteTokenizer()
+    try:
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+        return enc if enc.n_vocab == cfg.V else None
+    except Exception:                    # offline without the BPE files: print token ids, as llm.c does
+        return None
+
+
+def _config_table(rows: list[tuple[str, object]]) -> str:
+    line = "+-----------------------+----------------------------------------------------+"
+    out = [line, f"| {'Parameter':<21} | {'Value':<50} |", line]
+    out += [f"| {k:<21} | {str(v):<50} |" for k, v in rows]
+    out.append(line)
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli.parse_args(argv)
+    _validate_flags(args)
+
+    import jax
+    import jax.numpy as jnp
+    from llmc_jax import checkpoint, llmc_format, mfu, sample, train_step
+    from llmc_jax.data import DataLoader
+
+    platform = jax.devices()[0].platform
+    if args.dtype is None:
+        args.dtype = "float32" if platform == "cpu" else "bfloat16"
+    if platform == "gpu" and args.dtype == "float32" and not args.allow_tf32:
+        jax.config.update("jax_default_matmul_precision", "highest")
+    if args.builtin_corpus:
+        from llmc_jax.corpus import builtin_corpus
+        args.train_data, builtin_val = builtin_corpus()
+        args.val_data = args.val_data or builtin_val
+    if args.val_data is None:
+        args.val_data = args.train_data
+
+    # --- model, batch geometry, data: every check before any heavy work
+    B, T, P = args.batch_size, args.seq_len, args.num_processes
+    tokens_per_fwdbwd = B * T * P
+    total_batch = tokens_per_fwdbwd if args.total_batch_size == -1 else args.total_batch_size
+    if total_batch <= 0 or total_batch % tokens_per_fwdbwd:
+        raise UsageError(f"-d {total_batch} is not a multiple of B*T*processes = {B}*{T}*{P} = "
+                         f"{tokens_per_fwdbwd}; pick -d as a multiple of it (or change -b/-t)")
+    grad_accum = total_batch // tokens_per_fwdbwd
+    resume_step = None
+    if args.resume:
+        steps = checkpoint.complete_steps(args.output_dir)
+        if not steps:
+            raise UsageError(f"-y 1: no complete checkpoint (DONE_* with its model and state files) in "
+                             f"{args.output_dir}; start without -y or point -o at the run's output dir")
+        resume_step = steps[-1]
+        args.init = checkpoint.paths(args.output_dir, resume_step)["model"]
+    try:
+        cfg, params_np = _resolve_model(args)
+        llmc_format.check_seq_len(cfg, T, args.init)
+        train_pattern = args.val_data if args.overfit else args.train_data
+        train_loader = DataLoader(train_pattern, B, T, args.process_rank, P,
+                                  shuffle=bool(args.shuffle) and not args.overfit, seed=args.seed,
+                                  vocab_size=cfg.V)
+        val_loader = DataLoader(args.val_data, B, T, args.process_rank, P, shuffle=False, vocab_size=cfg.V)
+    except (ValueError, FileNotFoundError) as e:     # LLMCFormatError is a ValueError
+        raise UsageError(str(e)) from None
+    max_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
+    if max_steps <= 0:
+        raise UsageError(f"the train data ({train_loader.num_tokens} tokens) holds less than one step of "
+                         f"{total_batch} tokens; lower -d/-b/-t or give more data")
+    val_batches = val_loader.batches_per_epoch if args.val_batches < 0 else args.val_batches
+    val_batches = min(val_batches, val_loader.batches_per_epoch)
+    try:
+        for s in (0, max_steps - 1):
+            _learning_rate(args, s, max_steps)
+    except ValueError as e:
+        raise UsageError(f"learning-rate schedule: {e} (check -k, -u against -x)") from None
+
+    sc = train_step.StepConfig(model=cfg, dtype=args.dtype, kernels=args.kernels, backward=args.backward,
+                               recompute=args.recompute, grad_clip=args.grad_clip,
+                               skip_loss_z=args.skip_loss_z, skip_grad_z=args.skip_grad_z,
+                               beta1=args.beta1, beta2=args.beta2, eps=args.eps, weight_decay=args.weight_decay)
+    from llmc_jax.model import op_set
+    try:
+        op_set(args.kernels)
+    except NotImplementedError as e:
+        raise UsageError(str(e)) from None
+
+    device = jax.devices()[0]
+    _print0(_config_table([
+        ("train data pattern", train_pattern), ("val data pattern", args.val_data),
+        ("output log dir", args.output_dir or "NULL"), ("checkpoint_every", args.checkpoint_every),
+        ("resume", args.resume), ("micro batch size B", B), ("sequence length T", T),
+        ("total batch size", total_batch), ("LR scheduler", args.lr_scheduler),
+        ("learning rate (LR)", f"{args.learning_rate:e}"), ("warmup iterations", args.warmup_steps),
+        ("final LR fraction", f"{args.final_lr_frac:e}"), ("weight decay", f"{args.weight_decay:e}"),
+        ("skip update lossz", args.skip_loss_z), ("skip update gradz", args.skip_grad_z),
+        ("max_steps", max_steps), ("val_loss_every", args.val_every), ("val_max_steps", val_batches),
+        ("sample_every", args.sample_every), ("genT", args.gen_tokens), ("overfit_single_batch", args.overfit),
+        ("use_master_weights", args.master_weights), ("recompute", args.recompute),
+        ("dtype", args.dtype), ("kernels", args.kernels), ("backward", args.backward),
+        ("device", f"{device.platform} {device.device_kind} x{jax.device_count()}"),
+        ("jax", jax.__version__),
+        ("model", f"{args.init} L={cfg.L} NH={cfg.NH} C={cfg.C} maxT={cfg.maxT} V={cfg.V} Vp={cfg.Vp}"),
+        ("num_parameters", f"{cfg.num_parameters:,}"),
+        ("train_num_batches", max_steps), ("val_num_batches", val_batches),
+        ("num_processes", P), ("zero_stage", args.zero_stage),
+    ]))
+    _print0(f"batch_size B={B} * seq_len T={T} * num_processes={P} and total_batch_size={total_batch}")
+    _print0(f"=> setting grad_accum_steps={grad_accum}")
+
+    # --- state: fresh, or restored exactly from the newest complete checkpoint
+    pdtype = jnp.float32 if (args.master_weights or args.dtype == "float32") else jnp.bfloat16
+    params = {k: jnp.asarray(v, pdtype) for k, v in params_np.items()}
+    del params_np
+    state = train_step.init_train_state(params, sc)
+    start_step = 0
+    if resume_step is not None:
+        state, meta = checkpoint.load(args.output_dir, resume_step, state)
+        state = jax.tree.map(jnp.asarray, state)
+        train_loader.load_state_dict(meta["train_loader"])
+        start_step = resume_step
+        _print0(f"resumed from step {resume_step} of {args.output_dir}")
+    log = None
+    if args.output_dir and args.process_rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        log_path = os.path.join(args.output_dir, "main.log")
+        if resume_step is not None:
+            _truncate_log(log_path, resume_step)
+        log = open(log_path, "a" if resume_step is not None else "w")
+
+    step_fn = train_step.make_train_step(sc)
+    eval_fn = train_step.make_eval_step(sc)
+    tokenizer = _tokenizer(args, cfg)
+    eot = 0 if cfg.V == 256 else 50256
+    flops_per_step = cfg.flops_per_token(T) * total_batch
+    ema_tok_s, total_time, timed_steps = 0.0, 0.0, 0
+
+    for step in range(start_step, max_steps + 1):
+        last = step == max_steps
+        resumed_here = step == resume_step     # its val and sample happened before its checkpoint
+        if args.val_every > 0 and (step % args.val_every == 0 or last) and not resumed_here:
+            val_loader.reset()
+            val_loss = 0.0
+            for _ in range(val_batches):
+                x, y = val_loader.next_batch()
+                val_loss += float(eval_fn(state.params, x, y))
+            val_loss /= max(val_batches, 1)
+            _print0(f"val loss {val_loss:.6f}")
+            if log:
+                log.write(f"s:{step} tel:{val_loss:.4f}\n")
+                log.flush()
+        if (args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last)
+                and not resumed_here):
+            toks = sample.generate(state.params, cfg, args.gen_tokens, eot, dtype=jnp.dtype(args.dtype),
+                                   kernels=args.kernels)
+            text = tokenizer.decode(toks[1:]) if tokenizer else " ".join(map(str, toks[1:]))
+            _print0(f"generating:\n---\n{text}\n---")
+        if (args.checkpoint_every > 0 and args.output_dir and not resumed_here
+                and ((step > 0 and step % args.checkpoint_every == 0) or last)):
+            meta = {"step": step, "train_loader": train_loader.state_dict(), "args": _jsonable(vars(args))}
+            checkpoint.save(args.output_dir, step, cfg, state, meta,
+                            model_version=3 if args.dtype == "float32" else 5)
+            checkpoint.prune(args.output_dir, step, args.checkpoint_every, args.checkpoint_keep,
+                             args.checkpoint_major)
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        if args.overfit:
+            train_loader.reset()
+        batches = [train_loader.next_batch() for _ in range(grad_accum)]
+        x = np.stack([b[0] for b in batches])
+        y = np.stack([b[1] for b in batches])
+        lr = _learning_rate(args, step, max_steps)
+        state, metrics = step_fn(state, x, y, np.float32(lr), np.int32(step))
+        loss, norm, lz, nz, skipped = (float(metrics.loss), float(metrics.norm), float(metrics.loss_z),
+                                       float(metrics.norm_z), bool(metrics.skipped))
+        dt = time.perf_counter() - t0
+        tok_s = total_batch / dt
+        if step > start_step:
+            total_time += dt
+            timed_steps += 1
+            ema_tok_s = 0.95 * ema_tok_s + 0.05 * tok_s
+            tok_s = ema_tok_s / (1 - 0.95 ** timed_steps)
+        util = mfu.mfu(flops_per_step, dt, jax.device_count(), device.device_kind)
+        util_s = f"{100 * util:.1f}% bf16 MFU" if util is not None else "n/a MFU"
+        if skipped:
+            _print0(f"skipping update due to loss z-score of {lz:.2f} / grad z-score of {nz:.2f}")
+        _print0(f"step {step + 1:4d}/{max_steps} | loss {loss:7.6f} ({lz:+.2f}z)| norm {norm:6.4f} "
+                f"({nz:+.2f}z)| lr {lr:.2e} | {1000 * dt:.2f} ms | {util_s} | {tok_s:.0f} tok/s")
+        if log:
+            log.write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}\n")
+            log.flush()
+        if not math.isfinite(loss):
+            _print0("loss is not finite; stopping (lower -l, or check the data)")
+            return 1
+
+    if timed_steps:
+        _print0(f"total average iteration time: {1000 * total_time / timed_steps:f} ms")
+    if log:
+        log.close()
+    return 0
+
+
+def _truncate_log(path: str, resume_step: int) -> None:
+    """Keep what the run had logged up to its checkpoint at `resume_step`: every line of earlier
+    steps and the eval lines of that step (logged before the checkpoint was written); a run that
+    went on past its last checkpoint before it died leaves no duplicate lines behind."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    for line in open(path):
+        s = int(line.split()[0][2:]) if line.startswith("s:") else -1
+        if s < resume_step or (s == resume_step and "trl:" not in line):
+            kept.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _learning_rate(args, step: int, max_steps: int) -> float:
+    from llmc_jax import optim
+    return optim.learning_rate(step, schedule=args.lr_scheduler, max_lr=args.learning_rate,
+                               warmup=args.warmup_steps, total_steps=max_steps, final_frac=args.final_lr_frac)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The jitted training and evaluation steps: the one function the trainer and the benchmarks run.
+
+One step = a `lax.scan` over grad-accumulation micro-batches (fp32 gradient sum, mean loss),
+the global grad norm, llm.c's outlier z-scores, clipping, and AdamW on the master weights; an
+update whose loss or grad-norm z-score is over its threshold is skipped (the step still counts).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llmc_jax import model, optim, reference
+from llmc_jax.config import GPTConfig
+
+
+class TrainState(NamedTuple):
+    params: dict
+    opt_state: Any
+    loss_detector: optim.DetectorState
+    norm_detector: optim.DetectorState
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array
+    norm: jax.Array
+    loss_z: jax.Array
+    norm_z: jax.Array
+    skipped: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything that changes the compiled step (so it is hashable and static)."""
+
+    model: GPTConfig
+    dtype: str = "float32"
+    kernels: str = "xla"
+    backward: str = "manual"      # or "autodiff": jax.grad of the plain-jnp reference model
+    recompute: int = 0
+    grad_clip: float = 1.0
+    skip_loss_z: float = 0.0
+    skip_grad_z: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optim.make_optimizer(beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                                    weight_decay=self.weight_decay)
+
+    def value_and_grad(self):
+        dtype = jnp.dtype(self.dtype)
+        if self.backward == "manual":
+            return model.value_and_grad(self.model, dtype=dtype, kernels=self.kernels, recompute=self.recompute)
+        if self.backward == "autodiff":
+            return reference.value_and_grad(self.model, dtype=dtype)
+        raise ValueError(f"backward must be 'manual' or 'autodiff', got {self.backward!r}")
+
+
+def init_train_state(params: dict, sc: StepConfig) -> TrainState:
+    return TrainState(params, sc.optimizer().init(params), optim.detector_init(), optim.detector_init())
+
+
+def _skip(z, threshold: float):
+    # llm.c: skip only where the threshold is set and the z-score is finite and above it
+    if threshold <= 0:
+        return jnp.bool_(False)
+    return jnp.isfinite(z) & (z > threshold)
+
+
+def accumulate_gradients(sc: StepConfig):
+    """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T)."""
+    value_and_grad = sc.value_and_grad()
+
+    def fn(params, x_ABT, y_ABT):
+        def micro(acc, xy):
+            loss, grads = value_and_grad(params, xy[0], xy[1])
+            acc_loss, acc_grads = acc
+            acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)
+            return (acc_loss + loss.astype(jnp.float32), acc_grads), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        A = x_ABT.shape[0]
+        (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros), (x_ABT, y_ABT))
+        return loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum)   # mean over B*T*A, as llm.c
+    return fn
+
+
+def make_train_step(sc: StepConfig):
+    """(state, x_ABT, y_ABT, lr, step) -> (state, metrics); A micro-batches of (B, T) each.
+
+    The state is donated: params and AdamW moments are updated in place."""
+    grad_fn = accumulate_gradients(sc)
+    opt = sc.optimizer()
+
+    def step_fn(state: TrainState, x_ABT, y_ABT, lr, step):
+        params = state.params
+        loss, grads = grad_fn(params, x_ABT, y_ABT)
+        norm = optim.global_norm(grads)
+        loss_det, loss_z = optim.detector_update(state.loss_detector, loss)
+        norm_det, norm_z = optim.detector_update(state.norm_detector, norm)
+        skipped = _skip(loss_z, sc.skip_loss_z) | _skip(norm_z, sc.skip_grad_z)
+
+        grads = optim.clip_by_global_norm(grads, norm, sc.grad_clip)
+        opt_state = optim.set_step(optim.set_learning_rate(state.opt_state, lr), step)
+        updates, new_opt_state = opt.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if sc.skip_loss_z > 0 or sc.skip_grad_z > 0:   # only then pay for the select
+            new_params, new_opt_state = jax.lax.cond(
+                skipped, lambda: (params, state.opt_state), lambda: (new_params, new_opt_state))
+        new_state = TrainState(new_params, new_opt_state, loss_det, norm_det)
+        return new_state, StepMetrics(loss, norm, loss_z, norm_z, skipped)
+
+    return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def make_eval_step(sc: StepConfig):
+    """(params, x_BT, y_BT) -> mean loss, the forward pass only."""
+    dtype = jnp.dtype(sc.dtype)
+    if sc.backward == "autodiff":
+        fn = lambda p, x, y: reference.loss(p, x, y, sc.model, dtype=dtype)
+    else:
+        fn = lambda p, x, y: model.loss(p, x, y, sc.model, dtype=dtype, kernels=sc.kernels)
+    return jax.jit(fn)

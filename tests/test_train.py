@@ -1,0 +1,157 @@
+"""python -m llmc_jax.train against llm.c's own numbers, resume, checkpoints, flags and main.log."""
+import json
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TEST_CONFIG, random_params
+from llmc_jax import llmc_format, optim, train, train_step
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "llmc_tiny")
+# The acceptance command of the train issue, on the tiny llm.c fixture (tests/data/llmc_tiny/README.md).
+LLMC_CPU_FLAGS = ["-e", f"{FIXTURE}/model.bin", "-i", f"{FIXTURE}/train.bin", "-j", f"{FIXTURE}/val.bin",
+                  "-b", "4", "-t", "64", "-d", "256", "-l", "1e-4", "-u", "0", "-q", "1.0", "-c", "0",
+                  "-v", "10", "-m", "5", "-s", "0", "--beta2", "0.999", "--grad-clip", "0",
+                  "--dtype", "float32", "--shuffle", "0"]
+STEP_RE = re.compile(r"^step\s+(\d+)/(\d+) \| loss (\S+) \(")
+
+
+def _run(argv, capsys):
+    rc = train.main(argv)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return out
+
+
+def _stdout_losses(out):
+    train_l = [float(m.group(3)) for m in map(STEP_RE.match, out.splitlines()) if m]
+    val_l = [float(line.split()[2]) for line in out.splitlines() if line.startswith("val loss ")]
+    return train_l, val_l
+
+
+def test_reproduces_llmc_cpu_trainer_losses(tmp_path, capsys):
+    """Same model, data and flags as llm.c's train_gpt2.c (unshuffled loader): the same 40 losses."""
+    expected = json.load(open(f"{FIXTURE}/expected.json"))
+    out = _run(LLMC_CPU_FLAGS + ["-x", "40", "-o", str(tmp_path)], capsys)
+    train_l, val_l = _stdout_losses(out)
+    np.testing.assert_allclose(train_l, expected["train_losses"], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(val_l, [expected["val_losses"][k] for k in ("0", "10", "20", "30", "40")],
+                               atol=2e-5, rtol=0)
+
+
+def test_main_log_is_llmc_format(tmp_path, capsys):
+    _run(LLMC_CPU_FLAGS + ["-x", "12", "-o", str(tmp_path)], capsys)
+    lines = open(tmp_path / "main.log").read().splitlines()
+    patterns = [re.compile(r"^s:(\d+) trl:\d+\.\d{4} lr:\d+\.\d{6} norm:\d+\.\d{2}$"),
+                re.compile(r"^s:(\d+) tel:\d+\.\d{4}$")]
+    assert all(any(p.match(line) for p in patterns) for line in lines), lines
+    assert [line.split()[0] for line in lines if "tel" in line] == ["s:0", "s:10", "s:12"]
+    assert [int(line.split()[0][2:]) for line in lines if "trl" in line] == list(range(12))
+    assert lines[0] == "s:0 tel:5.5147"   # llm.c's val loss at step 0 (expected.json), 4 decimals
+
+
+def test_resume_gives_the_same_main_log(tmp_path, capsys):
+    """10 steps, then -y 1 to 20, equals 20 straight; with shuffling, so the loader state matters."""
+    flags = LLMC_CPU_FLAGS[:-2] + ["--shuffle", "1", "-v", "5", "-n", "5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _run(flags + ["-x", "20", "-o", str(straight)], capsys)
+    _run(flags + ["-x", "10", "-o", str(split)], capsys)
+    _run(flags + ["-x", "20", "-o", str(split), "-y", "1"], capsys)
+    assert open(split / "main.log").read() == open(straight / "main.log").read()
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
+    flags = LLMC_CPU_FLAGS + ["-n", "4", "-o", str(tmp_path)]
+    _run(flags + ["-x", "8"], capsys)
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("DONE")) == ["DONE_00000004", "DONE_00000008"]
+    # a run killed while writing step 12: files there, DONE marker not yet
+    for kind in ("model", "state"):
+        src = tmp_path / (f"{kind}_00000008" + (".bin" if kind == "model" else ".npz"))
+        shutil.copy(src, str(src).replace("00000008", "00000012"))
+    out = _run(flags + ["-x", "10", "-y", "1"], capsys)
+    assert "resumed from step 8" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-d", "300"], "not a multiple of B\\*T"),
+    (["-t", "128", "-d", "512"], "exceeds maxT"),
+    (["-i", "/nonexistent/shard_*.bin"], "/nonexistent/shard_\\*.bin"),
+    (["-y", "1", "-o", "/tmp/llmc-jax-no-such-dir"], "no complete checkpoint"),
+    (["-n", "5"], "needs an output dir"),
+])
+def test_bad_flags_stop_with_a_message(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(LLMC_CPU_FLAGS + ["-x", "2"] + argv)
+
+
+def test_autodiff_backward_gives_the_same_losses(tmp_path, capsys):
+    manual, _ = _stdout_losses(_run(LLMC_CPU_FLAGS + ["-x", "6"], capsys))
+    autodiff, _ = _stdout_losses(_run(LLMC_CPU_FLAGS + ["-x", "6", "--backward", "autodiff"], capsys))
+    np.testing.assert_allclose(manual, autodiff, rtol=1e-5)
+
+
+def _state_and_batch(A, B, T=16, seed=0):
+    params = {k: jnp.asarray(v) for k, v in random_params(TEST_CONFIG, seed).items()}
+    rng = np.random.default_rng(seed + 1)
+    tok = rng.integers(0, TEST_CONFIG.V, size=(A * B, T + 1)).astype(np.int32)
+    return params, tok[:, :-1].reshape(A, B, T), tok[:, 1:].reshape(A, B, T)
+
+
+def test_accumulating_4_micro_batches_equals_one_4x_batch():
+    sc = train_step.StepConfig(model=TEST_CONFIG)
+    params, x, y = _state_and_batch(4, 1)
+    grads = jax.jit(train_step.accumulate_gradients(sc))
+    loss4, g4 = grads(params, x, y)                                       # 4 micro-batches of B=1
+    loss1, g1 = grads(params, x.reshape(1, 4, -1), y.reshape(1, 4, -1))  # one batch of B=4
+    assert abs(float(loss4) - float(loss1)) < 1e-6
+    for k in params:
+        scale = float(jnp.max(jnp.abs(g1[k])))
+        np.testing.assert_allclose(g4[k], g1[k], rtol=0, atol=1e-5 * scale, err_msg=k)
+
+
+def test_three_steps_match_adamw_by_hand():
+    """The jitted step vs AdamW + global-norm clipping written out in float64 numpy.
+
+    Both sides take the same fp32 gradients (Adam divides a gradient by its own magnitude, so
+    elements whose true gradient is zero, like the key bias, would turn summation-order noise
+    into full-size steps), and the numpy side updates the step's own fp32 params each time."""
+    sc = train_step.StepConfig(model=TEST_CONFIG, weight_decay=0.1, grad_clip=1.0)
+    params, x, y = _state_and_batch(1, 4, seed=3)
+    step = train_step.make_train_step(sc)
+    grad_fn = jax.jit(train_step.accumulate_gradients(sc))
+    m = {k: np.zeros(v.shape) for k, v in params.items()}
+    v = {k: np.zeros(p.shape) for k, p in params.items()}
+    state = train_step.init_train_state(params, sc)
+    for t, lr in enumerate([1e-3, 5e-4, 2e-3]):
+        before = {k: np.asarray(a, np.float64) for k, a in state.params.items()}
+        loss, g = grad_fn(state.params, x, y)
+        g = {k: np.asarray(a, np.float64) for k, a in g.items()}
+        norm = np.sqrt(sum((a ** 2).sum() for a in g.values()))
+        scale = 1.0 / norm if norm > 1.0 else 1.0
+        want = {}
+        for k in before:
+            gk = g[k] * scale
+            m[k] = 0.9 * m[k] + 0.1 * gk
+            v[k] = 0.95 * v[k] + 0.05 * gk ** 2
+            mhat, vhat = m[k] / (1 - 0.9 ** (t + 1)), v[k] / (1 - 0.95 ** (t + 1))
+            wd = 0.1 if k in optim.WEIGHT_DECAY_PARAMS else 0.0
+            want[k] = before[k] - lr * (mhat / (np.sqrt(vhat) + 1e-8) + wd * before[k])
+        state, metrics = step(state, x, y, np.float32(lr), np.int32(t))
+        assert abs(float(metrics.loss) - float(loss)) < 1e-6
+        assert abs(float(metrics.norm) - norm) < 1e-5 * norm
+        for k in want:   # fp32 rounding of the new weight, plus 1e-5 of a step
+            np.testing.assert_allclose(np.asarray(state.params[k]), want[k], rtol=2e-7, atol=1e-5 * lr,
+                                       err_msg=f"step {t} {k}")
+
+
+def test_exported_checkpoint_model_is_an_llmc_model(tmp_path, capsys):
+    _run(LLMC_CPU_FLAGS + ["-x", "3", "-n", "3", "-o", str(tmp_path)], capsys)
+    cfg, params = llmc_format.read_model(tmp_path / "model_00000003.bin")
+    assert cfg == llmc_format.read_model_header(f"{FIXTURE}/model.bin")[0]
+    _, start = llmc_format.read_model(f"{FIXTURE}/model.bin")
+    assert not np.array_equal(params["fcw"], start["fcw"])   # trained weights, not the init
