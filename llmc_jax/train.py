@@ -18,10 +18,11 @@ from llmc_jax import cli
 
 
 class UsageError(SystemExit):
-    """A flag combination that cannot work; raised before any work is done."""
+    """A flag combination that cannot work; raised before any work is done (exit status 2)."""
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
+        self.message = f"error: {message}"
 
 
 def _print0(*a, **k):
@@ -294,4 +295,8 @@ def _jsonable(d: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        print(e.message, file=sys.stderr)
+        sys.exit(2)

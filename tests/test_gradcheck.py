@@ -1,4 +1,6 @@
 """python -m llmc_jax.gradcheck end to end on a tiny model, including --llmc-state and --dump."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +86,12 @@ def test_batch_from_a_shard(model_and_state, tmp_path, capsys):
     assert gradcheck.main(["-e", str(d / "model.bin"), "-i", str(tmp_path / "s.bin"), "-b", "2", "-t", "8"]) == 0
     with pytest.raises(SystemExit, match="a batch needs"):
         gradcheck.main(["-e", str(d / "model.bin"), "-i", str(tmp_path / "s.bin"), "-b", "4", "-t", "32"])
+
+
+def test_llmc_c_code_debug_state(capsys):
+    """A debug state computed by llm.c's own C forward/backward (tests/data/llmc_tiny/README.md)."""
+    fixture = os.path.join(os.path.dirname(__file__), "data", "llmc_tiny")
+    rc = gradcheck.main(["-e", f"{fixture}/model.bin", "--llmc-state", f"{fixture}/debug_state.bin", "--tol", "1e-5"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("| OK") == 2 * len(PARAM_NAMES) + 2

@@ -89,6 +89,17 @@ def test_bad_flags_stop_with_a_message(argv, message):
         train.main(LLMC_CPU_FLAGS + ["-x", "2"] + argv)
 
 
+def test_bad_files_stop_with_a_message(tmp_path):
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(open(f"{FIXTURE}/train.bin", "rb").read()[:-100])
+    cases = [(["-e", f"{FIXTURE}/train.bin"], "data shard"),            # a shard given as the model
+             (["-i", str(truncated)], "truncated"),
+             (["-e", str(tmp_path / "missing.bin")], "no such file")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            train.main(LLMC_CPU_FLAGS + ["-x", "2"] + argv)
+
+
 def test_autodiff_backward_gives_the_same_losses(tmp_path, capsys):
     manual, _ = _stdout_losses(_run(LLMC_CPU_FLAGS + ["-x", "6"], capsys))
     autodiff, _ = _stdout_losses(_run(LLMC_CPU_FLAGS + ["-x", "6", "--backward", "autodiff"], capsys))
