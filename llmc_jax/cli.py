@@ -21,22 +21,22 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     ("-nk", "--checkpoint-keep", int, 0, "keep only the last N checkpoints (0 = all)"),
     ("-nm", "--checkpoint-major", int, 0, "checkpoints at multiples of N are never deleted"),
     ("-y", "--resume", int, 0, "1 = resume from the newest complete checkpoint in -o"),
-    ("-b", "--batch-size", int, None, "micro-batch size B per device (default 4; 8 for the built-in run)"),
+    ("-b", "--batch-size", int, None, "micro-batch size B per device (default 4; 16 for the built-in run)"),
     ("-t", "--seq-len", int, None, "sequence length T (default 1024; 128 for the built-in run)"),
     ("-d", "--total-batch-size", int, -1, "tokens per optimizer step; gradient accumulation is derived "
                                           "(default B*T*processes: no accumulation)"),
     ("-x", "--max-steps", int, None, "optimizer steps (default -1 = one epoch of the train data; "
-                                     "600 for the built-in run)"),
+                                     "800 for the built-in run)"),
     ("-k", "--lr-scheduler", str, "cosine", "cosine, linear, constant or wsd"),
-    ("-l", "--learning-rate", float, None, "peak learning rate (default 3e-4; 1e-3 for the built-in run)"),
-    ("-u", "--warmup-steps", int, None, "linear warmup steps (default 0; 30 for the built-in run)"),
+    ("-l", "--learning-rate", float, None, "peak learning rate (default 3e-4; 2e-3 for the built-in run)"),
+    ("-u", "--warmup-steps", int, None, "linear warmup steps (default 0; 50 for the built-in run)"),
     ("-q", "--final-lr-frac", float, None, "final LR as a fraction of the peak (default 1.0; 0.1 built-in)"),
     ("-c", "--weight-decay", float, 0.0, "AdamW weight decay on the 2-D tensors"),
     ("-sl", "--skip-loss-z", float, 0.0, "skip updates whose loss z-score exceeds this (0 = off)"),
     ("-sg", "--skip-grad-z", float, 0.0, "skip updates whose grad-norm z-score exceeds this (0 = off)"),
-    ("-v", "--val-every", int, None, "val loss every N steps (default 20; 100 for the built-in run)"),
+    ("-v", "--val-every", int, None, "val loss every N steps (default 20; 200 for the built-in run)"),
     ("-m", "--val-batches", int, None, "val batches per evaluation, -1 = all (default 20; 10 built-in)"),
-    ("-s", "--sample-every", int, None, "sample text every N steps, 0 = never (default 20; 200 built-in)"),
+    ("-s", "--sample-every", int, None, "sample text every N steps, 0 = never (default 20; 400 built-in)"),
     ("-g", "--gen-tokens", int, None, "tokens to generate per sample (default 64; 128 built-in)"),
     ("-h", "--hellaswag", int, 0, "1 = HellaSwag eval at every val step"),
     ("-a", "--overfit", int, 0, "1 = overfit a single batch (the first val batch), for debugging"),
@@ -65,9 +65,9 @@ CHOICES = {"lr_scheduler": ("cosine", "linear", "constant", "wsd"), "dtype": ("f
            "backward": ("manual", "autodiff"), "recompute": (0, 1, 2), "zero_stage": (0, 1, 2, 3)}
 
 # The built-in corpus run: a small byte-level GPT-2 that learns visibly in a few CPU minutes.
-BUILTIN_DEFAULTS = {"init": "small", "batch_size": 8, "seq_len": 128, "max_steps": 600, "learning_rate": 1e-3,
-                    "warmup_steps": 30, "final_lr_frac": 0.1, "val_every": 100, "val_batches": 10,
-                    "sample_every": 200, "gen_tokens": 128, "output_dir": "out/builtin"}
+BUILTIN_DEFAULTS = {"init": "small", "batch_size": 16, "seq_len": 128, "max_steps": 800, "learning_rate": 2e-3,
+                    "warmup_steps": 50, "final_lr_frac": 0.1, "val_every": 200, "val_batches": 10,
+                    "sample_every": 400, "gen_tokens": 128, "output_dir": "out/builtin"}
 LLMC_DEFAULTS = {"init": "d12", "batch_size": 4, "seq_len": 1024, "max_steps": -1, "learning_rate": 3e-4,
                  "warmup_steps": 0, "final_lr_frac": 1.0, "val_every": 20, "val_batches": 20,
                  "sample_every": 20, "gen_tokens": 64}

@@ -136,64 +136,13 @@ def clip_by_global_norm(grads: Any, norm: jax.Array, max_norm: float) -> Any:
     return jax.tree.map(lambda g: g.astype(jnp.float32) * scale, grads)
 
 
-class OutlierDetector:
-    """Host-side z-score of each new value against a sliding window, exactly llm.c's detector.
-
-    The first `window` updates return NaN (the window-th value fills the window and still gets NaN);
-    afterwards the oldest value is replaced by x *before* the statistics are taken, so x is part of
-    the window it is scored against. Running sums in float64, population std. One deviation: when
-    rounding makes the variance <= 0 we return 0.0 where llm.c returns 0.0 (var == 0) or NaN (var < 0).
-    """
-
-    def __init__(self, window: int = 128) -> None:
-        if window <= 0:
-            raise ValueError(f"OutlierDetector: window must be positive, got {window}")
-        self.window = window
-        self.buffer = np.zeros(window, np.float64)
-        self.count = 0
-        self.index = 0
-        self.sum = 0.0
-        self.sum_sq = 0.0
-
-    def update(self, x: float) -> float:
-        x = float(x)
-        W = self.window
-        if self.count < W:
-            self.buffer[self.count] = x
-            self.sum += x
-            self.sum_sq += x * x
-            self.count += 1
-            return math.nan
-        old = float(self.buffer[self.index])
-        self.sum -= old
-        self.sum_sq -= old * old
-        self.buffer[self.index] = x
-        self.sum += x
-        self.sum_sq += x * x
-        self.index = (self.index + 1) % W
-        mean = self.sum / W
-        var = self.sum_sq / W - mean * mean
-        if not var > 0.0:
-            return 0.0
-        return (x - mean) / math.sqrt(var)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-identically (the running sums are not recomputed)."""
-        return {"window": self.window, "buffer": self.buffer.copy(), "count": self.count,
-                "index": self.index, "sum": self.sum, "sum_sq": self.sum_sq}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        buffer = np.asarray(d["buffer"], np.float64)
-        if int(d["window"]) != buffer.shape[0] or buffer.ndim != 1:
-            raise ValueError(f"OutlierDetector: buffer of shape {buffer.shape} for window {d['window']}")
-        self.window = int(d["window"])
-        self.buffer = buffer.copy()
-        self.count, self.index = int(d["count"]), int(d["index"])
-        self.sum, self.sum_sq = float(d["sum"]), float(d["sum_sq"])
-
-
 class DetectorState(NamedTuple):
-    """Device-side detector state (a pytree): for skip decisions inside the jitted step."""
+    """llm.c's outlier detector as a pytree, updated inside the jitted step (so a skip decision
+    needs no host round trip) and saved with the checkpoints (so a resumed run keeps its window).
+
+    The first `window` updates give NaN (the window-th fills it and still gets NaN); after that the
+    oldest value is replaced by x before the statistics are taken, so x is part of the window it is
+    scored against; population std; a zero std gives z = 0."""
 
     buffer: jax.Array  # (window,) float32
     count: jax.Array   # int32, values seen while filling (saturates at window)
@@ -205,8 +154,8 @@ def detector_init(window: int = 128) -> DetectorState:
 
 
 def detector_update(state: DetectorState, x: jax.Array) -> tuple[DetectorState, jax.Array]:
-    """Jittable twin of OutlierDetector.update: same window rule and NaN-until-full, but the stats are
-    recomputed two-pass from the float32 buffer (no float64 under default JAX; no drift either)."""
+    """(new state, z-score of x). llm.c keeps float64 running sums; without float64 in default JAX the
+    statistics are recomputed two-pass from the float32 buffer instead (no drift either)."""
     W = state.buffer.shape[0]
     full = state.count >= W
     pos = jnp.where(full, state.index, state.count)

@@ -160,6 +160,27 @@ def test_three_steps_match_adamw_by_hand():
                                        err_msg=f"step {t} {k}")
 
 
+@pytest.mark.parametrize("flag", ["skip_loss_z", "skip_grad_z"])
+def test_outlier_update_is_skipped(flag):
+    """With -sl/-sg set, a loss (grad norm) far above the last 128 steps' leaves the weights alone."""
+    sc = train_step.StepConfig(model=TEST_CONFIG, **{flag: 3.0})
+    params, x, y = _state_and_batch(1, 2)
+    calm = lambda: optim.DetectorState(   # 128 small values; a fresh copy each (the step donates)
+        jnp.full((128,), 0.1, jnp.float32).at[::2].set(0.2), jnp.int32(128), jnp.int32(0))
+    state = train_step.init_train_state(jax.tree.map(jnp.copy, params), sc)._replace(
+        loss_detector=calm(), norm_detector=calm())
+    new, metrics = train_step.make_train_step(sc)(state, x, y, np.float32(1e-3), np.int32(200))
+    assert bool(metrics.skipped) and float(getattr(metrics, "loss_z" if flag == "skip_loss_z" else "norm_z")) > 3
+    for k in params:
+        np.testing.assert_array_equal(new.params[k], params[k])
+    # the same step without the threshold updates the weights
+    sc0 = train_step.StepConfig(model=TEST_CONFIG)
+    state0 = train_step.init_train_state(jax.tree.map(jnp.copy, params), sc0)._replace(
+        loss_detector=calm(), norm_detector=calm())
+    new0, m0 = train_step.make_train_step(sc0)(state0, x, y, np.float32(1e-3), np.int32(200))
+    assert not bool(m0.skipped) and not np.array_equal(new0.params["fcw"], params["fcw"])
+
+
 def test_exported_checkpoint_model_is_an_llmc_model(tmp_path, capsys):
     _run(LLMC_CPU_FLAGS + ["-x", "3", "-n", "3", "-o", str(tmp_path)], capsys)
     cfg, params = llmc_format.read_model(tmp_path / "model_00000003.bin")
