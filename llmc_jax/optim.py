@@ -1,4 +1,5 @@
-"""Optimizer pieces with llm.c's semantics: LR schedules, AdamW (optax), grad clipping, outlier z-scores.
+"""Optimizer pieces with llm.c's semantics: LR schedules, AdamW (an optax transformation), grad clipping,
+outlier z-scores.
 
 llm.c references: llmc/schedulers.h, llmc/adamw.cuh, llmc/outlier_detector.h and the update part of
 train_gpt2.cu's loop (z-scores, LR for `step`, global norm, clip, AdamW with t = step + 1).
@@ -72,48 +73,67 @@ def _to_f32(tree: Any) -> Any:
     return None if tree is None else jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
+class AdamWState(NamedTuple):
+    count: jax.Array          # int32: the next update bias-corrects with t = count + 1
+    learning_rate: jax.Array  # float32, set before every update
+    mu: Any                   # fp32 first moments, like params
+    nu: Any                   # fp32 second moments, like params
+
+
 def make_optimizer(*, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
                    weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """AdamW as llm.c's kernel: p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p), decay masked.
+    """AdamW as llm.c's kernel, as an optax GradientTransformation:
+    p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p), decay only on WEIGHT_DECAY_PARAMS.
 
-    optax.adamw computes exactly this. Wrapped in inject_hyperparams so that the LR lives in the state
-    (set it with `set_learning_rate`, traced values are fine, no recompiles), and wrapped again so that
-    m, v and the returned updates are float32 whatever the params' dtype (optax keeps v in the params'
-    dtype). The state starts with LR 0: set it before every update. For llm.c's bias correction with
-    t = step + 1 (also after skipped updates and resumes) call `set_step` before every update as well.
+    One fused expression per tensor (m, v and the update together), so XLA makes a single pass
+    over each parameter; optax.adamw's chain of transformations measured 6x slower on the CPU for
+    GPT-2 124M (2.0 s against 0.34 s a step). m, v and the updates are float32 whatever the
+    params' dtype. Set the learning rate (`set_learning_rate`) and the step (`set_step`, llm.c's
+    t = step + 1 also after skipped updates) before every update; traced values are fine.
     """
-    inner = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"),
-                                     hyperparam_dtype=jnp.float32)(
-        learning_rate=0.0, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay,
-        mu_dtype=jnp.float32, mask=weight_decay_mask)
+    b1, b2, eps_, wd = (jnp.float32(v) for v in (beta1, beta2, eps, weight_decay))
 
-    def init_fn(params: Any) -> Any:
-        return inner.init(_to_f32(params))
+    def init_fn(params: Any) -> AdamWState:
+        zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        return AdamWState(jnp.int32(0), jnp.float32(0.0), zeros(), zeros())
 
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        return inner.update(_to_f32(updates), state, _to_f32(params))
+    def update_fn(grads: Any, state: AdamWState, params: Any = None) -> tuple[Any, AdamWState]:
+        if params is None:
+            raise ValueError("AdamW needs the params (for weight decay): opt.update(grads, state, params)")
+        t = (state.count + 1).astype(jnp.float32)
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        lr = state.learning_rate
+        decay = weight_decay_mask(params)
+
+        def leaf(name):
+            g = grads[name].astype(jnp.float32)
+            p = params[name].astype(jnp.float32)
+            m = b1 * state.mu[name] + (1 - b1) * g
+            v = b2 * state.nu[name] + (1 - b2) * g * g
+            step = (m / c1) / (jnp.sqrt(v / c2) + eps_)
+            if decay[name] and weight_decay:
+                step = step + wd * p
+            return -lr * step, m, v
+
+        out = {name: leaf(name) for name in params}
+        updates = {k: o[0] for k, o in out.items()}
+        new = AdamWState(state.count + 1, lr, {k: o[1] for k, o in out.items()},
+                         {k: o[2] for k, o in out.items()})
+        return updates, new
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def set_learning_rate(opt_state: Any, lr: float | jax.Array) -> Any:
+def set_learning_rate(opt_state: AdamWState, lr: float | jax.Array) -> AdamWState:
     """A copy of `opt_state` whose AdamW learning rate is `lr` (python float or traced scalar)."""
-    hyperparams = dict(opt_state.hyperparams)
-    hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-    return opt_state._replace(hyperparams=hyperparams)
+    return opt_state._replace(learning_rate=jnp.asarray(lr, jnp.float32))
 
 
-def set_step(opt_state: Any, step: int | jax.Array) -> Any:
+def set_step(opt_state: AdamWState, step: int | jax.Array) -> AdamWState:
     """A copy of `opt_state` whose next update bias-corrects with t = step + 1, as llm.c does.
 
-    optax counts applied updates; llm.c uses the loop step, which also advances on skipped updates.
-    """
-    count = jnp.asarray(step, jnp.int32)
-    inner = tuple(st._replace(count=count) if isinstance(st, optax.ScaleByAdamState) else st
-                  for st in opt_state.inner_state)
-    if not any(isinstance(st, optax.ScaleByAdamState) for st in inner):
-        raise ValueError("set_step: no ScaleByAdamState in opt_state (not from make_optimizer?)")
-    return opt_state._replace(count=count, inner_state=inner)
+    llm.c uses the loop step, which also advances on skipped updates."""
+    return opt_state._replace(count=jnp.asarray(step, jnp.int32))
 
 
 def global_norm(grads: Any) -> jax.Array:

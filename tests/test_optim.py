@@ -152,12 +152,12 @@ def test_adamw_state_fp32_for_bf16_params():
     opt = optim.make_optimizer(weight_decay=0.1)
     p = {"wte": jnp.ones((4, 4), jnp.bfloat16), "lnfw": jnp.ones((4,), jnp.bfloat16)}
     s = opt.init(p)
-    for leaf in jax.tree.leaves((s.inner_state[0].mu, s.inner_state[0].nu)):
+    for leaf in jax.tree.leaves((s.mu, s.nu)):
         assert leaf.dtype == jnp.float32
     s = optim.set_learning_rate(s, 1e-3)
     u, s = opt.update(jax.tree.map(lambda x: x * 0.5, p), s, p)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(u))
-    assert s.hyperparams["learning_rate"].dtype == jnp.float32
+    assert s.learning_rate.dtype == jnp.float32
 
 
 # ---------------------------------------------------------------- global norm and clipping

@@ -1,0 +1,138 @@
+"""Time the real jitted training step of llmc_jax.train, variant by variant.
+
+    python scripts/bench_train.py -e d12 -b 4 -t 64 --variants manual-xla,autodiff-xla --steps 10
+
+For each variant (backward-kernels): compile seconds, first-step seconds, median and min of the
+steady steps, tokens/s, achieved GFLOP/s by llm.c's formula (6N + 6LCT per token), MFU where the
+device's peak is known, the fraction of a matmul peak measured in the same run at the model's
+largest matmul shape, and the compiled step's memory. `--json FILE` writes the same for machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-e", "--init", default="d12", help="descriptor or llm.c .bin (default d12)")
+    p.add_argument("-b", "--batch-size", type=int, default=4)
+    p.add_argument("-t", "--seq-len", type=int, default=64)
+    p.add_argument("-a", "--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("-r", "--recompute", type=int, default=0, choices=(0, 1, 2))
+    p.add_argument("--variants", default="manual-xla,autodiff-xla",
+                   help="comma list of BACKWARD-KERNELS, e.g. manual-xla,autodiff-xla,manual-pallas")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return p.parse_args(argv)
+
+
+def matmul_peak_gflops(M: int, K: int, N: int, dtype, repeats: int = 10) -> float:
+    """Best GFLOP/s of one (M, K) x (K, N) matmul on this device: the ceiling for this model."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((M, K), dtype)
+    b = jnp.ones((K, N), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * M * K * N / best / 1e9
+
+
+def bench_variant(name: str, cfg, params_np, args, dtype: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from llmc_jax import train_step
+
+    backward, kernels = name.split("-")
+    sc = train_step.StepConfig(model=cfg, dtype=dtype, kernels=kernels, backward=backward,
+                               recompute=args.recompute)
+    rng = np.random.default_rng(0)
+    A, B, T = args.grad_accum, args.batch_size, args.seq_len
+    tok = rng.integers(0, cfg.V, size=(A, B, T + 1)).astype(np.int32)
+    x, y = jnp.asarray(tok[..., :-1]), jnp.asarray(tok[..., 1:])
+    state = train_step.init_train_state({k: jnp.asarray(v) for k, v in params_np.items()}, sc)
+    step = train_step.make_train_step(sc)
+    lr, s0 = np.float32(1e-4), np.int32(0)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, x, y, lr, s0).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    t0 = time.perf_counter()
+    state, m = compiled(state, x, y, lr, s0)
+    float(m.loss)
+    first_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, m = compiled(state, x, y, lr, s0)
+    float(m.loss)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, x, y, lr, s0)
+        float(m.loss)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    tokens = A * B * T
+    return {"compile_s": compile_s, "first_step_s": first_s, "step_ms_median": 1000 * med,
+            "step_ms_min": 1000 * min(times), "tok_per_s": tokens / med,
+            "gflops": cfg.flops_per_token(T) * tokens / med / 1e9,
+            "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+            "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
+            "loss": float(m.loss)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    from llmc_jax import mfu
+    from llmc_jax.gradcheck import load_model
+
+    device = jax.devices()[0]
+    dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
+    cfg, params_np = load_model(args.init)
+    tokens = args.batch_size * args.seq_len
+    peak = matmul_peak_gflops(tokens, cfg.C, 4 * cfg.C, jnp.dtype(dtype))
+    print(f"device {device.platform} {device.device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+          f"model {args.init} ({cfg.num_parameters:,} params), B={args.batch_size} T={args.seq_len} "
+          f"A={args.grad_accum} {dtype} -r {args.recompute}")
+    print(f"matmul peak at ({tokens}, {cfg.C}) x ({cfg.C}, {4 * cfg.C}): {peak:.0f} GFLOP/s")
+    results = {}
+    header = (f"{'variant':>16} | {'compile s':>9} | {'first s':>7} | {'median ms':>9} | {'min ms':>8} | "
+              f"{'tok/s':>8} | {'GFLOP/s':>7} | {'of peak':>7} | {'MFU':>6} | {'temp MB':>8} | {'args MB':>8}")
+    print(header)
+    for name in args.variants.split(","):
+        r = bench_variant(name.strip(), cfg, params_np, args, dtype)
+        r["matmul_peak_gflops"] = peak
+        util = mfu.mfu(r["gflops"] * 1e9, 1.0, jax.device_count(), device.device_kind)
+        r["mfu"] = util
+        results[name] = r
+        mb = lambda v: f"{v / 2**20:8.1f}" if v is not None else f"{'n/a':>8}"
+        print(f"{name:>16} | {r['compile_s']:9.2f} | {r['first_step_s']:7.2f} | {r['step_ms_median']:9.1f} | "
+              f"{r['step_ms_min']:8.1f} | {r['tok_per_s']:8.0f} | {r['gflops']:7.1f} | "
+              f"{r['gflops'] / peak:7.1%} | {'n/a' if util is None else f'{util:.1%}':>6} | "
+              f"{mb(r['temp_bytes'])} | {mb(r['argument_bytes'])}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
+                       "config": vars(args), "variants": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
