@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llmc_jax import llmc_format
@@ -24,8 +25,13 @@ def paths(out_dir: str, step: int) -> dict[str, str]:
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
+    """Leaves by path; bfloat16 stored as its uint16 bits (np.savez cannot hold bfloat16)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+    out = {}
+    for path, leaf in leaves:
+        a = np.asarray(leaf)
+        out[jax.tree_util.keystr(path)] = a.view(np.uint16) if a.dtype == jnp.bfloat16 else a
+    return out
 
 
 def save(out_dir: str, step: int, config: GPTConfig, train_state: Any, meta: dict,
@@ -75,7 +81,8 @@ def load(out_dir: str, step: int, template: Any) -> tuple[Any, dict]:
             if arr.shape != np.shape(leaf):
                 raise ValueError(f"{p['state']}: {key} has shape {arr.shape}, this run expects "
                                  f"{np.shape(leaf)} (different model or flags?)")
-            restored.append(arr.astype(np.asarray(leaf).dtype))
+            want = np.asarray(leaf).dtype
+            restored.append(arr.view(want) if want == jnp.bfloat16 else arr.astype(want))
     return jax.tree_util.tree_unflatten(treedef, restored), meta
 
 

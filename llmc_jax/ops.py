@@ -53,17 +53,19 @@ def encoder(wte, wpe, idx_BT, dtype_like):
 def _encoder_fwd(wte, wpe, idx_BT, dtype_like):
     T = idx_BT.shape[1]
     x = jnp.take(wte, idx_BT, axis=0) + wpe[:T][None]
-    return x.astype(dtype_like.dtype), (idx_BT, wte.shape, wpe.shape)
+    # the tables themselves are not needed; empty arrays carry their dtypes to the backward
+    dtypes = (jnp.zeros((0,), wte.dtype), jnp.zeros((0,), wpe.dtype))
+    return x.astype(dtype_like.dtype), (idx_BT, wte.shape, wpe.shape, dtypes)
 
 
 def _encoder_bwd(res, dx_BTC):
-    idx_BT, wte_shape, wpe_shape = res
+    idx_BT, wte_shape, wpe_shape, (wte_dtype, wpe_dtype) = res
     T = idx_BT.shape[1]
     dx = dx_BTC.astype(F32)
     # Scatter-add into the rows that were used; every other row's gradient is exactly zero.
     dwte = jnp.zeros(wte_shape, F32).at[idx_BT.reshape(-1)].add(dx.reshape(-1, wte_shape[1]))
     dwpe = jnp.zeros(wpe_shape, F32).at[:T].set(dx.sum(axis=0))
-    return dwte, dwpe, None, None
+    return dwte.astype(wte_dtype.dtype), dwpe.astype(wpe_dtype.dtype), None, None
 
 
 encoder.defvjp(_encoder_fwd, _encoder_bwd)
@@ -104,7 +106,7 @@ def _layernorm_bwd(res, dout):
     # dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
     dx = rstd * (dnorm - jnp.mean(dnorm, axis=-1, keepdims=True)
                  - norm * jnp.mean(dnorm * norm, axis=-1, keepdims=True))
-    return dx.astype(x.dtype), _sum_leading(dout32 * norm), _sum_leading(dout32)
+    return dx.astype(x.dtype), _sum_leading(dout32 * norm).astype(w.dtype), _sum_leading(dout32).astype(w.dtype)
 
 
 layernorm.defvjp(_layernorm_fwd, _layernorm_bwd)
@@ -127,15 +129,15 @@ def matmul(x, w, b):
 
 def _matmul_fwd(x, w, b):
     out = (_dot(x, w.astype(x.dtype), ((x.ndim - 1,), (1,))) + b).astype(x.dtype)
-    return out, (x, w)
+    return out, (x, w, b)
 
 
 def _matmul_bwd(res, dout):
-    x, w = res
+    x, w, b = res
     OC, C = w.shape
     dx = _dot(dout, w.astype(x.dtype), ((dout.ndim - 1,), (0,)), x.dtype)
     dw = _dot(dout.reshape(-1, OC), x.reshape(-1, C), ((0,), (0,)))
-    return dx, dw.astype(w.dtype), _sum_leading(dout)
+    return dx, dw.astype(w.dtype), _sum_leading(dout).astype(b.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

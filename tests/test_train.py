@@ -65,6 +65,17 @@ def test_resume_gives_the_same_main_log(tmp_path, capsys):
     assert open(split / "main.log").read() == open(straight / "main.log").read()
 
 
+def test_resume_bfloat16_without_master_weights(tmp_path, capsys):
+    """bf16 params (-w 0) survive the checkpoint bit for bit: the resumed log equals the straight one."""
+    flags = LLMC_CPU_FLAGS[:-4] + ["--dtype", "bfloat16", "-w", "0", "-v", "4", "-n", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _run(flags + ["-x", "8", "-o", str(straight)], capsys)
+    _run(flags + ["-x", "4", "-o", str(split)], capsys)
+    _run(flags + ["-x", "8", "-o", str(split), "-y", "1"], capsys)
+    assert open(split / "main.log").read() == open(straight / "main.log").read()
+    assert llmc_format.read_model_header(split / "model_00000008.bin")[1] == 5   # bf16 model file
+
+
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
     flags = LLMC_CPU_FLAGS + ["-n", "4", "-o", str(tmp_path)]
     _run(flags + ["-x", "8"], capsys)
