@@ -61,17 +61,16 @@ def _resolve_model(args):
     return llmc_format.read_model(args.init)
 
 
-def _tokenizer(args, cfg):
+def _tokenizer(cfg):
     """Something with decode(list[int]) -> str, or None where no tokenizer fits the vocabulary."""
-    if cfg.V == 256:
-        from llmc_jax.corpus import ByteTokenizer
-        return ByteTokenizer()
+    from llmc_jax import tokenizer
+    name = "byte" if cfg.V == 256 else "gpt2"
     try:
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
-        return enc if enc.n_vocab == cfg.V else None
-    except Exception:                    # offline without the BPE files: print token ids, as llm.c does
+        tok = tokenizer.get_tokenizer(name)
+    except Exception as e:   # offline without the BPE files: print token ids, as llm.c does
+        print(f"warning: no GPT-2 tokenizer ({type(e).__name__}); samples print token ids", file=sys.stderr)
         return None
+    return tok if tok.vocab_size == cfg.V else None
 
 
 def _config_table(rows: list[tuple[str, object]]) -> str:
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step_fn = train_step.make_train_step(sc)
     eval_fn = train_step.make_eval_step(sc)
-    tokenizer = _tokenizer(args, cfg)
+    tokenizer = _tokenizer(cfg)
     eot = 0 if cfg.V == 256 else 50256
     flops_per_step = cfg.flops_per_token(T) * total_batch
     ema_tok_s, total_time, timed_steps = 0.0, 0.0, 0
