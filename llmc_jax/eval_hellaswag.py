@@ -1,0 +1,83 @@
+"""python -m llmc_jax.eval_hellaswag: llm.c's HellaSwag eval (completion-style acc_norm) of a model.
+
+Prints `HellaSwag: <correct>/<total> = <acc>` as llm.c's train_gpt2.cu does; progress goes to stderr.
+The eval file is llm.c's hellaswag_val.bin (make it with scripts/prepare_hellaswag.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from llmc_jax import hellaswag
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m llmc_jax.eval_hellaswag", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-e", "--init", required=True,
+                   help="model: an llm.c .bin file (model_*.bin, gpt2_124M.bin) or a descriptor (d12, tiny) "
+                        "for a randomly initialised one")
+    p.add_argument("-i", "--input", default=hellaswag.DEFAULT_PATH,
+                   help=f"eval file in llm.c's format (default {hellaswag.DEFAULT_PATH})")
+    p.add_argument("-b", "--batch-size", type=int, default=32,
+                   help="B rows per forward, >= 4; floor(B/4) examples each (default 32)")
+    p.add_argument("-t", "--seq-len", type=int, default=None,
+                   help="T as llm.c: every example needs context + completion < T (default min(1024, maxT))")
+    p.add_argument("-n", "--max-examples", type=int, default=None, help="only the first N examples")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--kernels", choices=("xla", "pallas"), default="xla")
+    p.add_argument("--no-trim", action="store_true",
+                   help="run every forward at the full T (default: at the longest example rounded up to "
+                        "64, which gives the same losses because attention is causal)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import os
+    if not os.path.exists(args.input):
+        print(f"error: {args.input}: HellaSwag eval file not found; {hellaswag.HOW_TO_MAKE}", file=sys.stderr)
+        return 2
+    import jax
+
+    from llmc_jax.gradcheck import load_model
+    from llmc_jax.llmc_format import LLMCFormatError
+
+    platform = jax.devices()[0].platform
+    dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
+    t0 = time.time()
+    try:
+        config, params = load_model(args.init)
+        T = args.seq_len if args.seq_len is not None else min(1024, config.maxT)
+        if T > config.maxT:
+            raise ValueError(f"-t {T} exceeds the model's maxT={config.maxT}; use -t {config.maxT} or less")
+        examples = hellaswag.load(args.input, args.batch_size, T, config.V)
+    except (ValueError, FileNotFoundError) as e:   # LLMCFormatError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.max_examples is not None:
+        examples = examples[:args.max_examples]
+    Tf = T if args.no_trim else hellaswag.forward_seq_len(examples, T)
+    print(f"{len(examples)} examples from {args.input}; model {args.init} (L={config.L}, C={config.C}); "
+          f"B={args.batch_size} T={T} (forward T={Tf}), {dtype} on {platform}", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if done % 10 == 0 or done == total:
+            print(f"evaluating HellaSwag: {done}/{total}", end="\r" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    try:
+        correct, total = hellaswag.score(params, config, examples, B=args.batch_size, T=T, dtype=dtype,
+                                         kernels=args.kernels, trim=not args.no_trim, progress=progress)
+    except (LLMCFormatError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"HellaSwag: {correct}/{total} = {correct / max(total, 1):f}")
+    print(f"took {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
