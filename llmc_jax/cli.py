@@ -38,7 +38,9 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     ("-m", "--val-batches", int, None, "val batches per evaluation, -1 = all (default 20; 10 built-in)"),
     ("-s", "--sample-every", int, None, "sample text every N steps, 0 = never (default 20; 400 built-in)"),
     ("-g", "--gen-tokens", int, None, "tokens to generate per sample (default 64; 128 built-in)"),
-    ("-h", "--hellaswag", int, 0, "1 = HellaSwag eval at every val step"),
+    ("-h", "--hellaswag", int, 0, "1 = HellaSwag eval at every val step (needs B >= 4 and T >= the longest example)"),
+    (None, "--hellaswag-file", str, "data/hellaswag/hellaswag_val.bin", "llm.c eval file for -h 1 "
+                                                                      "(make it with scripts/prepare_hellaswag.py)"),
     ("-a", "--overfit", int, 0, "1 = overfit a single batch (the first val batch), for debugging"),
     ("-f", "--allow-tf32", int, 1, "1 = allow TF32 matmuls in float32 runs on GPU"),
     ("-w", "--master-weights", int, 1, "1 = keep fp32 master weights in bfloat16 runs"),

@@ -34,8 +34,6 @@ def _validate_flags(args) -> None:
         raise UsageError("-y 1 (resume) needs the output dir with the checkpoints: add -o DIR")
     if args.checkpoint_every > 0 and not args.output_dir:
         raise UsageError("-n (checkpoint every N steps) needs an output dir: add -o DIR")
-    if args.hellaswag:
-        raise UsageError("-h 1 (HellaSwag) is not available yet in llmc-jax; run with -h 0")
     if args.zero_stage != 0 or args.num_processes != 1 or args.coordinator:
         raise UsageError("sharded and multi-process training (-z > 0, -pn > 1, --coordinator) is not "
                          "available yet; run with -z 0 -pn 1 on one process")
@@ -59,6 +57,16 @@ def _resolve_model(args):
         raise UsageError(f"-e {args.init}: no such file, and not a descriptor (dN, gpt2:dN, gpt3:cN, "
                          f"{', '.join(cfgmod.PRESETS)})")
     return llmc_format.read_model(args.init)
+
+
+def _load_hellaswag(args, B: int, T: int, cfg):
+    """The eval examples for -h 1, checked before any work (B >= 4, every example fits T)."""
+    from llmc_jax import hellaswag
+    path = args.hellaswag_file
+    if not os.path.exists(path):
+        raise UsageError(f"-h 1: no HellaSwag file at {path}; make it with "
+                         f"`python scripts/prepare_hellaswag.py -o {path}` or pass --hellaswag-file")
+    return hellaswag.load(path, B, T, cfg.V)
 
 
 def _tokenizer(cfg):
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                   shuffle=bool(args.shuffle) and not args.overfit, seed=args.seed,
                                   vocab_size=cfg.V)
         val_loader = DataLoader(args.val_data, B, T, args.process_rank, P, shuffle=False, vocab_size=cfg.V)
+        hellaswag_examples = _load_hellaswag(args, B, T, cfg) if args.hellaswag else None
     except (ValueError, FileNotFoundError) as e:     # LLMCFormatError is a ValueError
         raise UsageError(str(e)) from None
     max_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
@@ -169,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         ("num_parameters", f"{cfg.num_parameters:,}"),
         ("train_num_batches", max_steps), ("val_num_batches", val_batches),
         ("num_processes", P), ("zero_stage", args.zero_stage),
+        ("run hellaswag", "yes" if hellaswag_examples else "no"),
     ]))
     _print0(f"batch_size B={B} * seq_len T={T} * num_processes={P} and total_batch_size={total_batch}")
     _print0(f"=> setting grad_accum_steps={grad_accum}")
@@ -213,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
             _print0(f"val loss {val_loss:.6f}")
             if log:
                 log.write(f"s:{step} tel:{val_loss:.4f}\n")
+                log.flush()
+        if (hellaswag_examples and args.val_every > 0 and ((step > 0 and step % args.val_every == 0) or last)
+                and not resumed_here):
+            from llmc_jax import hellaswag
+            correct, total = hellaswag.score(state.params, cfg, hellaswag_examples, B=B, T=T,
+                                             dtype=args.dtype, kernels=args.kernels)
+            _print0(f"HellaSwag: {correct}/{total} = {correct / total:f}")
+            if log:
+                log.write(f"s:{step} eval:{correct / total:.4f}\n")
                 log.flush()
         if (args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last)
                 and not resumed_here):

@@ -192,6 +192,26 @@ def test_outlier_update_is_skipped(flag):
     assert not bool(m0.skipped) and not np.array_equal(new0.params["fcw"], params["fcw"])
 
 
+def test_hellaswag_inside_training(tmp_path, capsys):
+    """-h 1 scores the eval file at every val step after 0 and at the end, logged as s:N eval:ACC,
+    with the same code path as the standalone eval (checked on the final model)."""
+    from llmc_jax import hellaswag
+    rng = np.random.default_rng(0)
+    examples = [hellaswag.Example(index=i, label=int(rng.integers(4)),
+                                  context=rng.integers(1, 250, 10).tolist(),
+                                  completions=[rng.integers(1, 250, 5).tolist() for _ in range(4)])
+                for i in range(6)]
+    hellaswag.write_eval_file(tmp_path / "hs.bin", examples)
+    out = _run(LLMC_CPU_FLAGS + ["-x", "2", "-v", "1", "-h", "1", "--hellaswag-file", str(tmp_path / "hs.bin"),
+                                 "-n", "2", "-o", str(tmp_path)], capsys)
+    evals = [line for line in open(tmp_path / "main.log").read().splitlines() if "eval:" in line]
+    assert [line.split()[0] for line in evals] == ["s:1", "s:2"]
+    cfg, params = llmc_format.read_model(tmp_path / "model_00000002.bin")
+    correct, total = hellaswag.score(params, cfg, examples, B=4, T=64)
+    assert total == 6 and evals[1] == f"s:2 eval:{correct / total:.4f}"
+    assert f"HellaSwag: {correct}/6" in out
+
+
 def test_exported_checkpoint_model_is_an_llmc_model(tmp_path, capsys):
     _run(LLMC_CPU_FLAGS + ["-x", "3", "-n", "3", "-o", str(tmp_path)], capsys)
     cfg, params = llmc_format.read_model(tmp_path / "model_00000003.bin")
