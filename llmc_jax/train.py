@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     step_fn = train_step.make_train_step(sc)
     eval_fn = train_step.make_eval_step(sc)
     tokenizer = _tokenizer(cfg)
-    eot = 0 if cfg.V == 256 else 50256
+    # the tokenizer's EOT; a model with another vocabulary starts from its last token instead
+    eot = tokenizer.eot if tokenizer else min(50256, cfg.V - 1)
     flops_per_step = cfg.flops_per_token(T) * total_batch
     ema_tok_s, total_time, timed_steps = 0.0, 0.0, 0
 
