@@ -54,6 +54,8 @@ import warnings
 
 import numpy as np
 
+from llmc_jax.rand import MT19937
+
 from llmc_jax.config import GPTConfig
 
 INIT_SEED = 42
@@ -65,28 +67,14 @@ _CHUNK_BLOCKS = 1 << 16           # 16-value blocks drawn per step (1 Mi words) 
 
 # ------------------------------------------------------------------ Mersenne Twister (torch seeding)
 
-def mt19937_key(seed: int) -> np.ndarray:
-    """The 624-word state `torch.manual_seed(seed)` / llm.c `manual_seed` builds (init_genrand)."""
-    key = np.empty(624, dtype=np.uint32)
-    x = seed & 0xFFFFFFFF
-    key[0] = x
-    for j in range(1, 624):
-        x = (1812433253 * (x ^ (x >> 30)) + j) & 0xFFFFFFFF
-        key[j] = x
-    return key
-
-
-class TorchMT19937:
-    """A stream of raw 32-bit MT19937 outputs, seeded like torch's CPU generator."""
+class TorchMT19937(MT19937):
+    """The MT19937 stream llm.c's init draws from; `words` is llm.c's randint32."""
 
     def __init__(self, seed: int = INIT_SEED):
-        self._rs = np.random.RandomState()
-        # pos 624: the first draw regenerates the whole state first, as torch's left_ = 1 does.
-        self._rs.set_state(("MT19937", mt19937_key(seed), 624))
+        super().__init__(seed)
 
     def words(self, n: int) -> np.ndarray:
-        """The next n outputs as uint32 (llm.c's randint32)."""
-        return self._rs.randint(0, 1 << 32, size=n, dtype=np.uint32)
+        return self.randint32(n)
 
 
 # ------------------------------------------------------------------ the C math library's logf / sincosf

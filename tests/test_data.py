@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from llmc_jax.data import DataLoader, MT19937, random_permutation
+from llmc_jax.data import DataLoader
+from llmc_jax.rand import MT19937, random_permutation
 from llmc_jax.llmc_format import LLMCFormatError, write_shard
 
 # The shards of the llm.c reference run below: token i of shard s is s*1000+i, so the first input
