@@ -54,9 +54,8 @@ import warnings
 
 import numpy as np
 
-from llmc_jax.rand import MT19937
-
 from llmc_jax.config import GPTConfig
+from llmc_jax.rand import MT19937
 
 INIT_SEED = 42
 _N24 = 1 << 24
