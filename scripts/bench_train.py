@@ -1,6 +1,6 @@
 """Time the real jitted training step of llmc_jax.train, variant by variant.
 
-    python scripts/bench_train.py -e d12 -b 4 -t 64 --variants manual-xla,autodiff-xla --steps 10
+    python scripts/bench_train.py -e d12 -b 4 -t 64 --backward manual,autodiff --steps 10
 
 For each variant (backward-kernels): compile seconds, first-step seconds, median and min of the
 steady steps, tokens/s, achieved GFLOP/s by llm.c's formula (6N + 6LCT per token), MFU where the
@@ -28,8 +28,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("-r", "--recompute", type=int, default=0, choices=(0, 1, 2))
-    p.add_argument("--variants", default="manual-xla,autodiff-xla",
-                   help="comma list of BACKWARD-KERNELS, e.g. manual-xla,autodiff-xla,manual-pallas")
+    p.add_argument("--backward", default="manual,autodiff", help="comma list of manual, autodiff")
+    p.add_argument("--kernels", default="xla", help="comma list of xla, pallas")
+    p.add_argument("--compile-only", action="store_true",
+                   help="lower and compile each variant on abstract inputs (nothing allocated) and stop")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -52,7 +54,12 @@ def matmul_peak_gflops(M: int, K: int, N: int, dtype, repeats: int = 10) -> floa
     return 2 * M * K * N / best / 1e9
 
 
-def bench_variant(name: str, cfg, params_np, args, dtype: str) -> dict:
+def variants(args) -> list[str]:
+    return [f"{b.strip()}-{k.strip()}" for b in args.backward.split(",") for k in args.kernels.split(",")]
+
+
+def step_inputs(name: str, cfg, args, dtype: str, params=None):
+    """(step config, jitted trainer step, its arguments): abstract ShapeDtypeStructs without params."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -61,21 +68,38 @@ def bench_variant(name: str, cfg, params_np, args, dtype: str) -> dict:
     backward, kernels = name.split("-")
     sc = train_step.StepConfig(model=cfg, dtype=dtype, kernels=kernels, backward=backward,
                                recompute=args.recompute)
-    rng = np.random.default_rng(0)
     A, B, T = args.grad_accum, args.batch_size, args.seq_len
-    tok = rng.integers(0, cfg.V, size=(A, B, T + 1)).astype(np.int32)
-    x, y = jnp.asarray(tok[..., :-1]), jnp.asarray(tok[..., 1:])
-    state = train_step.init_train_state({k: jnp.asarray(v) for k, v in params_np.items()}, sc)
-    step = train_step.make_train_step(sc)
-    lr, s0 = np.float32(1e-4), np.int32(0)
+    if params is None:
+        shapes = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in cfg.param_shapes().items()}
+        state = jax.eval_shape(lambda p: train_step.init_train_state(p, sc), shapes)
+        xy = jax.ShapeDtypeStruct((A, B, T), jnp.int32)
+        return sc, train_step.make_train_step(sc), (state, xy, xy, jax.ShapeDtypeStruct((), jnp.float32),
+                                                     jax.ShapeDtypeStruct((), jnp.int32))
+    tok = np.random.default_rng(0).integers(0, cfg.V, size=(A, B, T + 1)).astype(np.int32)
+    state = train_step.init_train_state({k: jnp.asarray(v) for k, v in params.items()}, sc)
+    return sc, train_step.make_train_step(sc), (state, jnp.asarray(tok[..., :-1]), jnp.asarray(tok[..., 1:]),
+                                                 np.float32(1e-4), np.int32(0))
 
+
+def compile_only(name: str, cfg, args, dtype: str) -> dict:
+    _, step, abstract = step_inputs(name, cfg, args, dtype)
+    t0 = time.perf_counter()
+    compiled = step.lower(*abstract).compile()
+    mem = compiled.memory_analysis()
+    return {"compile_s": time.perf_counter() - t0, "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+            "argument_bytes": getattr(mem, "argument_size_in_bytes", None)}
+
+
+def bench_variant(name: str, cfg, params_np, args, dtype: str) -> dict:
+    _, step, (state, x, y, lr, s0) = step_inputs(name, cfg, args, dtype, params_np)
+    A, B, T = args.grad_accum, args.batch_size, args.seq_len
     t0 = time.perf_counter()
     compiled = step.lower(state, x, y, lr, s0).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     t0 = time.perf_counter()
     state, m = compiled(state, x, y, lr, s0)
-    float(m.loss)
+    first_loss = float(m.loss)
     first_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         state, m = compiled(state, x, y, lr, s0)
@@ -93,7 +117,7 @@ def bench_variant(name: str, cfg, params_np, args, dtype: str) -> dict:
             "gflops": cfg.flops_per_token(T) * tokens / med / 1e9,
             "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
             "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
-            "loss": float(m.loss)}
+            "first_loss": first_loss}
 
 
 def main(argv=None) -> int:
@@ -105,6 +129,19 @@ def main(argv=None) -> int:
 
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
+    if args.compile_only:
+        from llmc_jax import config as cfgmod, llmc_format
+        cfg = (cfgmod.from_descriptor(args.init) if cfgmod.is_descriptor(args.init)
+               else llmc_format.read_model_header(args.init)[0])
+        print(f"compile only: model {args.init} ({cfg.num_parameters:,} params), B={args.batch_size} "
+              f"T={args.seq_len} {dtype}, jax {jax.__version__}, {device.platform}")
+        results = {}
+        for name in variants(args):
+            r = results[name] = compile_only(name, cfg, args, dtype)
+            print(f"{name:>16} | compile {r['compile_s']:.2f} s | temp {r['temp_bytes'] / 2**20:.1f} MB | "
+                  f"args {r['argument_bytes'] / 2**20:.1f} MB", flush=True)
+        _write_json(args, device, results)
+        return 0
     cfg, params_np = load_model(args.init)
     tokens = args.batch_size * args.seq_len
     peak = matmul_peak_gflops(tokens, cfg.C, 4 * cfg.C, jnp.dtype(dtype))
@@ -116,8 +153,8 @@ def main(argv=None) -> int:
     header = (f"{'variant':>16} | {'compile s':>9} | {'first s':>7} | {'median ms':>9} | {'min ms':>8} | "
               f"{'tok/s':>8} | {'GFLOP/s':>7} | {'of peak':>7} | {'MFU':>6} | {'temp MB':>8} | {'args MB':>8}")
     print(header)
-    for name in args.variants.split(","):
-        r = bench_variant(name.strip(), cfg, params_np, args, dtype)
+    for name in variants(args):
+        r = bench_variant(name, cfg, params_np, args, dtype)
         r["matmul_peak_gflops"] = peak
         util = mfu.mfu(r["gflops"] * 1e9, 1.0, jax.device_count(), device.device_kind)
         r["mfu"] = util
@@ -127,11 +164,16 @@ def main(argv=None) -> int:
               f"{r['step_ms_min']:8.1f} | {r['tok_per_s']:8.0f} | {r['gflops']:7.1f} | "
               f"{r['gflops'] / peak:7.1%} | {'n/a' if util is None else f'{util:.1%}':>6} | "
               f"{mb(r['temp_bytes'])} | {mb(r['argument_bytes'])}", flush=True)
+    _write_json(args, device, results)
+    return 0
+
+
+def _write_json(args, device, results: dict) -> None:
+    import jax
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
                        "config": vars(args), "variants": results}, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

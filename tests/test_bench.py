@@ -1,0 +1,42 @@
+"""scripts/bench_train.py on a tiny model: every JSON field, and it times the trainer's own step."""
+import importlib.util
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from llmc_jax import model, reference
+from llmc_jax.config import from_descriptor
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_train", os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_train.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+FIELDS = {"compile_s", "first_step_s", "step_ms_median", "step_ms_min", "tok_per_s", "gflops",
+          "matmul_peak_gflops", "temp_bytes", "argument_bytes"}
+
+
+def test_bench_json_has_every_field_and_times_the_trainer_step(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["-e", "tiny", "-b", "2", "-t", "16", "--steps", "2", "--warmup", "0",
+                       "--json", str(out)]) == 0
+    assert "manual-xla" in capsys.readouterr().out
+    data = json.load(open(out))
+    assert {"device", "jax", "variants"} <= set(data)
+    assert set(data["variants"]) == {"manual-xla", "autodiff-xla"}
+    for r in data["variants"].values():
+        assert FIELDS <= set(r) and r["step_ms_median"] > 0 and r["temp_bytes"] is not None
+    # the first timed step's loss is the loss of the benchmark's batch under the initial weights
+    cfg = from_descriptor("tiny")
+    params = {k: jnp.asarray(v) for k, v in model.init_params(cfg).items()}
+    tok = np.random.default_rng(0).integers(0, cfg.V, size=(1, 2, 17)).astype(np.int32)
+    want = float(reference.loss(params, tok[0, :, :-1], tok[0, :, 1:], cfg))
+    for r in data["variants"].values():
+        assert abs(r["first_loss"] - want) < 1e-5
+
+
+def test_compile_only(capsys):
+    assert bench.main(["-e", "tiny", "-b", "2", "-t", "16", "--compile-only", "--backward", "manual"]) == 0
+    assert "compile" in capsys.readouterr().out
