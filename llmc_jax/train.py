@@ -59,6 +59,18 @@ def _resolve_model(args):
     return llmc_format.read_model(args.init)
 
 
+def _enable_compilation_cache(jax) -> None:
+    """Persistent XLA cache under the llmc_jax cache root, so a second start skips compiling."""
+    from llmc_jax.corpus import default_cache_root
+    path = os.path.join(default_cache_root(), "jax_compilation_cache")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return                                # read-only home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _load_hellaswag(args, B: int, T: int, cfg):
     """The eval examples for -h 1, checked before any work (B >= 4, every example fits T)."""
     from llmc_jax import hellaswag
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmc_jax import checkpoint, llmc_format, mfu, sample, train_step
     from llmc_jax.data import DataLoader
 
+    _enable_compilation_cache(jax)
     platform = jax.devices()[0].platform
     if args.dtype is None:
         args.dtype = "float32" if platform == "cpu" else "bfloat16"

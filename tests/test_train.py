@@ -44,6 +44,21 @@ def test_reproduces_llmc_cpu_trainer_losses(tmp_path, capsys):
                                atol=2e-5, rtol=0)
 
 
+def test_compilation_cache_is_used_by_a_second_start(tmp_path):
+    """A fresh process writes the compiled step into the cache; a second start finds it (no new entries)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, LLMC_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    cache = tmp_path / "cache" / "jax_compilation_cache"
+    cmd = [sys.executable, "-m", "llmc_jax.train"] + LLMC_CPU_FLAGS + ["-x", "2"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(cmd, env=env, cwd=root, check=True, capture_output=True, timeout=300)
+    first = set(os.listdir(cache))
+    assert first
+    subprocess.run(cmd, env=env, cwd=root, check=True, capture_output=True, timeout=300)
+    assert set(os.listdir(cache)) == first
+
+
 def test_main_log_is_llmc_format(tmp_path, capsys):
     _run(LLMC_CPU_FLAGS + ["-x", "12", "-o", str(tmp_path)], capsys)
     lines = open(tmp_path / "main.log").read().splitlines()
