@@ -267,7 +267,8 @@ def _logits(x_BTC, wte):
 
 
 def _classifier_lse(logits, V):
-    z = logits[..., :V].astype(F32)
+    # a mask rather than a slice: no copy of the first V columns is materialized
+    z = jnp.where(jnp.arange(logits.shape[-1]) < V, logits.astype(F32), -jnp.inf)
     return jax.nn.logsumexp(z, axis=-1)
 
 

@@ -84,8 +84,11 @@ def accumulate_gradients(sc: StepConfig):
             acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)
             return (acc_loss + loss.astype(jnp.float32), acc_grads), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         A = x_ABT.shape[0]
+        if A == 1:   # no accumulation: no zero-filled buffer and no extra pass over the gradients
+            loss, grads = value_and_grad(params, x_ABT[0], y_ABT[0])
+            return loss.astype(jnp.float32), jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros), (x_ABT, y_ABT))
         return loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum)   # mean over B*T*A, as llm.c
     return fn
