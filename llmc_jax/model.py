@@ -36,11 +36,37 @@ def op_set(kernels: str = "xla") -> types.SimpleNamespace:
     raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
 
 
+# Inits at least this large are kept in the cache (d12: 0.5 GB, ~5 s to draw, 0.4 s to read back).
+INIT_CACHE_MIN_PARAMS, INIT_CACHE_MAX_PARAMS = 10_000_000, 500_000_000
+
+
 def init_params(config: GPTConfig) -> dict[str, np.ndarray]:
     """llm.c's random init, bit for bit (`-e d12` here gives llm.c's `-e d12` weights):
-    N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), layernorm weights 1, biases 0."""
-    from llmc_jax import llmc_init
-    return llmc_init.init_params_llmc(config)
+    N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), layernorm weights 1, biases 0.
+
+    Drawing it bit-exactly costs seconds for GPT-2 sizes, so mid-sized inits are kept as llm.c
+    model files under the llmc_jax cache root and read back on the next start."""
+    import os
+    from llmc_jax import llmc_format, llmc_init
+    from llmc_jax.corpus import default_cache_root
+    if not INIT_CACHE_MIN_PARAMS <= config.num_parameters <= INIT_CACHE_MAX_PARAMS:
+        return llmc_init.init_params_llmc(config)
+    c = config
+    path = os.path.join(default_cache_root(), "init", f"llmc_L{c.L}_NH{c.NH}_C{c.C}_T{c.maxT}_V{c.V}_{c.Vp}.bin")
+    if os.path.exists(path):
+        try:
+            cached_config, params = llmc_format.read_model(path)
+            if cached_config == config:
+                return params
+        except llmc_format.LLMCFormatError:
+            pass                                 # damaged: draw again and overwrite
+    params = llmc_init.init_params_llmc(config)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        llmc_format.write_model(path, config, params)
+    except OSError:
+        pass                                     # no writable cache: just slower next time
+    return params
 
 
 def _block(opset, NH: int, recompute: int):

@@ -92,3 +92,17 @@ def test_sequence_longer_than_maxT_is_refused(tiny_params):
 def test_unknown_kernels_name():
     with pytest.raises(ValueError, match="unknown kernels"):
         model.op_set("cuda")
+
+
+def test_init_cache_returns_the_same_bits(tmp_path, monkeypatch):
+    from llmc_jax import llmc_init
+    monkeypatch.setenv("LLMC_JAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(model, "INIT_CACHE_MIN_PARAMS", 0)
+    drawn = model.init_params(CFG)                       # drawn and written to the cache
+    cached = list((tmp_path / "init").iterdir())
+    assert len(cached) == 1
+    again = model.init_params(CFG)                       # read back
+    want = llmc_init.init_params_llmc(CFG)
+    for k in want:
+        np.testing.assert_array_equal(drawn[k], want[k])
+        np.testing.assert_array_equal(again[k], want[k])
