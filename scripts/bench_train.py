@@ -90,34 +90,40 @@ def compile_only(name: str, cfg, args, dtype: str) -> dict:
             "argument_bytes": getattr(mem, "argument_size_in_bytes", None)}
 
 
-def bench_variant(name: str, cfg, params_np, args, dtype: str) -> dict:
-    _, step, (state, x, y, lr, s0) = step_inputs(name, cfg, args, dtype, params_np)
-    A, B, T = args.grad_accum, args.batch_size, args.seq_len
-    t0 = time.perf_counter()
-    compiled = step.lower(state, x, y, lr, s0).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    t0 = time.perf_counter()
-    state, m = compiled(state, x, y, lr, s0)
-    first_loss = float(m.loss)
-    first_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        state, m = compiled(state, x, y, lr, s0)
-    float(m.loss)
-    times = []
-    for _ in range(args.steps):
+class Variant:
+    """One compiled step with its own state, timed a few steps at a time so that the variants
+    can take turns: on a noisy machine, interleaving keeps their comparison fair."""
+
+    def __init__(self, name: str, cfg, params_np, args, dtype: str):
+        _, step, (self.state, self.x, self.y, self.lr, self.s0) = step_inputs(name, cfg, args, dtype, params_np)
         t0 = time.perf_counter()
-        state, m = compiled(state, x, y, lr, s0)
-        float(m.loss)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    tokens = A * B * T
-    return {"compile_s": compile_s, "first_step_s": first_s, "step_ms_median": 1000 * med,
-            "step_ms_min": 1000 * min(times), "tok_per_s": tokens / med,
-            "gflops": cfg.flops_per_token(T) * tokens / med / 1e9,
-            "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-            "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
-            "first_loss": first_loss}
+        self.compiled = step.lower(self.state, self.x, self.y, self.lr, self.s0).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.mem = self.compiled.memory_analysis()
+        t0 = time.perf_counter()
+        self.first_loss = float(self._step())
+        self.first_s = time.perf_counter() - t0
+        self.times: list[float] = []
+
+    def _step(self):
+        self.state, m = self.compiled(self.state, self.x, self.y, self.lr, self.s0)
+        return m.loss
+
+    def run(self, n: int, timed: bool = True) -> None:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            float(self._step())
+            if timed:
+                self.times.append(time.perf_counter() - t0)
+
+    def result(self, cfg, tokens: int, T: int) -> dict:
+        med = statistics.median(self.times)
+        return {"compile_s": self.compile_s, "first_step_s": self.first_s, "step_ms_median": 1000 * med,
+                "step_ms_min": 1000 * min(self.times), "tok_per_s": tokens / med,
+                "gflops": cfg.flops_per_token(T) * tokens / med / 1e9,
+                "temp_bytes": getattr(self.mem, "temp_size_in_bytes", None),
+                "argument_bytes": getattr(self.mem, "argument_size_in_bytes", None),
+                "first_loss": self.first_loss}
 
 
 def main(argv=None) -> int:
@@ -153,12 +159,18 @@ def main(argv=None) -> int:
     header = (f"{'variant':>16} | {'compile s':>9} | {'first s':>7} | {'median ms':>9} | {'min ms':>8} | "
               f"{'tok/s':>8} | {'GFLOP/s':>7} | {'of peak':>7} | {'MFU':>6} | {'temp MB':>8} | {'args MB':>8}")
     print(header)
-    for name in variants(args):
-        r = bench_variant(name, cfg, params_np, args, dtype)
+    runs = {name: Variant(name, cfg, params_np, args, dtype) for name in variants(args)}
+    for v in runs.values():
+        v.run(args.warmup, timed=False)
+    rounds = max(1, min(args.steps, 5))
+    for r in range(rounds):                      # take turns, a few steps each
+        for v in runs.values():
+            v.run(args.steps // rounds + (1 if r < args.steps % rounds else 0))
+    for name, v in runs.items():
+        r = results[name] = v.result(cfg, tokens * args.grad_accum, args.seq_len)
         r["matmul_peak_gflops"] = peak
         util = mfu.mfu(r["gflops"] * 1e9, 1.0, jax.device_count(), device.device_kind)
         r["mfu"] = util
-        results[name] = r
         mb = lambda v: f"{v / 2**20:8.1f}" if v is not None else f"{'n/a':>8}"
         print(f"{name:>16} | {r['compile_s']:9.2f} | {r['first_step_s']:7.2f} | {r['step_ms_median']:9.1f} | "
               f"{r['step_ms_min']:8.1f} | {r['tok_per_s']:8.0f} | {r['gflops']:7.1f} | "
