@@ -1,7 +1,6 @@
 """python -m llmc_jax.gradcheck end to end on a tiny model, including --llmc-state and --dump."""
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
