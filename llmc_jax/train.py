@@ -203,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     state = train_step.init_train_state(params, sc)
     start_step = 0
     if resume_step is not None:
-        state, meta = checkpoint.load(args.output_dir, resume_step, state)
+        try:
+            state, meta = checkpoint.load(args.output_dir, resume_step, state)
+            train_loader.load_state_dict(meta["train_loader"])
+        except ValueError as e:        # another model, batch geometry or data than the checkpoint's
+            raise UsageError(f"-y 1: cannot resume from step {resume_step} of {args.output_dir}: {e}; "
+                             "resume with the flags of the run that wrote it") from None
         state = jax.tree.map(jnp.asarray, state)
-        train_loader.load_state_dict(meta["train_loader"])
         start_step = resume_step
         _print0(f"resumed from step {resume_step} of {args.output_dir}")
     log = None

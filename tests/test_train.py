@@ -101,6 +101,10 @@ def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
         shutil.copy(src, str(src).replace("00000008", "00000012"))
     out = _run(flags + ["-x", "10", "-y", "1"], capsys)
     assert "resumed from step 8" in out
+    with pytest.raises(SystemExit, match="cannot resume from step 10"):   # other batch geometry
+        other = list(LLMC_CPU_FLAGS)
+        other[other.index("-b") + 1], other[other.index("-d") + 1] = "2", "128"
+        train.main(other + ["-n", "4", "-o", str(tmp_path), "-x", "12", "-y", "1"])
 
 
 @pytest.mark.parametrize("argv,message", [
