@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     from llmc_jax import llmc_format, model, reference
+    if args.dtype == "float32":        # exact float32 matmuls on GPUs too (no TF32)
+        jax.config.update("jax_default_matmul_precision", "highest")
     from llmc_jax.config import PARAM_NAMES
 
     t0 = time.time()

@@ -24,9 +24,12 @@ LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 
-def _precision(dtype) -> lax.Precision:
-    # fp32 means exact fp32 (no TF32 on GPU); bf16 inputs use the tensor cores as they are.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+def _precision(dtype) -> lax.Precision | None:
+    """The matmul precision policy, in one place: JAX's default, which `jax_default_matmul_precision`
+    controls. On a GPU, float32 matmuls then run as TF32, as llm.c's `-f 1` (its default) allows; the
+    trainer's `-f 0` and gradcheck set "highest" for exact float32. On the CPU float32 is always exact."""
+    del dtype
+    return None
 
 
 def _dot(a, b, contract, dtype=None):

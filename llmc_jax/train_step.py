@@ -73,32 +73,41 @@ def _skip(z, threshold: float):
     return jnp.isfinite(z) & (z > threshold)
 
 
-def accumulate_gradients(sc: StepConfig):
-    """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T)."""
+def accumulate_gradients(sc: StepConfig, grad_shardings=None):
+    """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T).
+
+    grad_shardings (ZeRO-2/3, a pytree like params): the gradients and the accumulator are
+    constrained to it, so each micro-step's gradient is reduce-scattered into a sharded sum."""
     value_and_grad = sc.value_and_grad()
+    if grad_shardings is None:
+        constrain = lambda g: g
+    else:
+        constrain = lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)
 
     def fn(params, x_ABT, y_ABT):
         def micro(acc, xy):
             loss, grads = value_and_grad(params, xy[0], xy[1])
             acc_loss, acc_grads = acc
-            acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)
+            acc_grads = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads))
             return (acc_loss + loss.astype(jnp.float32), acc_grads), None
 
         A = x_ABT.shape[0]
         if A == 1:   # no accumulation: no zero-filled buffer and no extra pass over the gradients
             loss, grads = value_and_grad(params, x_ABT[0], y_ABT[0])
-            return loss.astype(jnp.float32), jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            return loss.astype(jnp.float32), constrain(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+        zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros), (x_ABT, y_ABT))
         return loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum)   # mean over B*T*A, as llm.c
     return fn
 
 
-def make_train_step(sc: StepConfig):
+def make_train_step(sc: StepConfig, shardings=None):
     """(state, x_ABT, y_ABT, lr, step) -> (state, metrics); A micro-batches of (B, T) each.
 
-    The state is donated: params and AdamW moments are updated in place."""
-    grad_fn = accumulate_gradients(sc)
+    The state is donated: params and AdamW moments are updated in place. `shardings` (a
+    parallel.Shardings) compiles the step for a device mesh with explicit in/out shardings; its
+    ZeRO stage >= 2 also constrains the gradients to the optimizer-state sharding."""
+    grad_fn = accumulate_gradients(sc, None if shardings is None else shardings.grads)
     opt = sc.optimizer()
 
     def step_fn(state: TrainState, x_ABT, y_ABT, lr, step):
@@ -119,7 +128,12 @@ def make_train_step(sc: StepConfig):
         new_state = TrainState(new_params, new_opt_state, loss_det, norm_det)
         return new_state, StepMetrics(loss, norm, loss_z, norm_z, skipped)
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    if shardings is None:
+        return jax.jit(step_fn, donate_argnums=(0,))
+    rep = shardings.replicated
+    return jax.jit(step_fn, donate_argnums=(0,),
+                   in_shardings=(shardings.state, shardings.batch, shardings.batch, rep, rep),
+                   out_shardings=(shardings.state, StepMetrics(rep, rep, rep, rep, rep)))
 
 
 def make_eval_step(sc: StepConfig):
