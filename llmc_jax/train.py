@@ -34,9 +34,9 @@ def _validate_flags(args) -> None:
         raise UsageError("-y 1 (resume) needs the output dir with the checkpoints: add -o DIR")
     if args.checkpoint_every > 0 and not args.output_dir:
         raise UsageError("-n (checkpoint every N steps) needs an output dir: add -o DIR")
-    if args.zero_stage != 0 or args.num_processes != 1 or args.coordinator:
-        raise UsageError("sharded and multi-process training (-z > 0, -pn > 1, --coordinator) is not "
-                         "available yet; run with -z 0 -pn 1 on one process")
+    if args.num_processes != 1 or args.coordinator:
+        raise UsageError("multi-process training (-pn > 1, --coordinator) is not available yet; run one "
+                         "process (it uses all of this machine's devices, sharded with -z)")
     if args.attention != "xla":
         raise UsageError(f"--attention {args.attention} is not available yet; use --attention xla")
     for name in ("batch_size", "seq_len"):
@@ -124,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         args.val_data = args.train_data
 
     # --- model, batch geometry, data: every check before any heavy work
-    B, T, P = args.batch_size, args.seq_len, args.num_processes
-    tokens_per_fwdbwd = B * T * P
+    # -b is per device, as llm.c's per-GPU -b: D devices read B*T*D tokens per micro-step, laid out
+    # as llm.c lays out D ranks (device r's rows start at k*B*T*D + r*B*T)
+    B, T, D = args.batch_size, args.seq_len, jax.device_count()
+    tokens_per_fwdbwd = B * T * D
     total_batch = tokens_per_fwdbwd if args.total_batch_size == -1 else args.total_batch_size
     if total_batch <= 0 or total_batch % tokens_per_fwdbwd:
-        raise UsageError(f"-d {total_batch} is not a multiple of B*T*processes = {B}*{T}*{P} = "
+        raise UsageError(f"-d {total_batch} is not a multiple of B*T*devices = {B}*{T}*{D} = "
                          f"{tokens_per_fwdbwd}; pick -d as a multiple of it (or change -b/-t)")
     grad_accum = total_batch // tokens_per_fwdbwd
     resume_step = None
@@ -143,16 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg, params_np = _resolve_model(args)
         llmc_format.check_seq_len(cfg, T, args.init)
         train_pattern = args.val_data if args.overfit else args.train_data
-        train_loader = DataLoader(train_pattern, B, T, args.process_rank, P,
-                                  shuffle=bool(args.shuffle) and not args.overfit, seed=args.seed,
-                                  vocab_size=cfg.V)
-        val_loader = DataLoader(args.val_data, B, T, args.process_rank, P, shuffle=False, vocab_size=cfg.V)
+        train_loaders = [DataLoader(train_pattern, B, T, r, D, shuffle=bool(args.shuffle) and not args.overfit,
+                                    seed=args.seed, vocab_size=cfg.V) for r in range(D)]
+        val_loader = DataLoader(args.val_data, B * D, T, shuffle=False, vocab_size=cfg.V)
         hellaswag_examples = _load_hellaswag(args, B, T, cfg) if args.hellaswag else None
     except (ValueError, FileNotFoundError) as e:     # LLMCFormatError is a ValueError
         raise UsageError(str(e)) from None
-    max_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
+    max_steps = args.max_steps if args.max_steps > 0 else train_loaders[0].num_tokens // total_batch
     if max_steps <= 0:
-        raise UsageError(f"the train data ({train_loader.num_tokens} tokens) holds less than one step of "
+        raise UsageError(f"the train data ({train_loaders[0].num_tokens} tokens) holds less than one step of "
                          f"{total_batch} tokens; lower -d/-b/-t or give more data")
     val_batches = val_loader.batches_per_epoch if args.val_batches < 0 else args.val_batches
     val_batches = min(val_batches, val_loader.batches_per_epoch)
@@ -190,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         ("model", f"{args.init} L={cfg.L} NH={cfg.NH} C={cfg.C} maxT={cfg.maxT} V={cfg.V} Vp={cfg.Vp}"),
         ("num_parameters", f"{cfg.num_parameters:,}"),
         ("train_num_batches", max_steps), ("val_num_batches", val_batches),
-        ("num_processes", P), ("zero_stage", args.zero_stage),
+        ("num_processes", args.num_processes), ("num_devices", D), ("zero_stage", args.zero_stage),
         ("run hellaswag", "yes" if hellaswag_examples else "no"),
     ]))
-    _print0(f"batch_size B={B} * seq_len T={T} * num_processes={P} and total_batch_size={total_batch}")
+    _print0(f"batch_size B={B} * seq_len T={T} * num_devices={D} and total_batch_size={total_batch}")
     _print0(f"=> setting grad_accum_steps={grad_accum}")
 
     # --- state: fresh, or restored exactly from the newest complete checkpoint
@@ -201,17 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: jnp.asarray(v, pdtype) for k, v in params_np.items()}
     del params_np
     state = train_step.init_train_state(params, sc)
+    from llmc_jax import parallel
+    shardings = parallel.make_shardings(state, parallel.make_mesh(), args.zero_stage) if D > 1 else None
     start_step = 0
     if resume_step is not None:
         try:
             state, meta = checkpoint.load(args.output_dir, resume_step, state)
-            train_loader.load_state_dict(meta["train_loader"])
+            if len(meta["train_loaders"]) != D:
+                raise ValueError(f"it was written by a run on {len(meta['train_loaders'])} devices, "
+                                 f"this one has {D}")
+            for loader, loader_state in zip(train_loaders, meta["train_loaders"]):
+                loader.load_state_dict(loader_state)
         except ValueError as e:        # another model, batch geometry or data than the checkpoint's
             raise UsageError(f"-y 1: cannot resume from step {resume_step} of {args.output_dir}: {e}; "
                              "resume with the flags of the run that wrote it") from None
         state = jax.tree.map(jnp.asarray, state)
         start_step = resume_step
         _print0(f"resumed from step {resume_step} of {args.output_dir}")
+    if shardings is not None:
+        state = parallel.shard_state(state, shardings)
     log = None
     if args.output_dir and args.process_rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -220,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             _truncate_log(log_path, resume_step)
         log = open(log_path, "a" if resume_step is not None else "w")
 
-    step_fn = train_step.make_train_step(sc)
+    step_fn = train_step.make_train_step(sc, shardings)
     eval_fn = train_step.make_eval_step(sc)
     tokenizer = _tokenizer(cfg)
     # the tokenizer's EOT; a model with another vocabulary starts from its last token instead
@@ -259,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             _print0(f"generating:\n---\n{text}\n---")
         if (args.checkpoint_every > 0 and args.output_dir and not resumed_here
                 and ((step > 0 and step % args.checkpoint_every == 0) or last)):
-            meta = {"step": step, "train_loader": train_loader.state_dict(), "args": _jsonable(vars(args))}
+            meta = {"step": step, "train_loaders": [loader.state_dict() for loader in train_loaders],
+                    "args": _jsonable(vars(args))}
             checkpoint.save(args.output_dir, step, cfg, state, meta,
                             model_version=3 if args.dtype == "float32" else 5)
             checkpoint.prune(args.output_dir, step, args.checkpoint_every, args.checkpoint_keep,
@@ -269,10 +279,11 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         if args.overfit:
-            train_loader.reset()
-        batches = [train_loader.next_batch() for _ in range(grad_accum)]
-        x = np.stack([b[0] for b in batches])
-        y = np.stack([b[1] for b in batches])
+            for loader in train_loaders:
+                loader.reset()
+        x, y = _next_batches(train_loaders, grad_accum)
+        if shardings is not None:
+            x, y = parallel.shard_batch(x, shardings), parallel.shard_batch(y, shardings)
         lr = _learning_rate(args, step, max_steps)
         state, metrics = step_fn(state, x, y, np.float32(lr), np.int32(step))
         loss, norm, lz, nz, skipped = (float(metrics.loss), float(metrics.norm), float(metrics.loss_z),
@@ -302,6 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     if log:
         log.close()
     return 0
+
+
+def _next_batches(loaders, grad_accum: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B*D, T) inputs and targets: per micro-step, each device rank's B rows in rank order."""
+    xs, ys = [], []
+    for _ in range(grad_accum):
+        rows = [loader.next_batch() for loader in loaders]
+        xs.append(np.concatenate([r[0] for r in rows]))
+        ys.append(np.concatenate([r[1] for r in rows]))
+    return np.stack(xs), np.stack(ys)
 
 
 def _truncate_log(path: str, resume_step: int) -> None:

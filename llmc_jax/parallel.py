@@ -1,0 +1,139 @@
+"""Device mesh and ZeRO shardings for the training state (single process, several local devices).
+
+One mesh with a `data` axis (AxisType.Auto, so `with_sharding_constraint` works and XLA's GSPMD
+partitioner inserts the collectives). `-z` chooses what is sharded over `data`:
+
+    0  everything replicated (plain data parallel: gradients all-reduced)
+    1  + AdamW m and v sharded (llm.c's ZeRO-1)
+    2  + gradients constrained to the m/v sharding inside the step (reduce-scatter, not all-reduce)
+    3  + parameters sharded too (FSDP; XLA gathers them where they are used)
+
+Every sharded leaf is split along the dimension `shard_dim` picks (the first one divisible by the
+data-axis size); leaves with none, and scalars, stay replicated. The same choice is used for m, v,
+gradients and params at every stage, so a stage only decides *which* leaves get that spec.
+The batch (A, B, T) is sharded on B: device r holds rows r*B/D ... (r+1)*B/D - 1 of every micro-step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh ("data",) over the first `num_devices` devices (all by default).
+
+    AxisType.Auto: jax.make_mesh's default is Explicit, under which with_sharding_constraint is
+    refused. A "tensor" axis can be added later as a second mesh dimension; the specs below only
+    name DATA_AXIS."""
+    devs = list(jax.devices() if devices is None else devices)
+    n = len(devs) if num_devices is None else int(num_devices)
+    if not 1 <= n <= len(devs):
+        raise ValueError(f"make_mesh: asked for {n} devices, but {len(devs)} are available")
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devs[:n])
+
+
+def data_size(mesh: Mesh) -> int:
+    return int(mesh.shape[DATA_AXIS])
+
+
+def shard_dim(shape: Sequence[int], n: int) -> int | None:
+    """The dimension a leaf of `shape` is split along over n devices: the first one divisible by n
+    (None: replicate; always None for n == 1 and for scalars)."""
+    if n <= 1:
+        return None
+    for i, d in enumerate(shape):
+        if d >= n and d % n == 0:
+            return i
+    return None
+
+
+def leaf_spec(shape: Sequence[int], n: int) -> P:
+    dim = shard_dim(shape, n)
+    if dim is None:
+        return P()
+    return P(*([None] * dim + [DATA_AXIS]))
+
+
+def sharded_like(tree: Any, mesh: Mesh) -> Any:
+    """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs), split as `shard_dim` says."""
+    n = data_size(mesh)
+    return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), n)), tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """x/y of shape (A, B, T): B split over `data`."""
+    return NamedSharding(mesh, P(None, DATA_AXIS, None))
+
+
+def _check_stage(zero_stage: int) -> int:
+    z = int(zero_stage)
+    if z not in ZERO_STAGES:
+        raise ValueError(f"zero stage (-z) must be one of {ZERO_STAGES}, got {zero_stage!r}")
+    return z
+
+
+def state_shardings(state: Any, mesh: Mesh, zero_stage: int) -> Any:
+    """NamedShardings for a train_step.TrainState (same pytree structure).
+
+    z>=1: AdamW mu and nu split per leaf; z==3: params too; everything else (step count, learning
+    rate, outlier detectors) replicated."""
+    z = _check_stage(zero_stage)
+    rep = replicated(mesh)
+    all_rep = lambda tree: jax.tree.map(lambda _: rep, tree)
+    params = sharded_like(state.params, mesh) if z >= 3 else all_rep(state.params)
+    opt = state.opt_state
+    if z >= 1:
+        if not (hasattr(opt, "mu") and hasattr(opt, "nu")):
+            raise TypeError(f"state_shardings: -z {z} needs an AdamW state with mu and nu, got {type(opt).__name__}")
+        opt_sh = all_rep(opt)._replace(mu=sharded_like(opt.mu, mesh), nu=sharded_like(opt.nu, mesh))
+    else:
+        opt_sh = all_rep(opt)
+    return type(state)(params, opt_sh, all_rep(state.loss_detector), all_rep(state.norm_detector))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Shardings:
+    """What train_step.make_train_step needs to compile a sharded step."""
+
+    mesh: Mesh
+    zero_stage: int
+    state: Any                  # TrainState of NamedSharding
+    batch: NamedSharding        # for x, y (A, B, T)
+    replicated: NamedSharding   # lr, step, metrics
+    grads: Any | None           # per-param NamedSharding for the gradient constraint (z >= 2), else None
+
+    @property
+    def num_devices(self) -> int:
+        return data_size(self.mesh)
+
+
+def make_shardings(state: Any, mesh: Mesh, zero_stage: int) -> Shardings:
+    z = _check_stage(zero_stage)
+    return Shardings(mesh=mesh, zero_stage=z, state=state_shardings(state, mesh, z),
+                     batch=batch_sharding(mesh), replicated=replicated(mesh),
+                     grads=sharded_like(state.params, mesh) if z >= 2 else None)
+
+
+def shard_state(state: Any, shardings: Any) -> Any:
+    """device_put the state onto its shardings (a Shardings or a pytree of shardings)."""
+    sh = shardings.state if isinstance(shardings, Shardings) else shardings
+    return jax.device_put(state, sh)
+
+
+def shard_batch(x: Any, shardings: Shardings) -> jax.Array:
+    """Put a host (A, B, T) batch onto the mesh, B split over `data` (B must divide by the device count)."""
+    n = shardings.num_devices
+    if np.shape(x)[1] % n:
+        raise ValueError(f"batch of {np.shape(x)[1]} rows cannot be split over {n} devices")
+    return jax.device_put(x, shardings.batch)

@@ -1,0 +1,104 @@
+"""Run by tests/test_parallel.py in a subprocess with 8 fake CPU devices (XLA_FLAGS must be set
+before JAX starts): trains a tiny GPT-2 for a few fp32 steps unsharded and at -z 0..3 on an
+8-device mesh, and prints one JSON object with the losses, param differences, per-device shard
+shapes and collective counts of the compiled steps."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llmc_jax import model, parallel, train_step  # noqa: E402
+from llmc_jax.config import GPTConfig  # noqa: E402
+
+CONFIG = GPTConfig(L=2, NH=4, C=64, maxT=64, V=256, Vp=256)
+STEPS, A, B, T = 5, 2, 8, 16
+COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(STEPS):
+        tok = rng.integers(0, CONFIG.V, size=(A, B, T + 1)).astype(np.int32)
+        out.append((tok[..., :-1], tok[..., 1:]))
+    return out
+
+
+def lr_at(step):
+    return 1e-3 * (step + 1) / STEPS
+
+
+def run(sc, params, zero_stage, mesh, n=8):
+    """(losses, final params as numpy, info) for one configuration; zero_stage None: unsharded."""
+    state = train_step.init_train_state(params, sc)
+    info = {}
+    if zero_stage is None:
+        step_fn = train_step.make_train_step(sc)
+        put = lambda x: x
+    else:
+        sh = parallel.make_shardings(state, mesh, zero_stage)
+        state = parallel.shard_state(state, sh)
+        step_fn = train_step.make_train_step(sc, sh)
+        put = lambda x: parallel.shard_batch(x, sh)
+        x0, y0 = batches()[0]
+        compiled = step_fn.lower(state, put(x0), put(y0), lr_at(0), 0).compile()
+        hlo = compiled.as_text()   # the jit call below reuses this executable
+        info["collectives"] = {c: len(re.findall(rf" {c}(?:-start)?\(", hlo)) for c in COLLECTIVES}
+        # the loop-carried tensors: does the micro-step gradient accumulator hold wte's full
+        # (Vp, C) gradient or its 1/n shard? (XLA:CPU writes a reduce-scatter as all-reduce +
+        # dynamic-slice, so the shapes are what shows a sharded gradient)
+        wte_shard = f"f32[{CONFIG.Vp // n},{CONFIG.C}]"
+        info["while_carries_wte_grad_shard"] = any(
+            wte_shard in line for line in hlo.splitlines() if " while(" in line)
+        mem = compiled.memory_analysis()
+        info["memory"] = {k: int(getattr(mem, k + "_size_in_bytes")) for k in ("argument", "output", "temp")}
+
+        def shards(tree):
+            return {k: [list(v.shape), list(v.addressable_shards[0].data.shape), len(v.addressable_shards)]
+                    for k, v in tree.items()}
+        info["mu"] = shards(state.opt_state.mu)
+        info["nu"] = shards(state.opt_state.nu)
+        info["params"] = shards(state.params)
+    losses = []
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(batches()):
+        state, m = step_fn(state, put(x), put(y), lr_at(step), step)
+        losses.append(float(m.loss))
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    if zero_stage is not None:   # after training: the donated outputs keep the shardings
+        info["params_after"] = {k: list(v.addressable_shards[0].data.shape) for k, v in state.params.items()}
+        info["mu_after"] = {k: list(v.addressable_shards[0].data.shape) for k, v in state.opt_state.mu.items()}
+    final = {k: np.asarray(v) for k, v in state.params.items()}
+    return losses, final, info
+
+
+def main():
+    n = jax.device_count()
+    sc = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0)
+    params = model.init_params(CONFIG)
+    ref_losses, ref_params, ref_info = run(sc, params, None, None)
+    # how far training moved the params: the scale the sharded runs' differences are judged against
+    moved = max(float(np.max(np.abs(ref_params[k] - np.asarray(params[k])))) for k in params)
+    out = {"max_param_update": moved, "num_devices": n, "jax": jax.__version__, "ref_losses": ref_losses, "ref_seconds": ref_info["seconds"],
+           "stages": {}}
+    mesh = parallel.make_mesh()
+    for z in (0, 1, 2, 3):
+        losses, final, info = run(sc, params, z, mesh, n)
+        info["losses"] = losses
+        info["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses))
+        info["param_diff"] = {k: float(np.max(np.abs(final[k] - ref_params[k]))) for k in final}
+        info["max_param_diff"] = max(info["param_diff"].values())
+        out["stages"][str(z)] = info
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""ZeRO-0/1/2/3 on 8 fake CPU devices against the single-device step (llmc_jax.parallel).
+
+Fake devices must be configured before JAX starts, and this pytest process has already started
+it with one CPU device, so the training comparison runs tests/parallel_worker.py in a subprocess
+(XLA_FLAGS=--xla_force_host_platform_device_count=8) and checks the JSON it prints."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llmc_jax import parallel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+N = 8
+
+
+# ------------------------------------------------------------------ in-process, no devices needed
+
+def test_shard_dim_first_divisible():
+    assert parallel.shard_dim((256, 64), 8) == 0
+    assert parallel.shard_dim((12, 768), 8) == 1          # GPT-2 L=12: the stacked L axis does not divide
+    assert parallel.shard_dim((2, 192, 64), 8) == 1
+    assert parallel.shard_dim((4, 3), 8) is None          # nothing divisible (and 4 < 8): replicated
+    assert parallel.shard_dim((), 8) is None               # scalars replicated
+    assert parallel.shard_dim((256, 64), 1) is None        # one device: nothing to split
+    assert parallel.leaf_spec((2, 64), 8) == parallel.P(None, "data")
+    assert parallel.leaf_spec((5,), 8) == parallel.P()
+
+
+def test_bad_stage_and_device_count():
+    with pytest.raises(ValueError, match="zero stage"):
+        parallel.make_shardings(None, None, 4)
+    with pytest.raises(ValueError, match="devices"):
+        parallel.make_mesh(10_000)
+
+
+def test_state_shardings_structure_one_device():
+    import jax
+    from llmc_jax import train_step
+    from conftest import TEST_CONFIG, random_params
+    sc = train_step.StepConfig(model=TEST_CONFIG)
+    state = train_step.init_train_state(random_params(TEST_CONFIG), sc)
+    mesh = parallel.make_mesh(1)
+    assert mesh.axis_names == ("data",)
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    for z in parallel.ZERO_STAGES:
+        sh = parallel.make_shardings(state, mesh, z)
+        assert jax.tree.structure(sh.state) == jax.tree.structure(state)
+        assert (sh.grads is None) == (z < 2)
+        placed = parallel.shard_state(state, sh)
+        assert jax.tree.structure(placed) == jax.tree.structure(state)
+    assert parallel.batch_sharding(mesh).spec == parallel.P(None, "data", None)
+
+
+# ------------------------------------------------------------------ 8 fake devices, in a subprocess
+
+@pytest.fixture(scope="module")
+def worker():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={N}")
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "parallel_worker.py")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, f"worker failed (rc {r.returncode}):\n{r.stderr[-4000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["num_devices"] == N
+    return out
+
+
+@pytest.mark.parametrize("z", [0, 1, 2, 3])
+def test_losses_and_params_match_single_device(worker, z):
+    s = worker["stages"][str(z)]
+    ref = worker["ref_losses"]
+    assert all(math.isfinite(v) for v in ref)
+    np.testing.assert_allclose(s["losses"], ref, atol=1e-5, rtol=0)
+    # Training moved the params by ~3e-3; the sharded runs end within 2e-5 of the unsharded one.
+    # The largest differences are AdamW normalising rounding noise in near-zero gradients (the
+    # key bias qkvb has an exactly-zero gradient in exact arithmetic); most leaves agree to 1e-6.
+    assert worker["max_param_update"] > 1e-3
+    assert s["max_param_diff"] < 2e-5, s["param_diff"]
+    assert np.median(list(s["param_diff"].values())) < 1e-6, s["param_diff"]
+
+
+def _fraction(entry):
+    full, shard, ndev = entry
+    assert ndev == N
+    return math.prod(shard) / math.prod(full)
+
+
+@pytest.mark.parametrize("z", [0, 1, 2, 3])
+def test_per_device_memory(worker, z):
+    s = worker["stages"][str(z)]
+    # tiny config: every leaf has a dimension divisible by 8, so every sharded leaf is exactly 1/8
+    for tree in ("mu", "nu"):
+        fracs = {k: _fraction(v) for k, v in s[tree].items()}
+        assert set(fracs.values()) == ({1.0} if z == 0 else {1 / N}), (tree, fracs)
+    pfracs = {k: _fraction(v) for k, v in s["params"].items()}
+    assert set(pfracs.values()) == ({1 / N} if z == 3 else {1.0}), pfracs
+    # the donated outputs keep the input shardings
+    for k, (full, shard, _) in s["params"].items():
+        assert s["params_after"][k] == shard
+    for k, (full, shard, _) in s["mu"].items():
+        assert s["mu_after"][k] == shard
+    # compiled per-device buffer sizes shrink with the stage
+    mem = {int(k): v["memory"]["argument"] for k, v in worker["stages"].items()}
+    assert mem[0] > mem[1] == mem[2] > mem[3]
+
+
+def test_collectives(worker):
+    st = {int(k): v for k, v in worker["stages"].items()}
+    c = {z: s["collectives"] for z, s in st.items()}
+    # z0: replicated everything: gradients all-reduced, nothing gathered
+    assert c[0]["all-reduce"] > 0 and c[0]["all-gather"] == 0
+    # z1/z2: sharded AdamW updates, updated params all-gathered
+    assert c[1]["all-gather"] > 0 and c[2]["all-gather"] > 0
+    # XLA:CPU (jax 0.10.2) writes reduce-scatter as all-reduce + dynamic-slice, so there is no
+    # reduce-scatter op to count; the sharded gradient shows in the micro-step loop instead: its
+    # carried gradient sum holds wte's (Vp/8, C) shard at z>=2 and the full (Vp, C) at z0.
+    # (At z1 GSPMD propagates the m/v sharding back into the gradients by itself, so z1 compiles
+    # to the same program as z2 here; z2's constraint makes that guaranteed rather than chosen.)
+    assert not st[0]["while_carries_wte_grad_shard"]
+    assert st[2]["while_carries_wte_grad_shard"] and st[3]["while_carries_wte_grad_shard"]
+    assert c[2]["reduce-scatter"] > 0 or st[2]["while_carries_wte_grad_shard"]
+
+
+# ------------------------------------------------------------------ the train command on 4 fake devices
+
+def _train_losses(extra_env: dict, argv: list[str], tmp: str) -> list[float]:
+    import re
+    env = dict(os.environ, JAX_PLATFORMS="cpu", LLMC_JAX_CACHE=os.path.join(tmp, "cache"), **extra_env)
+    r = subprocess.run([sys.executable, "-m", "llmc_jax.train"] + argv, env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return [float(m.group(1)) for m in (re.match(r"^step\s+\d+/\d+ \| loss (\S+)", line)
+                                        for line in r.stdout.splitlines()) if m]
+
+
+def test_train_command_on_4_devices_matches_one_device(tmp_path):
+    """-b is per device: 4 devices x B=1 read the rows one device with B=4 reads (llm.c's rank
+    layout), so with -z 1 and -z 3 the loss curve is the single-device one."""
+    fixture = os.path.join(HERE, "data", "llmc_tiny")
+    common = ["-e", f"{fixture}/model.bin", "-i", f"{fixture}/train.bin", "-j", f"{fixture}/val.bin",
+              "-t", "64", "-d", "256", "-x", "4", "-v", "0", "-s", "0", "-c", "0.1", "--dtype", "float32",
+              "--shuffle", "0"]
+    one = _train_losses({}, common + ["-b", "4"], str(tmp_path))
+    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    for z in ("1", "3"):
+        got = _train_losses(four, common + ["-b", "1", "-z", z], str(tmp_path))
+        np.testing.assert_allclose(got, one, rtol=0, atol=1e-5, err_msg=f"-z {z}")
