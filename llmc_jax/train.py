@@ -25,8 +25,12 @@ class UsageError(SystemExit):
         self.message = f"error: {message}"
 
 
+_IS_MAIN_PROCESS = True   # False on processes other than 0 of a multi-process run
+
+
 def _print0(*a, **k):
-    print(*a, **k, flush=True)
+    if _IS_MAIN_PROCESS:
+        print(*a, **k, flush=True)
 
 
 def _validate_flags(args) -> None:
@@ -34,14 +38,26 @@ def _validate_flags(args) -> None:
         raise UsageError("-y 1 (resume) needs the output dir with the checkpoints: add -o DIR")
     if args.checkpoint_every > 0 and not args.output_dir:
         raise UsageError("-n (checkpoint every N steps) needs an output dir: add -o DIR")
-    if args.num_processes != 1 or args.coordinator:
-        raise UsageError("multi-process training (-pn > 1, --coordinator) is not available yet; run one "
-                         "process (it uses all of this machine's devices, sharded with -z)")
+    from llmc_jax import distributed
+    problem = distributed.check_args(args)
+    if problem:
+        raise UsageError(problem)
+    if args.num_processes > 1:
+        _validate_multiprocess(args)
     if args.attention != "xla":
         raise UsageError(f"--attention {args.attention} is not available yet; use --attention xla")
     for name in ("batch_size", "seq_len"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
+
+
+def _validate_multiprocess(args) -> None:
+    """What a multi-process run cannot do yet (checked on every process, before any work)."""
+    if args.checkpoint_every > 0:
+        raise UsageError("checkpoints (-n > 0) of a multi-process run are not available yet (they need "
+                         "sharded multi-process checkpoints); run with -n 0, or on one process")
+    if args.resume:
+        raise UsageError("-y 1 (resume) in a multi-process run is not available yet; resume on one process")
 
 
 def _resolve_model(args):
@@ -102,10 +118,17 @@ def _config_table(rows: list[tuple[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _IS_MAIN_PROCESS
     args = cli.parse_args(argv)
     _validate_flags(args)
 
     import jax
+    from llmc_jax import distributed
+    distributed.maybe_initialize(args)       # before any JAX computation
+    nproc, proc = jax.process_count(), jax.process_index()
+    _IS_MAIN_PROCESS = proc == 0
+    if nproc > 1:
+        _validate_multiprocess(args)             # also for a run started by SLURM / Open MPI
     import jax.numpy as jnp
     from llmc_jax import checkpoint, llmc_format, mfu, sample, train_step
     from llmc_jax.data import DataLoader
@@ -127,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     # -b is per device, as llm.c's per-GPU -b: D devices read B*T*D tokens per micro-step, laid out
     # as llm.c lays out D ranks (device r's rows start at k*B*T*D + r*B*T)
     B, T, D = args.batch_size, args.seq_len, jax.device_count()
+    from llmc_jax import parallel
+    mesh = parallel.make_mesh() if D > 1 else None
+    local_ranks = _local_ranks(jax, mesh, D)    # the device ranks whose rows this process reads
     tokens_per_fwdbwd = B * T * D
     total_batch = tokens_per_fwdbwd if args.total_batch_size == -1 else args.total_batch_size
     if total_batch <= 0 or total_batch % tokens_per_fwdbwd:
@@ -146,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         llmc_format.check_seq_len(cfg, T, args.init)
         train_pattern = args.val_data if args.overfit else args.train_data
         train_loaders = [DataLoader(train_pattern, B, T, r, D, shuffle=bool(args.shuffle) and not args.overfit,
-                                    seed=args.seed, vocab_size=cfg.V) for r in range(D)]
-        val_loader = DataLoader(args.val_data, B * D, T, shuffle=False, vocab_size=cfg.V)
+                                    seed=args.seed, vocab_size=cfg.V) for r in local_ranks]
+        # unshuffled: rank r's B rows of each val batch, the rows DataLoader(val, B*D, T) reads
+        val_loaders = [DataLoader(args.val_data, B, T, r, D, shuffle=False, vocab_size=cfg.V)
+                       for r in local_ranks]
         hellaswag_examples = _load_hellaswag(args, B, T, cfg) if args.hellaswag else None
     except (ValueError, FileNotFoundError) as e:     # LLMCFormatError is a ValueError
         raise UsageError(str(e)) from None
@@ -155,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     if max_steps <= 0:
         raise UsageError(f"the train data ({train_loaders[0].num_tokens} tokens) holds less than one step of "
                          f"{total_batch} tokens; lower -d/-b/-t or give more data")
-    val_batches = val_loader.batches_per_epoch if args.val_batches < 0 else args.val_batches
-    val_batches = min(val_batches, val_loader.batches_per_epoch)
+    val_per_epoch = val_loaders[0].batches_per_epoch
+    val_batches = val_per_epoch if args.val_batches < 0 else args.val_batches
+    val_batches = min(val_batches, val_per_epoch)
     try:
         for s in (0, max_steps - 1):
             _learning_rate(args, s, max_steps)
@@ -191,19 +220,21 @@ def main(argv: list[str] | None = None) -> int:
         ("model", f"{args.init} L={cfg.L} NH={cfg.NH} C={cfg.C} maxT={cfg.maxT} V={cfg.V} Vp={cfg.Vp}"),
         ("num_parameters", f"{cfg.num_parameters:,}"),
         ("train_num_batches", max_steps), ("val_num_batches", val_batches),
-        ("num_processes", args.num_processes), ("num_devices", D), ("zero_stage", args.zero_stage),
+        ("num_processes", nproc), ("num_devices", D), ("zero_stage", args.zero_stage),
         ("run hellaswag", "yes" if hellaswag_examples else "no"),
     ]))
     _print0(f"batch_size B={B} * seq_len T={T} * num_devices={D} and total_batch_size={total_batch}")
     _print0(f"=> setting grad_accum_steps={grad_accum}")
+    if nproc > 1 and args.sample_every > 0:
+        _print0(f"note: {nproc} processes: every process gathers the params to sample (-s); "
+                "only process 0 prints")
 
     # --- state: fresh, or restored exactly from the newest complete checkpoint
     pdtype = jnp.float32 if (args.master_weights or args.dtype == "float32") else jnp.bfloat16
     params = {k: jnp.asarray(v, pdtype) for k, v in params_np.items()}
     del params_np
     state = train_step.init_train_state(params, sc)
-    from llmc_jax import parallel
-    shardings = parallel.make_shardings(state, parallel.make_mesh(), args.zero_stage) if D > 1 else None
+    shardings = parallel.make_shardings(state, mesh, args.zero_stage) if D > 1 else None
     start_step = 0
     if resume_step is not None:
         try:
@@ -222,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if shardings is not None:
         state = parallel.shard_state(state, shardings)
     log = None
-    if args.output_dir and args.process_rank == 0:
+    if args.output_dir and proc == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         log_path = os.path.join(args.output_dir, "main.log")
         if resume_step is not None:
@@ -241,10 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         last = step == max_steps
         resumed_here = step == resume_step     # its val and sample happened before its checkpoint
         if args.val_every > 0 and (step % args.val_every == 0 or last) and not resumed_here:
-            val_loader.reset()
+            for loader in val_loaders:
+                loader.reset()
             val_loss = 0.0
             for _ in range(val_batches):
-                x, y = val_loader.next_batch()
+                rows = [loader.next_batch() for loader in val_loaders]
+                x, y = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+                if nproc > 1:     # (B*D, T) global array; this process gives its ranks' rows
+                    x, y = _global_rows(jax, x, mesh, D), _global_rows(jax, y, mesh, D)
                 val_loss += float(eval_fn(state.params, x, y))
             val_loss /= max(val_batches, 1)
             _print0(f"val loss {val_loss:.6f}")
@@ -254,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         if (hellaswag_examples and args.val_every > 0 and ((step > 0 and step % args.val_every == 0) or last)
                 and not resumed_here):
             from llmc_jax import hellaswag
-            correct, total = hellaswag.score(state.params, cfg, hellaswag_examples, B=B, T=T,
+            correct, total = hellaswag.score(_host_params(state.params, nproc), cfg, hellaswag_examples, B=B, T=T,
                                              dtype=args.dtype, kernels=args.kernels)
             _print0(f"HellaSwag: {correct}/{total} = {correct / total:f}")
             if log:
@@ -262,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
         if (args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last)
                 and not resumed_here):
-            toks = sample.generate(state.params, cfg, args.gen_tokens, eot, dtype=jnp.dtype(args.dtype),
+            toks = sample.generate(_host_params(state.params, nproc), cfg, args.gen_tokens, eot, dtype=jnp.dtype(args.dtype),
                                    kernels=args.kernels)
             text = tokenizer.decode(toks[1:]) if tokenizer else " ".join(map(str, toks[1:]))
             _print0(f"generating:\n---\n{text}\n---")
@@ -282,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             for loader in train_loaders:
                 loader.reset()
         x, y = _next_batches(train_loaders, grad_accum)
-        if shardings is not None:
+        if nproc > 1:
+            x, y = _global_rows(jax, x, mesh, D, axis=1), _global_rows(jax, y, mesh, D, axis=1)
+        elif shardings is not None:
             x, y = parallel.shard_batch(x, shardings), parallel.shard_batch(y, shardings)
         lr = _learning_rate(args, step, max_steps)
         state, metrics = step_fn(state, x, y, np.float32(lr), np.int32(step))
@@ -313,6 +350,40 @@ def main(argv: list[str] | None = None) -> int:
     if log:
         log.close()
     return 0
+
+
+def _local_ranks(jax, mesh, D: int) -> list[int]:
+    """The data ranks (positions on the mesh's data axis) of this process's devices, in order.
+
+    One process: all of 0..D-1. Several: they must be contiguous, as
+    jax.make_array_from_process_local_data lays a process's rows out on one contiguous block."""
+    if jax.process_count() == 1:
+        return list(range(D))
+    me = jax.process_index()
+    ranks = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == me]
+    if not ranks or ranks != list(range(ranks[0], ranks[0] + len(ranks))):
+        raise RuntimeError(f"process {me}: its devices sit at data ranks {ranks} of the mesh, "
+                           "not one contiguous block")
+    return ranks
+
+
+def _global_rows(jax, local, mesh, D: int, axis: int = 0):
+    """The global array whose rows (along `axis`) this process holds part of: `local` are the rows
+    of this process's ranks, in rank order; the global batch has D/len(ranks) times as many."""
+    from llmc_jax import parallel
+    spec = parallel.batch_sharding(mesh) if axis == 1 else parallel.NamedSharding(mesh, parallel.P(parallel.DATA_AXIS))
+    shape = list(np.shape(local))
+    shape[axis] = shape[axis] * D // jax.local_device_count()
+    return jax.make_array_from_process_local_data(spec, local, tuple(shape))
+
+
+def _host_params(params, nproc: int):
+    """Params every process can use on its own (sampling, HellaSwag): gathered across processes
+    (every process must call this, as it is a collective) where there are several."""
+    if nproc == 1:
+        return params
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def _next_batches(loaders, grad_accum: int) -> tuple[np.ndarray, np.ndarray]:
