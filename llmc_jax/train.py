@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 loader.reset()
             val_loss = 0.0
             for _ in range(val_batches):
-                rows = [loader.next_batch() for loader in val_loaders]
-                x, y = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+                x, y = (a[0] for a in _next_batches(val_loaders, 1))     # (B*D, T), ranks in order
                 if nproc > 1:     # (B*D, T) global array; this process gives its ranks' rows
                     x, y = _global_rows(jax, x, mesh, D), _global_rows(jax, y, mesh, D)
                 val_loss += float(eval_fn(state.params, x, y))
