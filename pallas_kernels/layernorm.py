@@ -1,0 +1,286 @@
+"""LayerNorm and llm.c's fused residual + LayerNorm as Pallas (Triton) kernels, forward and backward.
+
+Same math and dtype policy as `llmc_jax.ops.layernorm`: statistics over the last axis in float32,
+biased variance, output in the activation's dtype, parameters cast inside (their gradients come
+back in their own dtypes). As in llm.c the forward saves the float32 mean and rstd per row, so the
+backward never recomputes the statistics.
+
+Kernels (N rows of C channels; the row is padded to BC = next power of two >= C and masked, since
+GPT-2's 768/1280/1600 are not powers of two):
+- forward: grid (cdiv(N, block_rows),); each program normalises a (block_rows, BC) tile and writes
+  out, mean and rstd (residual_layernorm: first the rounded sum x + r, written out as well).
+- backward: grid (cdiv(N, dw_block_rows),); each program walks its dw_block_rows rows in
+  (block_rows, BC) tiles, writes dx (plus the incoming gradient of x + r for residual_layernorm)
+  and sums dout * norm and dout of its rows into one float32 (BC,) partial each; the
+  (num_blocks, C) partials are summed outside by one jnp.sum.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .common import F32, check_dtype, compiler_params, next_power_of_2, pl, plt, resolve_interpret
+
+LN_EPS = 1e-5
+# The whole (padded) row of a tile lives in registers; wider rows would need a column loop.
+MAX_C = 8192
+
+
+class _Config(NamedTuple):
+    """Static (hashable) settings, the custom_vjp's non-differentiable argument."""
+    eps: float
+    block_rows: int
+    dw_block_rows: int
+    num_warps: int | None
+    num_stages: int | None
+    interpret: bool
+
+
+def _pow2(name: str, v: int) -> None:
+    if not isinstance(v, int) or v < 1 or v & (v - 1):
+        raise ValueError(f"{name} must be a positive power of two (Triton block sizes are), got {v!r}")
+
+
+def _config(N: int, eps: float, block_rows: int, dw_block_rows: int, num_warps: int | None,
+            num_stages: int | None, interpret: bool | None) -> _Config:
+    _pow2("block_rows", block_rows)
+    _pow2("dw_block_rows", dw_block_rows)
+    if dw_block_rows < block_rows:
+        raise ValueError(f"dw_block_rows ({dw_block_rows}) must be >= block_rows ({block_rows}): each "
+                         "backward program walks its dw_block_rows rows in tiles of block_rows")
+    # Few rows: shrink the blocks rather than loop over tiles that are all masked off.
+    rows = next_power_of_2(N)
+    block_rows = min(block_rows, rows)
+    return _Config(float(eps), block_rows, max(block_rows, min(dw_block_rows, rows)),
+                   num_warps, num_stages, resolve_interpret(interpret))
+
+
+def _params(cfg: _Config, tile_elems: int):
+    """Triton parameters; unless given, about 16 float32 values of a tile per thread, 4..16 warps."""
+    warps = cfg.num_warps if cfg.num_warps is not None else min(16, max(4, tile_elems // 512))
+    return compiler_params(warps, cfg.num_stages)
+
+
+def _check(x: jax.Array, w: jax.Array, b: jax.Array) -> int:
+    for name, a in (("x", x), ("w", w), ("b", b)):
+        check_dtype(name, a)
+    if x.ndim < 1:
+        raise ValueError("x must have a channel axis: shape (..., C)")
+    C = x.shape[-1]
+    if w.shape != (C,) or b.shape != (C,):
+        raise ValueError(f"w and b must have shape (C,) = ({C},) for x of shape {x.shape}, "
+                         f"got {w.shape} and {b.shape}")
+    if not 1 <= C <= MAX_C:
+        raise ValueError(f"C = {C} is out of range: this kernel holds a whole row in registers and "
+                         f"takes 1 <= C <= {MAX_C}")
+    if x.size == 0:
+        raise ValueError(f"x of shape {x.shape} has no rows to normalise")
+    return C
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+def _fwd_kernel(*refs, N: int, C: int, eps: float, residual: bool):
+    if residual:
+        x_ref, r_ref, w_ref, b_ref, s_ref, out_ref, mean_ref, rstd_ref = refs
+    else:
+        x_ref, w_ref, b_ref, out_ref, mean_ref, rstd_ref = refs
+    block_rows, BC = out_ref.shape
+    row_ok = pl.program_id(0) * block_rows + jnp.arange(block_rows) < N
+    col_ok = jnp.arange(BC) < C
+    mask = row_ok[:, None] & col_ok[None, :]
+
+    x = plt.load(x_ref, mask=mask, other=0.0)
+    if residual:  # llm.c's fused residual: the sum is rounded to the activation dtype, then normalised
+        x = (x.astype(F32) + plt.load(r_ref, mask=mask, other=0.0).astype(F32)).astype(s_ref.dtype)
+        plt.store(s_ref, x, mask=mask)
+    x = x.astype(F32)
+    mean = jnp.sum(x, axis=1) / C
+    xc = jnp.where(mask, x - mean[:, None], 0.0)
+    rstd = lax.rsqrt(jnp.sum(xc * xc, axis=1) / C + eps)
+    w = plt.load(w_ref, mask=col_ok, other=0.0).astype(F32)
+    b = plt.load(b_ref, mask=col_ok, other=0.0).astype(F32)
+    out = xc * rstd[:, None] * w[None, :] + b[None, :]
+    plt.store(out_ref, out.astype(out_ref.dtype), mask=mask)
+    plt.store(mean_ref, mean, mask=row_ok)
+    plt.store(rstd_ref, rstd, mask=row_ok)
+
+
+def _bwd_kernel(*refs, N: int, C: int, block_rows: int, residual: bool):
+    if residual:
+        x_ref, w_ref, mean_ref, rstd_ref, dout_ref, ds_ref, dx_ref, dw_ref, db_ref = refs
+    else:
+        x_ref, w_ref, mean_ref, rstd_ref, dout_ref, dx_ref, dw_ref, db_ref = refs
+    rows_per_program, BC = x_ref.shape
+    col_ok = jnp.arange(BC) < C
+    w = plt.load(w_ref, mask=col_ok, other=0.0).astype(F32)
+    first_row = pl.program_id(0) * rows_per_program
+
+    def tile(j, acc):
+        dw, db = acc
+        start = pl.multiple_of(j * block_rows, block_rows)
+        row_ok = first_row + start + jnp.arange(block_rows) < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows = pl.ds(start, block_rows)
+
+        def load(ref):
+            return plt.load(ref.at[rows, :], mask=mask, other=0.0).astype(F32)
+
+        mean = plt.load(mean_ref.at[rows], mask=row_ok, other=0.0)
+        rstd = plt.load(rstd_ref.at[rows], mask=row_ok, other=0.0)
+        norm = jnp.where(mask, (load(x_ref) - mean[:, None]) * rstd[:, None], 0.0)
+        dout = load(dout_ref)
+        dnorm = dout * w[None, :]
+        # dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), means over the C real channels
+        dnorm_mean = jnp.sum(dnorm, axis=1) / C
+        dnorm_norm_mean = jnp.sum(dnorm * norm, axis=1) / C
+        dx = rstd[:, None] * (dnorm - dnorm_mean[:, None] - norm * dnorm_norm_mean[:, None])
+        if residual:  # the gradient of x + r joins here, so dx = dr = the total
+            dx = dx + load(ds_ref)
+        plt.store(dx_ref.at[rows, :], dx.astype(dx_ref.dtype), mask=mask)
+        return dw + jnp.sum(dout * norm, axis=0), db + jnp.sum(dout, axis=0)
+
+    zeros = jnp.zeros((BC,), F32)
+    dw, db = lax.fori_loop(0, rows_per_program // block_rows, tile, (zeros, zeros))
+    plt.store(dw_ref, dw, mask=col_ok)
+    plt.store(db_ref, db, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas_calls on (N, C) rows
+
+def _forward(cfg: _Config, x: jax.Array, r: jax.Array | None, w: jax.Array, b: jax.Array):
+    """(out, mean, rstd), or (s, out, mean, rstd) with s = x + r when r is given."""
+    N, C = x.shape
+    BC, br = next_power_of_2(C), cfg.block_rows
+    residual = r is not None
+    tile = pl.BlockSpec((br, BC), lambda i: (i, 0))
+    vec = pl.BlockSpec((BC,), lambda i: (0,))
+    row = pl.BlockSpec((br,), lambda i: (i,))
+    act = jax.ShapeDtypeStruct((N, C), x.dtype)
+    stat = jax.ShapeDtypeStruct((N,), F32)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, N=N, C=C, eps=cfg.eps, residual=residual),
+        out_shape=(act,) * (1 + residual) + (stat, stat),
+        grid=(pl.cdiv(N, br),),
+        in_specs=[tile] * (1 + residual) + [vec, vec],
+        out_specs=(tile,) * (1 + residual) + (row, row),
+        compiler_params=_params(cfg, br * BC),
+        interpret=cfg.interpret,
+        name="residual_layernorm_fwd" if residual else "layernorm_fwd",
+    )(*((x, r) if residual else (x,)), w, b)
+
+
+def _backward(cfg: _Config, x, w, b, mean, rstd, dout, ds=None):
+    """(dx, dw, db): dx in x's dtype (plus ds when given), dw and db in w's and b's dtypes."""
+    N, C = x.shape
+    BC, rows = next_power_of_2(C), cfg.dw_block_rows
+    residual = ds is not None
+    num_blocks = pl.cdiv(N, rows)
+    tile = pl.BlockSpec((rows, BC), lambda i: (i, 0))
+    row = pl.BlockSpec((rows,), lambda i: (i,))
+    partial = pl.BlockSpec((None, BC), lambda i: (i, 0))
+    dx, dw_part, db_part = pl.pallas_call(
+        functools.partial(_bwd_kernel, N=N, C=C, block_rows=cfg.block_rows, residual=residual),
+        out_shape=(jax.ShapeDtypeStruct((N, C), x.dtype),) + (jax.ShapeDtypeStruct((num_blocks, C), F32),) * 2,
+        grid=(num_blocks,),
+        in_specs=[tile, pl.BlockSpec((BC,), lambda i: (0,)), row, row] + [tile] * (1 + residual),
+        out_specs=(tile, partial, partial),
+        compiler_params=_params(cfg, cfg.block_rows * BC),
+        interpret=cfg.interpret,
+        name="residual_layernorm_bwd" if residual else "layernorm_bwd",
+    )(x, w, mean, rstd, dout, *((ds,) if residual else ()))
+    return dx, jnp.sum(dw_part, axis=0).astype(w.dtype), jnp.sum(db_part, axis=0).astype(b.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjps on (N, C); residuals as in llm.c: the input (for the fused op the rounded sum),
+# w, and the float32 mean and rstd (b only for its dtype)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layernorm(cfg, x, w, b):
+    return _forward(cfg, x, None, w, b)[0]
+
+
+def _layernorm_fwd(cfg, x, w, b):
+    out, mean, rstd = _forward(cfg, x, None, w, b)
+    return out, (x, w, b, mean, rstd)
+
+
+def _layernorm_bwd(cfg, res, dout):
+    return _backward(cfg, *res, dout)
+
+
+_layernorm.defvjp(_layernorm_fwd, _layernorm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _residual_layernorm(cfg, x, r, w, b):
+    return tuple(_forward(cfg, x, r, w, b)[:2])
+
+
+def _residual_layernorm_fwd(cfg, x, r, w, b):
+    s, out, mean, rstd = _forward(cfg, x, r, w, b)
+    return (s, out), (s, w, b, mean, rstd)
+
+
+def _residual_layernorm_bwd(cfg, res, cts):
+    ds, dout = cts
+    dx, dw, db = _backward(cfg, *res, dout, ds.astype(res[0].dtype))
+    return dx, dx, dw, db
+
+
+_residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+#
+# Default tuning (block_rows=4, dw_block_rows=32, num_warps from the tile size, Triton's default
+# num_stages) are unmeasured guesses for an H100 until a GPU run tunes them. dw_block_rows sets
+# the size of the dw/db partials: (N / dw_block_rows, C) float32 each.
+
+def layernorm(x: jax.Array, w: jax.Array, b: jax.Array, *, eps: float = LN_EPS, block_rows: int = 4,
+              dw_block_rows: int = 32, num_warps: int | None = None, num_stages: int | None = None,
+              interpret: bool | None = None) -> jax.Array:
+    """LayerNorm over the last axis of x (..., C) with weight w and bias b of shape (C,)."""
+    C = _check(x, w, b)
+    cfg = _config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
+    return _layernorm(cfg, x.reshape(-1, C), w, b).reshape(x.shape)
+
+
+def residual_layernorm(x: jax.Array, r: jax.Array, w: jax.Array, b: jax.Array, *, eps: float = LN_EPS,
+                       block_rows: int = 4, dw_block_rows: int = 32, num_warps: int | None = None,
+                       num_stages: int | None = None,
+                       interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """(x + r, layernorm(x + r)) from one forward kernel, as llm.c's fused residual forward: the sum
+    is rounded to the activation dtype and the layernorm is of that rounded sum."""
+    C = _check(x, w, b)
+    if r.shape != x.shape or r.dtype != x.dtype:
+        raise ValueError(f"r must match x in shape and dtype: x is {x.dtype}{list(x.shape)}, "
+                         f"r is {r.dtype}{list(r.shape)}")
+    cfg = _config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
+    s, out = _residual_layernorm(cfg, x.reshape(-1, C), r.reshape(-1, C), w, b)
+    return s.reshape(x.shape), out.reshape(x.shape)
+
+
+def layernorm_reference(x: jax.Array, w: jax.Array, b: jax.Array, *, eps: float = LN_EPS) -> jax.Array:
+    """Plain jnp, differentiated by JAX: the semantics the kernels must match."""
+    x32 = x.astype(F32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) / jnp.sqrt(var + eps) * w.astype(F32) + b.astype(F32)).astype(x.dtype)
+
+
+def residual_layernorm_reference(x: jax.Array, r: jax.Array, w: jax.Array, b: jax.Array, *,
+                                 eps: float = LN_EPS) -> tuple[jax.Array, jax.Array]:
+    s = x + r
+    return s, layernorm_reference(s, w, b, eps=eps)
+
+
+__all__ = ["layernorm", "layernorm_reference", "residual_layernorm", "residual_layernorm_reference"]
