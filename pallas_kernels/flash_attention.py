@@ -1,0 +1,325 @@
+"""Flash attention (FlashAttention-2) as Triton-style Pallas kernels, forward and backward.
+
+Why: `llmc_jax.ops.attention` materializes the (B, NH, T, T) scores; these kernels keep them in
+on-chip tiles. The forward runs the online softmax over key blocks and saves only the output and
+the log-sum-exp of each score row; the backward recomputes the probabilities tile by tile from that
+log-sum-exp (p = exp(s - lse)), with one kernel for dk/dv (a program per key block) and one for dq
+(a program per query block), so no program ever writes where another does (no atomics).
+
+Layout (B, T, NH, HS), as jax.nn.dot_product_attention. Matmul operands stay in the input dtype
+(p and ds are cast to it, as ops.attention does) with float32 accumulation; the softmax statistics
+are float32. T need not be a block multiple: every load and store past T is masked, and keys past T
+get zero probability. Causal programs stop at the diagonal, and only the tiles that straddle the
+diagonal or the end of the sequence pay for the mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.common import F32, check_dtype, compiler_params, next_power_of_2, pl, plt, resolve_interpret
+
+MIN_BLOCK = 16    # Triton's smallest dot operand
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes along T, each a power of two >= 16 (clamped to T rounded up to a power of two).
+
+    The defaults are unmeasured guesses for an H100 with HS=64 until a GPU run tunes them: 64x64 in
+    the forward; in the backward the tile that stays resident (key block for dk/dv, query block for
+    dq) is the larger one, as two accumulators and more live operands share the registers there.
+    """
+    block_q: int = 64
+    block_k: int = 64
+    block_q_dkv: int = 32
+    block_k_dkv: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 32
+
+    def fitted(self, T: int) -> "BlockSizes":
+        """No tile larger than the sequence needs (a T=1 call runs 16-row tiles, not 64)."""
+        cap = max(MIN_BLOCK, next_power_of_2(T))
+        return BlockSizes(*(min(b, cap) for b in dataclasses.astuple(self)))
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces shared by the three kernels
+
+def _iota(start, n: int):
+    return start + jnp.arange(n, dtype=jnp.int32)
+
+
+def _load_rows(ref, start, n: int, T: int):
+    """Rows [start, start+n) of a (T, ...) ref; rows past T read as zeros."""
+    rows = _iota(start, n)
+    keep = rows < T
+    return plt.load(ref.at[pl.ds(start, n)], mask=keep if ref.ndim == 1 else keep[:, None], other=0)
+
+
+def _load_block(ref, start, T: int):
+    """The whole BlockSpec block starting at row `start`; rows past T read as zeros."""
+    keep = _iota(start, ref.shape[0]) < T
+    return plt.load(ref, mask=keep if ref.ndim == 1 else keep[:, None], other=0)
+
+
+def _store_block(ref, start, val, T: int):
+    keep = _iota(start, ref.shape[0]) < T
+    plt.store(ref, val.astype(ref.dtype), mask=keep if ref.ndim == 1 else keep[:, None])
+
+
+def _dot(a, b, contract: tuple[int, int]):
+    """a . b contracting a's axis contract[0] with b's contract[1], float32 accumulation."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=F32)
+
+
+def _scores(q, k, q_rows, k_cols, T: int, causal: bool, scale: float, masked: bool):
+    """s = q k^T * scale in float32; on a masked tile, keys past T or in the future are -inf."""
+    s = _dot(q, k, (1, 1)) * scale
+    if not masked:
+        return s
+    keep = k_cols[None, :] < T
+    if causal:
+        keep = keep & (q_rows[:, None] >= k_cols[None, :])
+    return jnp.where(keep, s, -jnp.inf)
+
+
+def _key_blocks(q_start, block_q: int, block_k: int, T: int, causal: bool):
+    """(n_full, n_all): a query block needs key blocks [0, n_all); those below n_full lie entirely
+    below the diagonal and inside T, so they need no mask. Key 0 is in the first block visited and
+    is visible to every row, so each row's running max is finite after the first step."""
+    if causal:
+        return (q_start + 1) // block_k, (jnp.minimum(q_start + block_q, T) + block_k - 1) // block_k
+    return T // block_k, pl.cdiv(T, block_k)
+
+
+def _loop(lo, hi, step, carry, **static):
+    return lax.fori_loop(lo, hi, functools.partial(step, **static), carry)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels (the B and NH axes are squeezed out of every block: refs are (rows, HS) or (rows,))
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, T, causal, scale, block_k):
+    """One query block: online softmax over key blocks; writes o and lse = max + log(sum)."""
+    block_q, HS = q_ref.shape
+    q_start = pl.program_id(2) * block_q
+    q_rows = _iota(q_start, block_q)
+    q = _load_block(q_ref, q_start, T)
+
+    def step(j, carry, masked):
+        acc, m, l = carry
+        k_start = j * block_k
+        k, v = _load_rows(k_ref, k_start, block_k, T), _load_rows(v_ref, k_start, block_k, T)
+        s = _scores(q, k, q_rows, _iota(k_start, block_k), T, causal, scale, masked)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp(m - m_new)                       # rescales what was summed under the old max
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
+        return acc, m_new, l
+
+    n_full, n_all = _key_blocks(q_start, block_q, block_k, T, causal)
+    carry = (jnp.zeros((block_q, HS), F32), jnp.full((block_q,), -jnp.inf, F32), jnp.zeros((block_q,), F32))
+    carry = _loop(0, n_full, step, carry, masked=False)
+    acc, m, l = _loop(n_full, n_all, step, carry, masked=True)
+    _store_block(o_ref, q_start, acc / l[:, None], T)
+    _store_block(lse_ref, q_start, m + jnp.log(l), T)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, T, causal, scale, block_q):
+    """One key block: dv = sum_q p^T dO, dk = sum_q ds^T q over the query blocks that see it.
+
+    Query rows past T read as zeros (q, dO, lse, delta), so their p is finite and their dO and ds
+    are zero: they add nothing, and only the causal mask is needed here."""
+    block_k, HS = k_ref.shape
+    k_start = pl.program_id(2) * block_k
+    k_cols = _iota(k_start, block_k)
+    k, v = _load_block(k_ref, k_start, T), _load_block(v_ref, k_start, T)
+
+    def step(i, carry, masked):
+        dk, dv = carry
+        q_start = i * block_q
+        q, do = _load_rows(q_ref, q_start, block_q, T), _load_rows(do_ref, q_start, block_q, T)
+        lse, delta = _load_rows(lse_ref, q_start, block_q, T), _load_rows(delta_ref, q_start, block_q, T)
+        s = _scores(q, k, _iota(q_start, block_q), k_cols, T, causal, scale, masked)
+        p = jnp.exp(s - lse[:, None])
+        dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
+        dp = _dot(do, v, (1, 1))
+        ds = (p * (dp - delta[:, None]) * scale).astype(q.dtype)
+        return dk + _dot(ds, q, (0, 0)), dv
+
+    n_q = pl.cdiv(T, block_q)
+    carry = (jnp.zeros((block_k, HS), F32), jnp.zeros((block_k, HS), F32))
+    first = 0
+    if causal:   # start at the first query block that reaches this key block; mask the diagonal tiles
+        first = (k_start + block_k - 1 + block_q - 1) // block_q    # rows from here see all its keys
+        first = jnp.minimum(first, n_q)
+        carry = _loop(k_start // block_q, first, step, carry, masked=True)
+    dk, dv = _loop(first, n_q, step, carry, masked=False)
+    _store_block(dk_ref, k_start, dk, T)
+    _store_block(dv_ref, k_start, dv, T)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, T, causal, scale, block_k):
+    """One query block: dq = sum_k ds k over the key blocks it sees (the same ones as the forward)."""
+    block_q, HS = q_ref.shape
+    q_start = pl.program_id(2) * block_q
+    q_rows = _iota(q_start, block_q)
+    q, do = _load_block(q_ref, q_start, T), _load_block(do_ref, q_start, T)
+    lse, delta = _load_block(lse_ref, q_start, T), _load_block(delta_ref, q_start, T)
+
+    def step(j, dq, masked):
+        k_start = j * block_k
+        k, v = _load_rows(k_ref, k_start, block_k, T), _load_rows(v_ref, k_start, block_k, T)
+        s = _scores(q, k, q_rows, _iota(k_start, block_k), T, causal, scale, masked)
+        p = jnp.exp(s - lse[:, None])
+        dp = _dot(do, v, (1, 1))
+        ds = (p * (dp - delta[:, None]) * scale).astype(k.dtype)
+        return dq + _dot(ds, k, (1, 0))
+
+    n_full, n_all = _key_blocks(q_start, block_q, block_k, T, causal)
+    dq = _loop(0, n_full, step, jnp.zeros((block_q, HS), F32), masked=False)
+    dq = _loop(n_full, n_all, step, dq, masked=True)
+    _store_block(dq_ref, q_start, dq, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas_calls
+
+def _tile_spec(block: int, HS: int) -> pl.BlockSpec:
+    """Block i of a (B, T, NH, HS) array for grid point (b, h, i)."""
+    return pl.BlockSpec((None, block, None, HS), lambda b, h, i: (b, i, h, 0))
+
+
+def _whole_spec(T: int, HS: int) -> pl.BlockSpec:
+    """All T rows of one (b, h) slice of a (B, T, NH, HS) array, for a kernel to loop over."""
+    return pl.BlockSpec((None, T, None, HS), lambda b, h, i: (b, 0, h, 0))
+
+
+def _row_spec(block: int | None, T: int) -> pl.BlockSpec:
+    """Block i of a (B, NH, T) statistic, or all T of it when block is None."""
+    if block is None:
+        return pl.BlockSpec((None, None, T), lambda b, h, i: (b, h, 0))
+    return pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
+
+
+def _forward(q, k, v, causal, scale, blocks: BlockSizes, launch):
+    B, T, NH, HS = q.shape
+    bq = blocks.block_q
+    kernel = functools.partial(_fwd_kernel, T=T, causal=causal, scale=scale, block_k=blocks.block_k)
+    return pl.pallas_call(
+        kernel, grid=(B, NH, pl.cdiv(T, bq)),
+        in_specs=[_tile_spec(bq, HS), _whole_spec(T, HS), _whole_spec(T, HS)],
+        out_specs=[_tile_spec(bq, HS), _row_spec(bq, T)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, NH, T), F32)],
+        name="flash_attention_fwd", **launch)(q, k, v)
+
+
+def _backward(q, k, v, do, lse, delta, causal, scale, blocks: BlockSizes, launch):
+    B, T, NH, HS = q.shape
+    whole, stat = _whole_spec(T, HS), _row_spec(None, T)
+    bk = blocks.block_k_dkv
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, T=T, causal=causal, scale=scale, block_q=blocks.block_q_dkv),
+        grid=(B, NH, pl.cdiv(T, bk)),
+        in_specs=[whole, _tile_spec(bk, HS), _tile_spec(bk, HS), whole, stat, stat],
+        out_specs=[_tile_spec(bk, HS), _tile_spec(bk, HS)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        name="flash_attention_dkdv", **launch)(q, k, v, do, lse, delta)
+    bq = blocks.block_q_dq
+    tile, row = _tile_spec(bq, HS), _row_spec(bq, T)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, T=T, causal=causal, scale=scale, block_k=blocks.block_k_dq),
+        grid=(B, NH, pl.cdiv(T, bq)),
+        in_specs=[tile, whole, whole, tile, row, row],
+        out_specs=tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        name="flash_attention_dq", **launch)(q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _flash(q, k, v, causal, scale, blocks, num_warps, num_stages, interpret):
+    return _flash_fwd(q, k, v, causal, scale, blocks, num_warps, num_stages, interpret)[0]
+
+
+def _launch(num_warps, num_stages, interpret) -> dict:
+    return dict(compiler_params=compiler_params(num_warps, num_stages), interpret=interpret)
+
+
+def _flash_fwd(q, k, v, causal, scale, blocks, num_warps, num_stages, interpret):
+    out, lse = _forward(q, k, v, causal, scale, blocks, _launch(num_warps, num_stages, interpret))
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(causal, scale, blocks, num_warps, num_stages, interpret, res, do):
+    q, k, v, out, lse = res
+    # delta = rowsum(dO * O) = sum_k p * dp, the softmax-backward term shared by dq and dk
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(F32), out.astype(F32))
+    return _backward(q, k, v, do, lse, delta, causal, scale, blocks,
+                     _launch(num_warps, num_stages, interpret))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+def _check(q, k, v, block_sizes: BlockSizes) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_dtype(name, x)
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, T, NH, HS) shape, got {q.shape}, {k.shape}, {v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, T, NH, HS = q.shape
+    if min(B, T, NH) < 1:
+        raise ValueError(f"B, T, NH must be >= 1, got shape {q.shape}")
+    if HS < MIN_BLOCK or HS & (HS - 1):
+        raise ValueError(f"head size HS={HS} must be a power of two >= {MIN_BLOCK} (Triton tile sizes); "
+                         "pad the head dimension or use llmc_jax.ops.attention")
+    for field, b in dataclasses.asdict(block_sizes).items():
+        if not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
+            raise ValueError(f"BlockSizes.{field}={b!r} must be a power of two >= {MIN_BLOCK}")
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                    sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
+                    num_warps: int | None = None, num_stages: int | None = None,
+                    interpret: bool | None = None) -> jax.Array:
+    """softmax(q k^T * sm_scale [+ causal mask]) v per (batch, head), in q's dtype; q, k, v are
+    (B, T, NH, HS). sm_scale defaults to 1/sqrt(HS). Differentiable: the backward is two Pallas
+    kernels that recompute the probabilities from the saved log-sum-exp.
+
+    num_warps=4, num_stages=2 by default for all three kernels: unmeasured guesses for an H100.
+    """
+    block_sizes = BlockSizes() if block_sizes is None else block_sizes
+    _check(q, k, v, block_sizes)
+    T, HS = q.shape[1], q.shape[3]
+    scale = 1.0 / math.sqrt(HS) if sm_scale is None else float(sm_scale)
+    return _flash(q, k, v, bool(causal), scale, block_sizes.fitted(T),
+                  4 if num_warps is None else num_warps, 2 if num_stages is None else num_stages,
+                  resolve_interpret(interpret))
+
+
+def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                              sm_scale: float | None = None) -> jax.Array:
+    """Plain-jnp attention with the same semantics and dtype policy (float32 softmax, p cast to v's
+    dtype before p @ v), for JAX to differentiate."""
+    T, HS = q.shape[1], q.shape[3]
+    scale = 1.0 / math.sqrt(HS) if sm_scale is None else float(sm_scale)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32) * scale
+    if causal:
+        s = jnp.where(jnp.tril(jnp.ones((T, T), dtype=bool)), s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=F32).astype(q.dtype)
+
+
+__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference"]

@@ -1,0 +1,157 @@
+"""Pallas flash attention (interpret mode on the CPU) against its jnp reference, a float64 NumPy
+forward and backward, and llmc_jax.ops.attention_reference on llm.c's packed qkv; plus CUDA
+lowering at GPT-2 sizes and input errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmc_jax import ops
+from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
+from tests.cuda_lowering import triton_calls
+
+BF16 = jnp.bfloat16
+# Small tiles so T=100 spans several blocks (100 is no multiple of 16 or 32: masked last tiles),
+# with query and key blocks of different sizes both ways so the causal diagonal cuts tiles unevenly.
+SMALL = BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16)
+SWAPPED = BlockSizes(block_q=16, block_k=32, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32)
+
+# fp32: kernel, reference and float64 differ only by float32 rounding and summation order.
+TOL_F32 = 1e-5
+# bf16: p and ds are rounded to bf16 (8-bit mantissa, 2^-9 relative) before their matmuls, at
+# different points in the online softmax than in the reference, and outputs are rounded once more:
+# a few bf16 ulps (2^-8 = 3.9e-3) of the largest value (5.7e-3 seen here).
+TOL_BF16 = 1e-2
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _tol(dtype) -> float:
+    return TOL_F32 if dtype == jnp.float32 else TOL_BF16
+
+
+def _inputs(shape, dtype, seed=0):
+    """q, k, v and a cotangent; q is wide enough that some softmax rows are peaked."""
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.normal(0, s, shape), dtype) for s in (1.5, 1.0, 1.0, 1.0)]
+
+
+def _numpy_attention(q, k, v, do, causal, scale):
+    """float64 forward and hand-derived backward of softmax(q k^T * scale) v, (B, T, NH, HS)."""
+    q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
+    T = q.shape[1]
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", p, v)
+    dv = np.einsum("bhqk,bqhd->bkhd", p, do)
+    dp = np.einsum("bqhd,bkhd->bhqk", do, v)
+    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True)) * scale    # softmax backward, then the scale
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, k)
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q)
+    return out, (dq, dk, dv)
+
+
+def _value_and_vjp(fn, q, k, v, do):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(do)
+
+
+CASES = [   # B, T, NH, HS, causal, sm_scale, blocks, dtype
+    pytest.param(2, 100, 2, 16, True, None, SMALL, jnp.float32, id="causal-T100-fp32"),
+    pytest.param(2, 100, 2, 16, True, None, SMALL, BF16, id="causal-T100-bf16"),
+    pytest.param(1, 77, 3, 32, False, 0.3, SWAPPED, jnp.float32, id="full-T77-fp32-scale0.3"),
+    pytest.param(1, 77, 3, 32, False, None, SMALL, BF16, id="full-T77-bf16"),
+    pytest.param(2, 96, 12, 64, True, None, SWAPPED, jnp.float32, id="causal-NH12-HS64-fp32"),
+    pytest.param(1, 1, 1, 16, True, None, None, jnp.float32, id="causal-T1"),
+]
+
+
+@pytest.mark.parametrize("B,T,NH,HS,causal,sm_scale,blocks,dtype", CASES)
+def test_forward_and_gradients(B, T, NH, HS, causal, sm_scale, blocks, dtype):
+    q, k, v, do = _inputs((B, T, NH, HS), dtype)
+    kw = dict(causal=causal, sm_scale=sm_scale)
+    pallas = jax.jit(lambda *a: _value_and_vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, **kw), *a))
+    ref = jax.jit(lambda *a: _value_and_vjp(lambda q, k, v: flash_attention_reference(q, k, v, **kw), *a))
+    out, grads = pallas(q, k, v, do)
+    out_ref, grads_ref = ref(q, k, v, do)
+    scale = HS ** -0.5 if sm_scale is None else sm_scale
+    out64, grads64 = _numpy_attention(q, k, v, do, causal, scale)   # from the same (bf16-rounded) inputs
+
+    tol = _tol(dtype)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert _rel(out, out_ref) < tol and _rel(out, out64) < tol
+    for name, g, g_ref, g64, x in zip("qkv", grads, grads_ref, grads64, (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
+        assert _rel(g, g64) < tol, (name, _rel(g, g64))
+
+
+def test_matches_ops_attention_on_packed_qkv():
+    """The model's call: q, k, v split from llm.c's (B, T, 3C) qkv, output reshaped to (B, T, C)."""
+    B, T, NH, C = 2, 37, 4, 64
+    rng = np.random.default_rng(3)
+    qkv = jnp.asarray(rng.normal(0, 1, (B, T, 3 * C)), jnp.float32)
+    dout = jnp.asarray(rng.normal(0, 1, (B, T, C)), jnp.float32)
+
+    def via_flash(qkv_BT3C):
+        q, k, v = (qkv_BT3C.reshape(B, T, 3, NH, C // NH)[:, :, i] for i in range(3))
+        return flash_attention(q, k, v, block_sizes=SMALL).reshape(B, T, C)
+
+    out, (dqkv,) = jax.jit(lambda x, d: _vjp1(via_flash, x, d))(qkv, dout)
+    out_ref, (dqkv_ref,) = _vjp1(lambda x: ops.attention_reference(x, NH), qkv, dout)
+    assert _rel(out, out_ref) < TOL_F32
+    assert _rel(dqkv, dqkv_ref) < TOL_F32
+
+
+def _vjp1(fn, x, ct):
+    out, vjp = jax.vjp(fn, x)
+    return out, vjp(ct)
+
+
+def test_vmap_non_causal_T_below_one_block():
+    """vmap adds a grid axis to each pallas_call. T=10 in one 16-row tile, non-causal: the 6 padded
+    keys must get zero probability."""
+    q, k, v, do = _inputs((2, 1, 10, 2, 16), jnp.float32)
+    pallas = jax.jit(jax.vmap(lambda *a: _value_and_vjp(
+        lambda q, k, v: flash_attention(q, k, v, causal=False), *a)))
+    out, grads = pallas(q, k, v, do)
+    for n in range(2):
+        out64, grads64 = _numpy_attention(q[n], k[n], v[n], do[n], False, 0.25)
+        assert _rel(out[n], out64) < TOL_F32
+        for g, g64 in zip(grads, grads64):
+            assert _rel(g[n], g64) < TOL_F32
+
+
+# GPT-2 124M attention (B=4, T=1024, NH=12, HS=64) with the default (H100) blocks, and a T that
+# is no block multiple, non-causal; lowering only, nothing runs.
+@pytest.mark.parametrize("T,causal,dtype", [(1024, True, jnp.float32), (1024, True, BF16), (1000, False, BF16)],
+                         ids=["T1024-causal-fp32", "T1024-causal-bf16", "T1000-full-bf16"])
+def test_lowers_to_triton_for_cuda(T, causal, dtype):
+    x = jax.ShapeDtypeStruct((4, T, 12, 64), dtype)
+    fwd = lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False)
+    loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
+    assert triton_calls(fwd, x, x, x) >= 1
+    # the forward again (its residuals), then the dk/dv and dq kernels
+    assert triton_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) >= 3
+
+
+@pytest.mark.parametrize("shapes,dtypes,blocks,error,match", [
+    ([(2, 8, 2, 24)] * 3, [jnp.float32] * 3, None, ValueError, "power of two"),
+    ([(2, 8, 2, 8)] * 3, [jnp.float32] * 3, None, ValueError, "power of two >= 16"),
+    ([(2, 8, 2, 16), (2, 9, 2, 16), (2, 8, 2, 16)], [jnp.float32] * 3, None, ValueError, "share one"),
+    ([(16, 32)] * 3, [jnp.float32] * 3, None, ValueError, "B, T, NH, HS"),
+    ([(2, 8, 2, 16)] * 3, [jnp.float16] * 3, None, TypeError, "float32 or bfloat16"),
+    ([(2, 8, 2, 16)] * 3, [jnp.float32, BF16, jnp.float32], None, TypeError, "one dtype"),
+    ([(2, 8, 2, 16)] * 3, [jnp.float32] * 3, BlockSizes(block_k=48), ValueError, "block_k=48"),
+    ([(2, 8, 2, 16)] * 3, [jnp.float32] * 3, BlockSizes(block_q_dq=8), ValueError, "block_q_dq=8"),
+], ids=["HS24", "HS8", "shape-mismatch", "ndim", "float16", "mixed-dtype", "block48", "block8"])
+def test_bad_input_errors(shapes, dtypes, blocks, error, match):
+    q, k, v = (jnp.zeros(s, d) for s, d in zip(shapes, dtypes))
+    with pytest.raises(error, match=match):
+        flash_attention(q, k, v, block_sizes=blocks)
