@@ -56,14 +56,18 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     (None, "--shuffle", int, 1, "1 = permute shards and samples each epoch (llm.c's loader); 0 = sequential"),
     (None, "--seed", int, 42, "data shuffling seed (llm.c: 42 + rank)"),
     (None, "--kernels", str, "xla", "op kernels: xla (portable) or pallas (GPU kernels)"),
-    (None, "--attention", str, "xla", "attention implementation: xla, pallas or cudnn"),
+    (None, "--attention", str, None, "attention: xla, pallas (flash attention) or cudnn (GPU, bf16); "
+                                     "default: as --kernels"),
+    (None, "--layernorm", str, None, "layernorm (fused with the residual add): xla or pallas; default: as --kernels"),
+    (None, "--matmul-gelu", str, None, "the MLP's matmul + bias + GELU: xla or pallas (fused; with -r 0 only, "
+                                       "since -r 1/2 keep just its pre-activation); default: as --kernels"),
     (None, "--backward", str, "manual", "manual (hand-derived custom_vjp ops) or autodiff (jax.grad of the "
                                         "plain reference model)"),
     (None, "--coordinator", str, None, "HOST:PORT of the jax.distributed coordinator (with -pn/-pr)"),
 ]
 
 CHOICES = {"lr_scheduler": ("cosine", "linear", "constant", "wsd"), "dtype": ("float32", "bfloat16"),
-           "kernels": ("xla", "pallas"), "attention": ("xla", "pallas", "cudnn"),
+           "kernels": cfgmod.KERNELS, **cfgmod.OP_CHOICES,
            "backward": ("manual", "autodiff"), "recompute": (0, 1, 2), "zero_stage": (0, 1, 2, 3)}
 
 # The built-in corpus run: a small byte-level GPT-2 that learns visibly in a few CPU minutes.

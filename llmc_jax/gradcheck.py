@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from llmc_jax.config import KERNELS, OP_CHOICES
+
 # Relative tolerances. fp32: manual and autodiff differ only in summation order (measured ~1e-6
 # on small models); bf16: both round activations to 8 mantissa bits, differently placed.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
@@ -34,6 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="llm.c debug state: take x, y from it and also check logits, loss, every gradient")
     p.add_argument("--dump", metavar="FILE.npz", help="write loss, logits, grads/<name>, autodiff/<name>")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--kernels", choices=KERNELS, default="xla",
+                   help="op kernels of the hand-written model: xla or pallas (interpreted on CPU)")
+    for op, choices in OP_CHOICES.items():
+        p.add_argument(f"--{op.replace('_', '-')}", choices=choices, help=f"override --kernels for {op}")
     p.add_argument("--tol", type=float, help="relative tolerance (default: 1e-4 fp32, 5e-2 bf16)")
     return p.parse_args(argv)
 
@@ -96,15 +102,16 @@ def main(argv=None) -> int:
     B, T = x.shape
     llmc_format.check_seq_len(cfg, T, args.init)
     dtype = jnp.dtype(args.dtype)
+    kernels = model.kernel_spec(args.kernels, **{op: getattr(args, op) for op in OP_CHOICES})
     tol = args.tol if args.tol is not None else TOLERANCE[args.dtype]
     print(f"model L={cfg.L} NH={cfg.NH} C={cfg.C} maxT={cfg.maxT} V={cfg.V} Vp={cfg.Vp} "
-          f"({cfg.num_parameters:,} params), batch B={B} T={T}, dtype {args.dtype}")
+          f"({cfg.num_parameters:,} params), batch B={B} T={T}, dtype {args.dtype}, kernels {kernels}")
 
     params = {k: jnp.asarray(v) for k, v in params_np.items()}
     x, y = jnp.asarray(x), jnp.asarray(y)
-    loss_m, grads_m = jax.jit(model.value_and_grad(cfg, dtype=dtype))(params, x, y)
+    loss_m, grads_m = jax.jit(model.value_and_grad(cfg, dtype=dtype, kernels=kernels))(params, x, y)
     loss_a, grads_a = jax.jit(reference.value_and_grad(cfg, dtype=dtype))(params, x, y)
-    logits = jax.jit(lambda p, i: model.logits(p, i, cfg, dtype=dtype))(params, x)
+    logits = jax.jit(lambda p, i: model.logits(p, i, cfg, dtype=dtype, kernels=kernels))(params, x)
     grads_m = {k: np.asarray(v) for k, v in grads_m.items()}
     grads_a = {k: np.asarray(v) for k, v in grads_a.items()}
     print(f"loss manual {float(loss_m):.6f} autodiff {float(loss_a):.6f} ({time.time() - t0:.1f} s)")

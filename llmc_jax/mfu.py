@@ -27,3 +27,22 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int, device_kin
     if peak is None or step_seconds <= 0:
         return None
     return flops_per_step / step_seconds / (peak * num_devices)
+
+
+# HBM bandwidth in bytes/s by device_kind: the ceiling of memory-bound kernels (layernorm).
+PEAK_HBM_BYTES: dict[str, float] = {
+    "NVIDIA H100 80GB HBM3": 3.35e12,
+    "NVIDIA H100 PCIe": 2.0e12,
+    "NVIDIA H100 NVL": 3.9e12,
+    "NVIDIA H200": 4.8e12,
+    "NVIDIA GH200 480GB": 4.0e12,
+    "NVIDIA A100-SXM4-80GB": 2.04e12,
+    "NVIDIA A100-SXM4-40GB": 1.56e12,
+    "NVIDIA A100 80GB PCIe": 1.94e12,
+    "NVIDIA A100-PCIE-40GB": 1.56e12,
+}
+
+
+def device_peak_bandwidth(device_kind: str) -> float | None:
+    """The HBM bandwidth of a device in bytes/s, or None where it is unknown."""
+    return PEAK_HBM_BYTES.get(device_kind)

@@ -15,25 +15,94 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llmc_jax import ops
-from llmc_jax.config import PARAM_NAMES, GPTConfig
+from llmc_jax.config import KERNELS, OP_CHOICES, PARAM_NAMES, GPTConfig
 
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                 "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
-KERNELS = ("xla", "pallas")
 RECOMPUTE = (0, 1, 2)
 
 
+def kernel_spec(kernels: str = "xla", **overrides: str | None) -> str:
+    """One hashable string naming the op implementations, e.g. "pallas" or "xla,attention=cudnn":
+    the --kernels family plus the per-op overrides that differ from it (None = follow the family)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+    parts = [kernels]
+    for op, impl in overrides.items():
+        if op not in OP_CHOICES:
+            raise ValueError(f"no per-op kernel choice for {op!r}; ops: {', '.join(OP_CHOICES)}")
+        if impl is not None and impl != kernels:
+            if impl not in OP_CHOICES[op]:
+                raise ValueError(f"unknown {op} implementation {impl!r}; choose one of {', '.join(OP_CHOICES[op])}")
+            parts.append(f"{op}={impl}")
+    return ",".join(parts)
+
+
+def parse_kernel_spec(spec: str) -> dict[str, str]:
+    """{op: implementation} for every op in OP_CHOICES."""
+    family, *overrides = spec.split(",")
+    if family not in KERNELS:
+        raise ValueError(f"unknown kernels {family!r}; choose one of {', '.join(KERNELS)}")
+    choice = {op: family for op in OP_CHOICES}
+    for item in overrides:
+        op, _, impl = item.partition("=")
+        if op not in OP_CHOICES or impl not in OP_CHOICES[op]:
+            raise ValueError(f"bad kernel override {item!r} in {spec!r}")
+        choice[op] = impl
+    return choice
+
+
+def _xla_residual_layernorm(x, r, w, b):
+    s = ops.residual(x, r)
+    return s, ops.layernorm(s, w, b)
+
+
+def _xla_matmul_gelu(x, w, b):
+    return ops.gelu(checkpoint_name(ops.matmul(x, w, b), "fch"))
+
+
+def _qkv_attention(attention_BTNH):
+    """Adapt a (q, k, v) -> out attention on (B, T, NH, HS) to the model's packed (B, T, 3C) qkv."""
+    def attention(qkv_BT3C, NH: int):
+        B, T, C3 = qkv_BT3C.shape
+        qkv = qkv_BT3C.reshape(B, T, 3, NH, C3 // (3 * NH))
+        return attention_BTNH(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(B, T, C3 // 3)
+    return attention
+
+
+def _cudnn_attention(q, k, v):
+    if jax.default_backend() != "gpu":
+        raise ValueError("--attention cudnn needs an NVIDIA GPU (cuDNN); use --attention xla or pallas here")
+    if q.dtype != jnp.bfloat16:
+        raise ValueError("--attention cudnn needs bfloat16 activations (--dtype bfloat16); cuDNN's fused "
+                         "attention does not take float32")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
 def op_set(kernels: str = "xla") -> types.SimpleNamespace:
-    """The ops the model calls, by kernel family (the `--kernels` switch)."""
-    if kernels == "xla":
-        return types.SimpleNamespace(encoder=ops.encoder, layernorm=ops.layernorm, matmul=ops.matmul,
-                                     attention=ops.attention, gelu=ops.gelu, residual=ops.residual,
-                                     classifier=ops.fused_classifier)
-    if kernels == "pallas":
-        raise NotImplementedError("--kernels pallas is not available yet (Pallas kernels are issue 4); "
-                                  "use --kernels xla")
-    raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+    """The ops the model calls, from a kernel spec (see kernel_spec): the --kernels switch.
+
+    Encoder, the plain matmuls (cuBLAS through XLA is already the fastest there), residual and
+    classifier are the op library's; attention, layernorm (fused with the residual add before
+    it) and the MLP's matmul + GELU can each be a Pallas kernel."""
+    choice = parse_kernel_spec(kernels)
+    ns = types.SimpleNamespace(encoder=ops.encoder, layernorm=ops.layernorm, matmul=ops.matmul,
+                               attention=ops.attention, residual=ops.residual, classifier=ops.fused_classifier,
+                               residual_layernorm=_xla_residual_layernorm, matmul_gelu=_xla_matmul_gelu,
+                               fused_matmul_gelu=False)
+    if choice["attention"] == "pallas":
+        from pallas_kernels.flash_attention import flash_attention
+        ns.attention = _qkv_attention(flash_attention)
+    elif choice["attention"] == "cudnn":
+        ns.attention = _qkv_attention(_cudnn_attention)
+    if choice["layernorm"] == "pallas":
+        from pallas_kernels import layernorm as pallas_ln
+        ns.layernorm, ns.residual_layernorm = pallas_ln.layernorm, pallas_ln.residual_layernorm
+    if choice["matmul_gelu"] == "pallas":
+        from pallas_kernels.matmul_gelu import matmul_gelu
+        ns.matmul_gelu, ns.fused_matmul_gelu = matmul_gelu, True
+    return ns
 
 
 # Inits at least this large are kept in the cache (d12: 0.5 GB, ~5 s to draw, 0.4 s to read back).
@@ -70,16 +139,25 @@ def init_params(config: GPTConfig) -> dict[str, np.ndarray]:
 
 
 def _block(opset, NH: int, recompute: int):
-    """One transformer block; with recompute > 0 it is rematerialized as llm.c's -r:
+    """One transformer block on the carry (x, delta): the residual stream and the previous block's
+    last branch output, not yet added, so that add and this block's first layernorm are one fused op
+    (llm.c's fused residual forward). With recompute > 0 it is rematerialized as llm.c's -r:
     1 recomputes GELU in the backward, 2 recomputes GELU and both layernorms."""
-    def block(x, lp):
-        ln1 = checkpoint_name(opset.layernorm(x, lp["ln1w"], lp["ln1b"]), "ln1")
+    # llm.c's GELU recompute keeps the pre-activation and drops the GELU output; the fused Pallas
+    # matmul_gelu saves its pre-activation internally, so under -r 1/2 it would recompute the whole
+    # fc matmul: there the MLP uses the op library's matmul and GELU instead.
+    matmul_gelu = _xla_matmul_gelu if recompute and opset.fused_matmul_gelu else opset.matmul_gelu
+
+    def block(carry, lp):
+        x, delta = carry
+        x, ln1 = opset.residual_layernorm(x, delta, lp["ln1w"], lp["ln1b"])
+        ln1 = checkpoint_name(ln1, "ln1")
         qkv = checkpoint_name(opset.matmul(ln1, lp["qkvw"], lp["qkvb"]), "qkv")
         atty = checkpoint_name(opset.attention(qkv, NH), "atty")
-        x = opset.residual(x, opset.matmul(atty, lp["attprojw"], lp["attprojb"]))
-        ln2 = checkpoint_name(opset.layernorm(x, lp["ln2w"], lp["ln2b"]), "ln2")
-        fch = checkpoint_name(opset.matmul(ln2, lp["fcw"], lp["fcb"]), "fch")
-        return opset.residual(x, opset.matmul(opset.gelu(fch), lp["fcprojw"], lp["fcprojb"]))
+        x, ln2 = opset.residual_layernorm(x, opset.matmul(atty, lp["attprojw"], lp["attprojb"]),
+                                          lp["ln2w"], lp["ln2b"])
+        ln2 = checkpoint_name(ln2, "ln2")
+        return x, opset.matmul(matmul_gelu(ln2, lp["fcw"], lp["fcb"]), lp["fcprojw"], lp["fcprojb"])
     if recompute == 0:
         return block
     if recompute not in RECOMPUTE:
@@ -98,8 +176,9 @@ def hidden_states(params: Params, idx_BT: jax.Array, config: GPTConfig, *, dtype
     x = opset.encoder(params["wte"], params["wpe"], idx_BT, jnp.zeros((), dtype))
     block = _block(opset, config.NH, recompute)
     layer_params = {k: params[k] for k in LAYER_PARAMS}
-    x, _ = jax.lax.scan(lambda x, lp: (block(x, lp), None), x, layer_params)
-    return opset.layernorm(x, params["lnfw"], params["lnfb"])
+    (x, delta), _ = jax.lax.scan(lambda carry, lp: (block(carry, lp), None), (x, jnp.zeros_like(x)),
+                                 layer_params)
+    return opset.residual_layernorm(x, delta, params["lnfw"], params["lnfb"])[1]
 
 
 def loss(params: Params, idx_BT: jax.Array, targets_BT: jax.Array, config: GPTConfig, *,

@@ -116,8 +116,8 @@ def _prefill_jit(params, tokens_BS, length, *, config: GPTConfig, dtype: str, ke
         atty = opset.attention(qkv, NH)
         x = opset.residual(x, opset.matmul(atty, lp["attprojw"], lp["attprojb"]))
         ln2 = opset.layernorm(x, lp["ln2w"], lp["ln2b"])
-        fch = opset.matmul(ln2, lp["fcw"], lp["fcb"])
-        x = opset.residual(x, opset.matmul(opset.gelu(fch), lp["fcprojw"], lp["fcprojb"]))
+        x = opset.residual(x, opset.matmul(opset.matmul_gelu(ln2, lp["fcw"], lp["fcb"]),
+                                           lp["fcprojw"], lp["fcprojb"]))
         kv = qkv.reshape(B, S, 3, NH, HS)
         return x, (kv[:, :, 1], kv[:, :, 2])
 

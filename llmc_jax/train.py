@@ -44,8 +44,10 @@ def _validate_flags(args) -> None:
         raise UsageError(problem)
     if args.num_processes > 1:
         _validate_multiprocess(args)
-    if args.attention != "xla":
-        raise UsageError(f"--attention {args.attention} is not available yet; use --attention xla")
+    from llmc_jax.config import OP_CHOICES
+    from llmc_jax.model import kernel_spec
+    # one string naming every op's implementation; it is what the model, sampler and evals take
+    args.kernels = kernel_spec(args.kernels, **{op: getattr(args, op) for op in OP_CHOICES})
     for name in ("batch_size", "seq_len"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "float32" if platform == "cpu" else "bfloat16"
     if platform == "gpu" and args.dtype == "float32" and not args.allow_tf32:
         jax.config.update("jax_default_matmul_precision", "highest")
+    if "attention=cudnn" in args.kernels and (platform != "gpu" or args.dtype != "bfloat16"):
+        raise UsageError("--attention cudnn needs an NVIDIA GPU and --dtype bfloat16 (cuDNN's fused attention); "
+                         "use --attention xla or pallas")
     if args.builtin_corpus:
         from llmc_jax.corpus import builtin_corpus
         args.train_data, builtin_val = builtin_corpus()
@@ -196,11 +201,6 @@ def main(argv: list[str] | None = None) -> int:
                                recompute=args.recompute, grad_clip=args.grad_clip,
                                skip_loss_z=args.skip_loss_z, skip_grad_z=args.skip_grad_z,
                                beta1=args.beta1, beta2=args.beta2, eps=args.eps, weight_decay=args.weight_decay)
-    from llmc_jax.model import op_set
-    try:
-        op_set(args.kernels)
-    except NotImplementedError as e:
-        raise UsageError(str(e)) from None
 
     device = jax.devices()[0]
     _print0(_config_table([

@@ -73,12 +73,34 @@ def _skip(z, threshold: float):
     return jnp.isfinite(z) & (z > threshold)
 
 
-def accumulate_gradients(sc: StepConfig, grad_shardings=None):
+def _per_device(value_and_grad, mesh):
+    """value_and_grad computed by each device on its own rows inside shard_map, then averaged.
+
+    XLA cannot partition a Pallas kernel (an opaque custom call): under plain jit on a batch-sharded
+    input it would gather the whole batch onto every device. Inside shard_map each device runs the
+    kernels on its B/D rows; the mean over devices of the per-device mean loss and gradients is the
+    mean over all rows (every device holds as many). check_vma=False: Pallas' interpret mode fails
+    the varying-axes check (jax-facts 2.6)."""
+    from jax.sharding import PartitionSpec as P
+    from llmc_jax.parallel import DATA_AXIS
+
+    def local(params, x_BT, y_BT):
+        loss, grads = value_and_grad(params, x_BT, y_BT)
+        return jax.lax.pmean(loss, DATA_AXIS), jax.lax.pmean(grads, DATA_AXIS)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P()),
+                         check_vma=False)
+
+
+def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None):
     """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T).
 
     grad_shardings (ZeRO-2/3, a pytree like params): the gradients and the accumulator are
-    constrained to it, so each micro-step's gradient is reduce-scattered into a sharded sum."""
+    constrained to it, so each micro-step's gradient is reduce-scattered into a sharded sum.
+    mesh: the device mesh of a sharded step; with Pallas kernels the forward and backward then run
+    per device inside shard_map (XLA partitions the xla op set by itself)."""
     value_and_grad = sc.value_and_grad()
+    if mesh is not None and mesh.size > 1 and sc.backward == "manual" and "pallas" in sc.kernels:
+        value_and_grad = _per_device(value_and_grad, mesh)
     if grad_shardings is None:
         constrain = lambda g: g
     else:
@@ -107,7 +129,8 @@ def make_train_step(sc: StepConfig, shardings=None):
     The state is donated: params and AdamW moments are updated in place. `shardings` (a
     parallel.Shardings) compiles the step for a device mesh with explicit in/out shardings; its
     ZeRO stage >= 2 also constrains the gradients to the optimizer-state sharding."""
-    grad_fn = accumulate_gradients(sc, None if shardings is None else shardings.grads)
+    grad_fn = accumulate_gradients(sc, None if shardings is None else shardings.grads,
+                                   None if shardings is None else shardings.mesh)
     opt = sc.optimizer()
 
     def step_fn(state: TrainState, x_ABT, y_ABT, lr, step):

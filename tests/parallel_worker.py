@@ -97,6 +97,11 @@ def main():
         info["param_diff"] = {k: float(np.max(np.abs(final[k] - ref_params[k]))) for k in final}
         info["max_param_diff"] = max(info["param_diff"].values())
         out["stages"][str(z)] = info
+    # Pallas kernels (interpret mode) under -z 1: run per device inside shard_map
+    sc_pallas = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0, kernels="pallas")
+    losses, final, _ = run(sc_pallas, params, 1, mesh, n)
+    out["pallas_z1"] = {"losses": losses,
+                        "max_param_diff": max(float(np.max(np.abs(final[k] - ref_params[k]))) for k in final)}
     print(json.dumps(out))
 
 

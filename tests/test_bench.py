@@ -40,3 +40,25 @@ def test_bench_json_has_every_field_and_times_the_trainer_step(tmp_path, capsys)
 def test_compile_only(capsys):
     assert bench.main(["-e", "tiny", "-b", "2", "-t", "16", "--compile-only", "--backward", "manual"]) == 0
     assert "compile" in capsys.readouterr().out
+
+
+_kspec = importlib.util.spec_from_file_location(
+    "bench_kernels", os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_kernels.py"))
+bench_kernels = importlib.util.module_from_spec(_kspec)
+_kspec.loader.exec_module(bench_kernels)
+
+
+def test_bench_kernels_runs_every_op_on_cpu(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert bench_kernels.main(["--iters", "1", "--json", str(out)]) == 0
+    rows = json.load(open(out))["rows"]
+    assert "interpret mode" in capsys.readouterr().out
+    timed = {(r["op"], r["variant"], r["mode"]) for r in rows if "error" not in r}
+    # our kernel and the XLA baseline, forward and forward+backward, for every op
+    for op in bench_kernels.OPS:
+        for variant in ("pallas", "xla"):
+            for mode in ("fwd", "fwd+bwd"):
+                assert (op, variant, mode) in timed, (op, variant, mode)
+    for r in rows:
+        if "error" not in r:
+            assert r["ms_median"] > 0 and r["rate"] > 0 and r["peak_fraction"] is None   # no CPU peak

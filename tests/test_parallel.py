@@ -87,6 +87,14 @@ def test_losses_and_params_match_single_device(worker, z):
     assert np.median(list(s["param_diff"].values())) < 1e-6, s["param_diff"]
 
 
+def test_pallas_kernels_under_zero1_match_xla(worker):
+    """--kernels pallas with -z 1 on 8 devices (kernels per device inside shard_map) against the
+    unsharded xla step: same losses and final params, to the tolerances of the xla stages above."""
+    s = worker["pallas_z1"]
+    np.testing.assert_allclose(s["losses"], worker["ref_losses"], atol=1e-5, rtol=0)
+    assert s["max_param_diff"] < 2e-5
+
+
 def _fraction(entry):
     full, shard, ndev = entry
     assert ndev == N
