@@ -167,8 +167,12 @@ def _block(opset, NH: int, recompute: int):
 
 
 def hidden_states(params: Params, idx_BT: jax.Array, config: GPTConfig, *, dtype=jnp.float32,
-                  kernels: str = "xla", recompute: int = 0) -> jax.Array:
-    """Final-layernorm output (B, T, C) in the compute dtype."""
+                  kernels: str = "xla", recompute: int = 0, layer_sharding=None) -> jax.Array:
+    """Final-layernorm output (B, T, C) in the compute dtype.
+
+    layer_sharding (ZeRO-3): where one layer's tensors must be inside the scan, e.g. replicated;
+    the per-layer constraint makes XLA all-gather each layer's shards as the scan reaches it (and
+    reduce its gradients there) instead of re-partitioning the activations to match the shards."""
     opset = op_set(kernels)
     T = idx_BT.shape[1]
     if T > config.maxT:
@@ -176,15 +180,19 @@ def hidden_states(params: Params, idx_BT: jax.Array, config: GPTConfig, *, dtype
     x = opset.encoder(params["wte"], params["wpe"], idx_BT, jnp.zeros((), dtype))
     block = _block(opset, config.NH, recompute)
     layer_params = {k: params[k] for k in LAYER_PARAMS}
+    if layer_sharding is not None:
+        inner = block
+        block = lambda carry, lp: inner(carry, jax.lax.with_sharding_constraint(lp, layer_sharding))
     (x, delta), _ = jax.lax.scan(lambda carry, lp: (block(carry, lp), None), (x, jnp.zeros_like(x)),
                                  layer_params)
     return opset.residual_layernorm(x, delta, params["lnfw"], params["lnfb"])[1]
 
 
 def loss(params: Params, idx_BT: jax.Array, targets_BT: jax.Array, config: GPTConfig, *,
-         dtype=jnp.float32, kernels: str = "xla", recompute: int = 0) -> jax.Array:
+         dtype=jnp.float32, kernels: str = "xla", recompute: int = 0, layer_sharding=None) -> jax.Array:
     """Mean cross-entropy over B*T tokens, softmax over the first V of the Vp logits."""
-    h = hidden_states(params, idx_BT, config, dtype=dtype, kernels=kernels, recompute=recompute)
+    h = hidden_states(params, idx_BT, config, dtype=dtype, kernels=kernels, recompute=recompute,
+                      layer_sharding=layer_sharding)
     return op_set(kernels).classifier(h, params["wte"], targets_BT, config.V)
 
 
@@ -196,10 +204,11 @@ def logits(params: Params, idx_BT: jax.Array, config: GPTConfig, *, dtype=jnp.fl
 
 
 def value_and_grad(config: GPTConfig, *, dtype=jnp.float32, kernels: str = "xla",
-                   recompute: int = 0) -> Callable:
+                   recompute: int = 0, layer_sharding=None) -> Callable:
     """(params, idx, targets) -> (loss, grads) through the hand-written backward."""
     def f(params, idx_BT, targets_BT):
-        return loss(params, idx_BT, targets_BT, config, dtype=dtype, kernels=kernels, recompute=recompute)
+        return loss(params, idx_BT, targets_BT, config, dtype=dtype, kernels=kernels, recompute=recompute,
+                    layer_sharding=layer_sharding)
     return jax.value_and_grad(f)
 
 

@@ -9,7 +9,9 @@ partitioner inserts the collectives). `-z` chooses what is sharded over `data`:
     3  + parameters sharded too (FSDP; XLA gathers them where they are used)
 
 Every sharded leaf is split along the dimension `shard_dim` picks (the first one divisible by the
-data-axis size); leaves with none, and scalars, stay replicated. The same choice is used for m, v,
+data-axis size, never the stacked layer axis of the per-layer tensors, so that at -z 3 the scan
+over layers gathers one layer at a time rather than the whole stack); leaves with none, and
+scalars, stay replicated. The same choice is used for m, v,
 gradients and params at every stage, so a stage only decides *which* leaves get that spec.
 The batch (A, B, T) is sharded on B: device r holds rows r*B/D ... (r+1)*B/D - 1 of every micro-step.
 """
@@ -43,28 +45,36 @@ def data_size(mesh: Mesh) -> int:
     return int(mesh.shape[DATA_AXIS])
 
 
-def shard_dim(shape: Sequence[int], n: int) -> int | None:
-    """The dimension a leaf of `shape` is split along over n devices: the first one divisible by n
-    (None: replicate; always None for n == 1 and for scalars)."""
+def shard_dim(shape: Sequence[int], n: int, first: int = 0) -> int | None:
+    """The dimension a leaf of `shape` is split along over n devices: the first one from `first` on
+    divisible by n (None: replicate; always None for n == 1 and for scalars)."""
     if n <= 1:
         return None
     for i, d in enumerate(shape):
-        if d >= n and d % n == 0:
+        if i >= first and d >= n and d % n == 0:
             return i
     return None
 
 
-def leaf_spec(shape: Sequence[int], n: int) -> P:
-    dim = shard_dim(shape, n)
+def leaf_spec(shape: Sequence[int], n: int, first: int = 0) -> P:
+    dim = shard_dim(shape, n, first)
     if dim is None:
         return P()
     return P(*([None] * dim + [DATA_AXIS]))
 
 
+def _is_layer_stack(path) -> bool:
+    """A per-layer tensor (L, ...) of the params dict (or of m, v, gradients: the same keys)."""
+    from llmc_jax.model import LAYER_PARAMS
+    return bool(path) and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key in LAYER_PARAMS
+
+
 def sharded_like(tree: Any, mesh: Mesh) -> Any:
-    """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs), split as `shard_dim` says."""
+    """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs), split as `shard_dim` says;
+    the per-layer tensors from their second axis on."""
     n = data_size(mesh)
-    return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), n)), tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, leaf_spec(np.shape(x), n, 1 if _is_layer_stack(path) else 0)), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmc_jax import model, optim, reference
 from llmc_jax.config import GPTConfig
@@ -53,10 +54,11 @@ class StepConfig:
         return optim.make_optimizer(beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                     weight_decay=self.weight_decay)
 
-    def value_and_grad(self):
+    def value_and_grad(self, layer_sharding=None):
         dtype = jnp.dtype(self.dtype)
         if self.backward == "manual":
-            return model.value_and_grad(self.model, dtype=dtype, kernels=self.kernels, recompute=self.recompute)
+            return model.value_and_grad(self.model, dtype=dtype, kernels=self.kernels, recompute=self.recompute,
+                                        layer_sharding=layer_sharding)
         if self.backward == "autodiff":
             return reference.value_and_grad(self.model, dtype=dtype)
         raise ValueError(f"backward must be 'manual' or 'autodiff', got {self.backward!r}")
@@ -81,7 +83,6 @@ def _per_device(value_and_grad, mesh):
     kernels on its B/D rows; the mean over devices of the per-device mean loss and gradients is the
     mean over all rows (every device holds as many). check_vma=False: Pallas' interpret mode fails
     the varying-axes check (jax-facts 2.6)."""
-    from jax.sharding import PartitionSpec as P
     from llmc_jax.parallel import DATA_AXIS
 
     def local(params, x_BT, y_BT):
@@ -91,15 +92,18 @@ def _per_device(value_and_grad, mesh):
                          check_vma=False)
 
 
-def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None):
+def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_stage: int = 0):
     """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T).
 
     grad_shardings (ZeRO-2/3, a pytree like params): the gradients and the accumulator are
     constrained to it, so each micro-step's gradient is reduce-scattered into a sharded sum.
     mesh: the device mesh of a sharded step; with Pallas kernels the forward and backward then run
     per device inside shard_map (XLA partitions the xla op set by itself)."""
-    value_and_grad = sc.value_and_grad()
-    if mesh is not None and mesh.size > 1 and sc.backward == "manual" and "pallas" in sc.kernels:
+    per_device = mesh is not None and mesh.size > 1 and sc.backward == "manual" and "pallas" in sc.kernels
+    # ZeRO-3 (params sharded, so gradients are too): each layer gathered as the scan reaches it
+    gather_layers = mesh is not None and grad_shardings is not None and zero_stage >= 3 and not per_device
+    value_and_grad = sc.value_and_grad(NamedSharding(mesh, P()) if gather_layers else None)
+    if per_device:
         value_and_grad = _per_device(value_and_grad, mesh)
     if grad_shardings is None:
         constrain = lambda g: g
@@ -129,8 +133,8 @@ def make_train_step(sc: StepConfig, shardings=None):
     The state is donated: params and AdamW moments are updated in place. `shardings` (a
     parallel.Shardings) compiles the step for a device mesh with explicit in/out shardings; its
     ZeRO stage >= 2 also constrains the gradients to the optimizer-state sharding."""
-    grad_fn = accumulate_gradients(sc, None if shardings is None else shardings.grads,
-                                   None if shardings is None else shardings.mesh)
+    grad_fn = (accumulate_gradients(sc) if shardings is None else
+               accumulate_gradients(sc, shardings.grads, shardings.mesh, shardings.zero_stage))
     opt = sc.optimizer()
 
     def step_fn(state: TrainState, x_ABT, y_ABT, lr, step):

@@ -80,6 +80,21 @@ def run(sc, params, zero_stage, mesh, n=8):
     return losses, final, info
 
 
+def z3_layer_gathers(n):
+    """-z 3 with L == n (the stacked layer axis divides by the device count): which qkvw shapes the
+    compiled step all-gathers, the whole (L, 3C, C) stack or one (3C, C) layer inside the scan."""
+    cfg = GPTConfig(L=n, NH=4, C=64, maxT=64, V=256, Vp=256)
+    sc = train_step.StepConfig(model=cfg)
+    state = jax.eval_shape(lambda: train_step.init_train_state(
+        {k: jax.numpy.zeros(s, jax.numpy.float32) for k, s in cfg.param_shapes().items()}, sc))
+    sh = parallel.make_shardings(state, parallel.make_mesh(), 3)
+    x = jax.ShapeDtypeStruct((1, n, 16), np.int32)
+    hlo = train_step.make_train_step(sc, sh).lower(state, x, x, 1e-3, 0).compile().as_text()
+    gathered = re.findall(r"= f32\[([0-9,]+)\]\{[^}]*\} all-gather(?:-start)?\(", hlo)
+    return {"qkvw_spec": str(sh.state.params["qkvw"].spec),
+            "full_stack": f"{n},192,64" in gathered, "one_layer": bool({"192,64", "1,192,64"} & set(gathered))}
+
+
 def main():
     n = jax.device_count()
     sc = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0)
@@ -97,6 +112,7 @@ def main():
         info["param_diff"] = {k: float(np.max(np.abs(final[k] - ref_params[k]))) for k in final}
         info["max_param_diff"] = max(info["param_diff"].values())
         out["stages"][str(z)] = info
+    out["z3_layer_gathers"] = z3_layer_gathers(n)
     # Pallas kernels (interpret mode) under -z 1: run per device inside shard_map
     sc_pallas = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0, kernels="pallas")
     losses, final, _ = run(sc_pallas, params, 1, mesh, n)

@@ -32,6 +32,8 @@ def test_shard_dim_first_divisible():
     assert parallel.shard_dim((256, 64), 1) is None        # one device: nothing to split
     assert parallel.leaf_spec((2, 64), 8) == parallel.P(None, "data")
     assert parallel.leaf_spec((5,), 8) == parallel.P()
+    assert parallel.shard_dim((8, 192, 64), 8, first=1) == 1   # a per-layer stack: never the L axis
+    assert parallel.shard_dim((8, 3), 8, first=1) is None
 
 
 def test_bad_stage_and_device_count():
@@ -66,7 +68,7 @@ def worker():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={N}")
     env.pop("JAX_NUM_CPU_DEVICES", None)
     r = subprocess.run([sys.executable, os.path.join(HERE, "parallel_worker.py")], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"worker failed (rc {r.returncode}):\n{r.stderr[-4000:]}"
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["num_devices"] == N
@@ -85,6 +87,14 @@ def test_losses_and_params_match_single_device(worker, z):
     assert worker["max_param_update"] > 1e-3
     assert s["max_param_diff"] < 2e-5, s["param_diff"]
     assert np.median(list(s["param_diff"].values())) < 1e-6, s["param_diff"]
+
+
+def test_zero3_gathers_one_layer_at_a_time(worker):
+    """With L divisible by the device count the per-layer tensors are still split inside a layer,
+    never along the stacked L axis: the scan gathers one (3C, C) qkvw layer per step, never the stack."""
+    g = worker["z3_layer_gathers"]
+    assert g["qkvw_spec"] == str(parallel.P(None, "data")), g
+    assert g["one_layer"] and not g["full_stack"], g
 
 
 def test_pallas_kernels_under_zero1_match_xla(worker):
