@@ -42,8 +42,6 @@ def _validate_flags(args) -> None:
     problem = distributed.check_args(args)
     if problem:
         raise UsageError(problem)
-    if args.num_processes > 1:
-        _validate_multiprocess(args)
     from llmc_jax.config import OP_CHOICES
     from llmc_jax.model import kernel_spec
     # one string naming every op's implementation; it is what the model, sampler and evals take
@@ -51,15 +49,6 @@ def _validate_flags(args) -> None:
     for name in ("batch_size", "seq_len"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
-
-
-def _validate_multiprocess(args) -> None:
-    """What a multi-process run cannot do yet (checked on every process, before any work)."""
-    if args.checkpoint_every > 0:
-        raise UsageError("checkpoints (-n > 0) of a multi-process run are not available yet (they need "
-                         "sharded multi-process checkpoints); run with -n 0, or on one process")
-    if args.resume:
-        raise UsageError("-y 1 (resume) in a multi-process run is not available yet; resume on one process")
 
 
 def _resolve_model(args):
@@ -129,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     distributed.maybe_initialize(args)       # before any JAX computation
     nproc, proc = jax.process_count(), jax.process_index()
     _IS_MAIN_PROCESS = proc == 0
-    if nproc > 1:
-        _validate_multiprocess(args)             # also for a run started by SLURM / Open MPI
     import jax.numpy as jnp
     from llmc_jax import checkpoint, llmc_format, mfu, sample, train_step
     from llmc_jax.data import DataLoader
@@ -166,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     grad_accum = total_batch // tokens_per_fwdbwd
     resume_step = None
     if args.resume:
-        steps = checkpoint.complete_steps(args.output_dir)
-        if not steps:
-            raise UsageError(f"-y 1: no complete checkpoint (DONE_* with its model and state files) in "
+        try:
+            resume_step = checkpoint.latest_step(args.output_dir)     # the same on every process
+        except ValueError as e:
+            raise UsageError(f"-y 1: {e}") from None
+        if resume_step is None:
+            raise UsageError(f"-y 1: no complete checkpoint (DONE_* with its model, state and meta) in "
                              f"{args.output_dir}; start without -y or point -o at the run's output dir")
-        resume_step = steps[-1]
         args.init = checkpoint.paths(args.output_dir, resume_step)["model"]
     try:
         cfg, params_np = _resolve_model(args)
@@ -237,17 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     shardings = parallel.make_shardings(state, mesh, args.zero_stage) if D > 1 else None
     start_step = 0
     if resume_step is not None:
-        try:
-            state, meta = checkpoint.load(args.output_dir, resume_step, state)
-            if len(meta["train_loaders"]) != D:
-                raise ValueError(f"it was written by a run on {len(meta['train_loaders'])} devices, "
-                                 f"this one has {D}")
-            for loader, loader_state in zip(train_loaders, meta["train_loaders"]):
+        try:     # loader states first (cheap checks), then the state straight onto this run's shardings
+            loader_states, note = checkpoint.loader_states(checkpoint.load_meta(args.output_dir, resume_step),
+                                                           local_ranks, D)
+            for loader, loader_state in zip(train_loaders, loader_states):
                 loader.load_state_dict(loader_state)
+            state = checkpoint.load_state(args.output_dir, resume_step, state,
+                                          shardings.state if shardings is not None else None)
         except ValueError as e:        # another model, batch geometry or data than the checkpoint's
             raise UsageError(f"-y 1: cannot resume from step {resume_step} of {args.output_dir}: {e}; "
                              "resume with the flags of the run that wrote it") from None
-        state = jax.tree.map(jnp.asarray, state)
+        if note:
+            _print0(note)
         start_step = resume_step
         _print0(f"resumed from step {resume_step} of {args.output_dir}")
     if shardings is not None:
@@ -302,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             _print0(f"generating:\n---\n{text}\n---")
         if (args.checkpoint_every > 0 and args.output_dir and not resumed_here
                 and ((step > 0 and step % args.checkpoint_every == 0) or last)):
-            meta = {"step": step, "train_loaders": [loader.state_dict() for loader in train_loaders],
-                    "args": _jsonable(vars(args))}
-            checkpoint.save(args.output_dir, step, cfg, state, meta,
+            meta = {"step": step, "num_devices": D, "num_processes": nproc, "args": _jsonable(vars(args))}
+            checkpoint.save(args.output_dir, step, cfg, state,
+                            {r: loader.state_dict() for r, loader in zip(local_ranks, train_loaders)}, meta,
                             model_version=3 if args.dtype == "float32" else 5)
             checkpoint.prune(args.output_dir, step, args.checkpoint_every, args.checkpoint_keep,
                              args.checkpoint_major)

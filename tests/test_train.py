@@ -96,9 +96,9 @@ def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
     _run(flags + ["-x", "8"], capsys)
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("DONE")) == ["DONE_00000004", "DONE_00000008"]
     # a run killed while writing step 12: files there, DONE marker not yet
-    for kind in ("model", "state"):
-        src = tmp_path / (f"{kind}_00000008" + (".bin" if kind == "model" else ".npz"))
-        shutil.copy(src, str(src).replace("00000008", "00000012"))
+    for name in ("model_00000008.bin", "state_00000008", "meta_00000008.json"):
+        src = tmp_path / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, str(src).replace("00000008", "00000012"))
     out = _run(flags + ["-x", "10", "-y", "1"], capsys)
     assert "resumed from step 8" in out
     with pytest.raises(SystemExit, match="cannot resume from step 10"):   # other batch geometry
