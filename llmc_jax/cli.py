@@ -46,7 +46,8 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     ("-w", "--master-weights", int, 1, "1 = keep fp32 master weights in bfloat16 runs"),
     ("-z", "--zero-stage", int, 0, "ZeRO stage: 0 replicated, 1 optimizer state, 2 + gradients, 3 + params"),
     ("-r", "--recompute", int, 1, "recompute in the backward: 0 nothing, 1 GELU, 2 GELU and layernorms"),
-    ("-pn", "--num-processes", int, 1, "number of processes (multi-host)"),
+    ("-pn", "--num-processes", int, None, "number of processes (multi-host; default: the task count under "
+                                            "SLURM or Open MPI, else 1)"),
     ("-pr", "--process-rank", int, 0, "rank of this process (multi-host)"),
     (None, "--dtype", str, None, "float32 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)"),
     (None, "--beta1", float, 0.9, "AdamW beta1"),

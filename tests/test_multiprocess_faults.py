@@ -1,0 +1,253 @@
+"""Processes started by hand (not by llmc_jax.launch) that never arrive, cannot reach the
+coordinator, die or fail mid-run: the others stop within a bound, naming the missing rank.
+Also the -pn resolution under SLURM / Open MPI and the cluster example scripts.
+
+Every subprocess runs under a timeout, on a free port, with short LLMC_JAX_* timeouts."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from llmc_jax import cli, distributed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+FIXTURE = os.path.join(HERE, "data", "llmc_tiny")
+COMMON = ["-e", f"{FIXTURE}/model.bin", "-i", f"{FIXTURE}/train.bin", "-j", f"{FIXTURE}/val.bin",
+          "-t", "64", "-d", "256", "-b", "1", "-s", "0", "-c", "0.1", "--dtype", "float32",
+          "--shuffle", "0", "-z", "1"]
+INIT_TIMEOUT = 5      # seconds: LLMC_JAX_INIT_TIMEOUT in these tests
+PEER_TIMEOUT = 5      # seconds: LLMC_JAX_PEER_TIMEOUT in these tests
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("faults_cache"))
+
+
+def _env(cache: str) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", LLMC_JAX_CACHE=cache, PYTHONPATH=REPO,
+                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                LLMC_JAX_INIT_TIMEOUT=str(INIT_TIMEOUT), LLMC_JAX_PEER_TIMEOUT=str(PEER_TIMEOUT))
+
+
+def _rank(cache: str, port: int, rank: int, *extra: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmc_jax.train"] + COMMON + list(extra) +
+                            ["--coordinator", f"127.0.0.1:{port}", "-pn", "2", "-pr", str(rank)],
+                            cwd=REPO, env=_env(cache), text=True, **popen)
+
+
+def _run_alone(cache: str, rank: int) -> tuple[int, str, float]:
+    """Rank `rank` of 2 with nobody else: (exit status, stderr, seconds from start to exit)."""
+    t0 = time.monotonic()
+    p = _rank(cache, _free_port(), rank, "-x", "2", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, err, time.monotonic() - t0
+
+
+def test_peer_never_arrives(cache_dir):
+    """Rank 0 of 2 alone: status 1 (not JAX's SIGABRT, due LLMC_JAX_INIT_TIMEOUT + 30 s later) and
+    one line naming rank 1 and the coordinator."""
+    rc, err, elapsed = _run_alone(cache_dir, 0)
+    assert rc == 1, err[-3000:]
+    assert re.search(rf"llmc_jax: process rank 1 did not join within {INIT_TIMEOUT} s \(LLMC_JAX_INIT_TIMEOUT\); "
+                     r"this is rank 0 of 2, serving the coordinator on 127\.0\.0\.1:\d+", err), err[-3000:]
+    assert elapsed < INIT_TIMEOUT + distributed.JAX_INIT_GRACE, elapsed     # start-up (imports) included
+
+
+def test_unreachable_coordinator(cache_dir):
+    """Rank 1 of 2 whose coordinator never listens: status 1 with the address and the socket error."""
+    rc, err, elapsed = _run_alone(cache_dir, 1)
+    assert rc == 1, err[-3000:]
+    assert re.search(rf"llmc_jax: cannot reach the coordinator 127\.0\.0\.1:\d+ \(process rank 0\) within "
+                     rf"{INIT_TIMEOUT} s \(LLMC_JAX_INIT_TIMEOUT; last error: Connection refused\)", err), err[-3000:]
+    assert elapsed < INIT_TIMEOUT + distributed.JAX_INIT_GRACE, elapsed
+
+
+def test_coordinator_port_taken(cache_dir):
+    """Rank 0 whose port another program listens on: status 1 at once with a message (jax itself
+    crashes there with SIGSEGV about as often as it raises)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "llmc_jax.train"] + COMMON + ["-x", "2", "--coordinator",
+                            f"127.0.0.1:{port}", "-pn", "2", "-pr", "0"], cwd=REPO, env=_env(cache_dir),
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"llmc_jax: rank 0 cannot serve the coordinator on port {port} (Address already in use)" in r.stderr
+
+
+class _Pair:
+    """Ranks 0 and 1 started by hand on a free port, rank 0's stdout read line by line."""
+
+    def __init__(self, cache: str, max_steps: int):
+        port = _free_port()
+        extra = ("-x", str(max_steps), "-v", "0")
+        self.r0 = _rank(cache, port, 0, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.r1 = _rank(cache, port, 1, *extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self.stepped = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.r0.stdout:
+            self.lines.append(line)
+            if re.match(r"^step\s+1/", line):
+                self.stepped.set()
+
+    def wait_for_step_1(self):
+        assert self.stepped.wait(120), "rank 0 never printed step 1:\n" + "".join(self.lines)[-2000:]
+
+    def kill(self):
+        for p in (self.r0, self.r1):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_peer_killed_mid_run_without_launcher(cache_dir):
+    """Rank 1 SIGKILLed after step 1: rank 0 exits with status 1 within LLMC_JAX_PEER_TIMEOUT plus a
+    few seconds, naming rank 1 (JAX alone would take its heartbeat timeout, 100 s, and abort)."""
+    pair = _Pair(cache_dir, 2000)
+    try:
+        pair.wait_for_step_1()
+        t0 = time.monotonic()
+        pair.r1.kill()
+        rc = pair.r0.wait(timeout=60)
+        elapsed = time.monotonic() - t0
+        err = pair.r0.stderr.read()
+    finally:
+        pair.kill()
+    assert rc == 1, err[-3000:]
+    assert (f"llmc_jax: process rank 1 stopped responding (no heartbeat for {PEER_TIMEOUT} s, "
+            "LLMC_JAX_PEER_TIMEOUT)") in err, err[-3000:]
+    assert err.rstrip().endswith("stopping this process (rank 0 of 2)"), err[-3000:]
+    assert elapsed < PEER_TIMEOUT + 10, elapsed
+
+
+def test_peer_failing_mid_run_stops_the_other(cache_dir):
+    """Rank 1 interrupted (an exception in its main thread) after step 1: both exit with status 1
+    within a few seconds, rank 0 naming rank 1 as the one that failed."""
+    pair = _Pair(cache_dir, 2000)
+    try:
+        pair.wait_for_step_1()
+        t0 = time.monotonic()
+        pair.r1.send_signal(signal.SIGINT)
+        rc0, rc1 = pair.r0.wait(timeout=60), pair.r1.wait(timeout=60)
+        elapsed = time.monotonic() - t0
+        err0, err1 = pair.r0.stderr.read(), pair.r1.stderr.read()
+    finally:
+        pair.kill()
+    assert rc0 == 1 and "llmc_jax: process rank 1 failed (its error is in its own output); stopping this " \
+                       "process (rank 0 of 2)" in err0, err0[-3000:]
+    assert rc1 == 1 and "KeyboardInterrupt" in err1, err1[-3000:]
+    assert err1.rstrip().endswith("llmc_jax: this process (rank 1 of 2) failed (the error is above); "
+                                  "stopped the others"), err1[-3000:]
+    assert elapsed < PEER_TIMEOUT + 10, elapsed
+
+
+def _flags(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**{"num_processes": None, "process_rank": 0, "coordinator": None, **kw})
+
+
+SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-04]", "SLURM_NTASKS": "4",
+         "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
+
+
+def test_num_processes_resolution(monkeypatch):
+    """-pn not given: the SLURM / Open MPI task count and rank where there is one, else 1; an explicit
+    -pn 1 stays one process even inside such a job."""
+    for var in list(os.environ):
+        if var.startswith(("SLURM_", "OMPI_")):
+            monkeypatch.delenv(var)
+    args = _flags()
+    assert distributed.check_args(args) is None and (args.num_processes, args.cluster) == (1, None)
+    for var, value in SLURM.items():
+        monkeypatch.setenv(var, value)
+    args = _flags()
+    assert distributed.check_args(args) is None
+    assert (args.num_processes, args.process_rank, args.cluster) == (4, 2, "SLURM")
+    args = _flags(num_processes=1)
+    assert distributed.check_args(args) is None and (args.num_processes, args.cluster) == (1, None)
+    args = _flags(coordinator="node01:1234")                        # explicit address: no detection
+    assert distributed.check_args(args) is None and (args.num_processes, args.cluster) == (1, None)
+    assert cli.parse_args(COMMON).num_processes is None
+    for var in SLURM:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    problem = distributed.check_args(_flags())                      # Open MPI 5: no OMPI_MCA_orte_hnp_uri
+    assert problem and "--coordinator HOST:PORT -pn $OMPI_COMM_WORLD_SIZE" in problem
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "123.0;tcp://10.0.0.1:4567")
+    args = _flags()
+    assert distributed.check_args(args) is None
+    assert (args.num_processes, args.process_rank, args.cluster) == (2, 1, "Open MPI")
+
+
+def _recorder(path, name: str) -> str:
+    """An executable that writes its arguments, one per line, to `name`.args next to it."""
+    exe = path / name
+    exe.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{path / name}.args"\n')
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def _train_argv(recorded: str) -> list[str]:
+    argv = open(recorded).read().splitlines()
+    i = argv.index("llmc_jax.train")
+    assert argv[i - 1] == "-m"
+    return argv[i + 1:]
+
+
+@pytest.mark.parametrize("script", ["run_slurm.sbatch", "run_mpirun.sh"])
+def test_cluster_scripts(script, tmp_path):
+    """The example scripts parse (bash -n), and the flags they pass llmc_jax.train are accepted, for
+    2 nodes: srun / mpirun and python replaced by recorders of their arguments."""
+    path = os.path.join(REPO, "scripts", script)
+    assert subprocess.run(["bash", "-n", path], capture_output=True, timeout=30).returncode == 0
+    _recorder(tmp_path, "srun")
+    _recorder(tmp_path, "mpirun")
+    python = _recorder(tmp_path, "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+    env.update(PATH=f"{tmp_path}:{env['PATH']}", OUT=str(tmp_path / "out"), PYTHON=python)
+    if script == "run_slurm.sbatch":
+        env.update(SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=REPO)
+        runs = [(env, "srun.args", ["-pn"])]
+    else:
+        hosts = tmp_path / "hosts"
+        hosts.write_text("# two hosts\nnode0 slots=1\nnode1 slots=1\n")
+        subprocess.run(["bash", path, "--seed", "7"], env=dict(env, HOSTS=str(hosts)), check=True, timeout=30)
+        mpirun = open(tmp_path / "mpirun.args").read().splitlines()
+        assert mpirun[:2] == ["-np", "2"] and mpirun[-2:] == ["--seed", "7"], mpirun
+        rank_env = dict(env, OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_SIZE="2", COORDINATOR="node0:12345")
+        runs = [(rank_env, "python.args", [])]
+    for run_env, recorded, absent in runs:
+        subprocess.run(["bash", path, "--seed", "7"], env=run_env, check=True, timeout=30)
+        argv = _train_argv(str(tmp_path / recorded))
+        args = cli.parse_args(argv)
+        assert args.seed == 7 and args.batch_size == 32 and args.total_batch_size == 524288
+        assert all(flag not in argv for flag in absent)
+        if script == "run_mpirun.sh":
+            assert (args.coordinator, args.num_processes, args.process_rank) == ("node0:12345", 2, 1)
+            assert distributed.check_args(args) is None
