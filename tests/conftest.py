@@ -10,6 +10,14 @@ import pytest  # noqa: E402
 
 from llmc_jax.config import GPTConfig  # noqa: E402
 
+
+
+def rel_error(a, ref) -> float:
+    """Max abs error relative to the largest magnitude of the reference (the tests' one error measure)."""
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
 # V < Vp so the padded vocabulary columns are exercised; T values below are not powers of two.
 TEST_CONFIG = GPTConfig(L=2, NH=4, C=64, maxT=64, V=250, Vp=256)
 

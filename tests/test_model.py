@@ -5,16 +5,11 @@ import numpy as np
 import pytest
 
 import numpy_gpt2
-from conftest import TEST_CONFIG, random_batch
+from conftest import TEST_CONFIG, random_batch, rel_error
 from llmc_jax import model, reference
 from llmc_jax.config import PARAM_NAMES, from_descriptor
 
 CFG = TEST_CONFIG
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def _jnp(params):
@@ -31,7 +26,7 @@ def test_manual_gradients_match_autodiff(tiny_params, dtype, tol, B, T):
     assert abs(float(loss_m) - float(loss_a)) < tol * abs(float(loss_a))
     for name in PARAM_NAMES:
         assert g_m[name].dtype == jnp.float32, name   # fp32 master gradients in both paths
-        assert _rel(g_m[name], g_a[name]) < tol, f"{name}: {_rel(g_m[name], g_a[name])}"
+        assert rel_error(g_m[name], g_a[name]) < tol, f"{name}: {rel_error(g_m[name], g_a[name])}"
     assert np.all(np.asarray(g_m["wte"])[CFG.V:] == 0.0)   # padded vocab rows: exactly zero
 
 
@@ -40,7 +35,7 @@ def test_forward_matches_float64_numpy(tiny_params):
     want_logits, _ = numpy_gpt2.forward(tiny_params, x, CFG)
     got = jax.jit(lambda p, i: model.logits(p, i, CFG))(_jnp(tiny_params), x)
     assert got.shape == (2, 11, CFG.Vp)
-    assert _rel(got, want_logits) < 1e-5
+    assert rel_error(got, want_logits) < 1e-5
     loss = jax.jit(lambda p, i, t: model.loss(p, i, t, CFG))(_jnp(tiny_params), x, y)
     assert abs(float(loss) - numpy_gpt2.loss(tiny_params, x, y, CFG)) < 1e-5
 
@@ -73,7 +68,7 @@ def test_recompute_gives_same_gradients(tiny_params, recompute):
     l1, g1 = jax.jit(model.value_and_grad(CFG, recompute=recompute))(p, x, y)
     assert float(l0) == float(l1)
     for name in PARAM_NAMES:
-        assert _rel(g1[name], g0[name]) < 1e-6, name
+        assert rel_error(g1[name], g0[name]) < 1e-6, name
 
 
 def test_parameter_counts():

@@ -7,16 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TEST_CONFIG, random_batch
+from conftest import TEST_CONFIG, random_batch, rel_error
 from llmc_jax import gradcheck, model, reference
 from llmc_jax.config import PARAM_NAMES
 
 CFG = TEST_CONFIG          # NH=4, C=64: HS=16, the smallest head the flash kernel takes
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +36,8 @@ def test_pallas_model_matches_xla_and_autodiff_fp32(batch_and_params, xla_fp32):
     assert abs(float(loss_p) - float(loss_x)) < 1e-5 * float(loss_x)
     assert abs(float(loss_p) - float(loss_a)) < 1e-5 * float(loss_a)
     for name in PARAM_NAMES:
-        assert _rel(g_p[name], g_x[name]) < 1e-5, f"{name}: {_rel(g_p[name], g_x[name])}"
-        assert _rel(g_p[name], g_a[name]) < 1e-5, f"{name}: {_rel(g_p[name], g_a[name])}"
+        assert rel_error(g_p[name], g_x[name]) < 1e-5, f"{name}: {rel_error(g_p[name], g_x[name])}"
+        assert rel_error(g_p[name], g_a[name]) < 1e-5, f"{name}: {rel_error(g_p[name], g_a[name])}"
 
 
 def test_pallas_model_bf16_close_to_autodiff(batch_and_params):
@@ -53,7 +48,7 @@ def test_pallas_model_bf16_close_to_autodiff(batch_and_params):
     assert abs(float(loss_p) - float(loss_a)) < 3e-2 * float(loss_a)
     for name in PARAM_NAMES:
         assert g_p[name].dtype == jnp.float32
-        assert _rel(g_p[name], g_a[name]) < 3e-2, f"{name}: {_rel(g_p[name], g_a[name])}"
+        assert rel_error(g_p[name], g_a[name]) < 3e-2, f"{name}: {rel_error(g_p[name], g_a[name])}"
 
 
 def test_pallas_with_recompute_keeps_gradients(batch_and_params, xla_fp32):
@@ -64,7 +59,7 @@ def test_pallas_with_recompute_keeps_gradients(batch_and_params, xla_fp32):
     loss_x, g_x = xla_fp32
     assert abs(float(loss_r) - float(loss_x)) < 1e-5 * float(loss_x)
     for name in PARAM_NAMES:
-        assert _rel(g_r[name], g_x[name]) < 1e-5, name
+        assert rel_error(g_r[name], g_x[name]) < 1e-5, name
 
 
 def test_gradcheck_with_pallas_kernels(capsys):

@@ -18,21 +18,11 @@ from types import SimpleNamespace
 import pytest
 
 from llmc_jax import cli, distributed
+from llmc_jax.launch import free_port
+from test_multiprocess import COMMON, REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-FIXTURE = os.path.join(HERE, "data", "llmc_tiny")
-COMMON = ["-e", f"{FIXTURE}/model.bin", "-i", f"{FIXTURE}/train.bin", "-j", f"{FIXTURE}/val.bin",
-          "-t", "64", "-d", "256", "-b", "1", "-s", "0", "-c", "0.1", "--dtype", "float32",
-          "--shuffle", "0", "-z", "1"]
 INIT_TIMEOUT = 5      # seconds: LLMC_JAX_INIT_TIMEOUT in these tests
 PEER_TIMEOUT = 5      # seconds: LLMC_JAX_PEER_TIMEOUT in these tests
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +45,7 @@ def _rank(cache: str, port: int, rank: int, *extra: str, **popen) -> subprocess.
 def _run_alone(cache: str, rank: int) -> tuple[int, str, float]:
     """Rank `rank` of 2 with nobody else: (exit status, stderr, seconds from start to exit)."""
     t0 = time.monotonic()
-    p = _rank(cache, _free_port(), rank, "-x", "2", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = _rank(cache, free_port(), rank, "-x", "2", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _, err = p.communicate(timeout=90)
     finally:
@@ -102,7 +92,7 @@ class _Pair:
     """Ranks 0 and 1 started by hand on a free port, rank 0's stdout read line by line."""
 
     def __init__(self, cache: str, max_steps: int):
-        port = _free_port()
+        port = free_port()
         extra = ("-x", str(max_steps), "-v", "0")
         self.r0 = _rank(cache, port, 0, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.r1 = _rank(cache, port, 1, *extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_error
 from llmc_jax import ops
 
 # fp32: manual and reference differ only in summation order. bf16: activations are rounded to
@@ -11,11 +12,6 @@ from llmc_jax import ops
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SHAPES = [(2, 16), (1, 37), (3, 5)]   # (B, T), T not always a power of two
 C, NH, V, VP = 64, 4, 250, 256
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def _inputs(name, B, T, dtype, seed=0):
@@ -75,11 +71,11 @@ def test_op_forward_and_backward(name, B, T, dtype):
     out_r, vjp_r = jax.vjp(split(ref), *diff_args)
     assert out_m.dtype == out_r.dtype and out_m.shape == out_r.shape
     tol = TOL[dtype]
-    assert _rel(out_m, out_r) < tol, f"{name} forward"
+    assert rel_error(out_m, out_r) < tol, f"{name} forward"
     cot = jnp.asarray(np.random.default_rng(7).normal(size=out_m.shape).astype(np.float32)).astype(out_m.dtype)
     for i, (gm, gr) in enumerate(zip(vjp_m(cot), vjp_r(cot))):
         assert gm.dtype == gr.dtype, f"{name} grad {i} dtype"
-        assert _rel(gm, gr) < tol, f"{name} grad of arg {diff_argnums[i]}: {_rel(gm, gr)}"
+        assert rel_error(gm, gr) < tol, f"{name} grad of arg {diff_argnums[i]}: {rel_error(gm, gr)}"
 
 
 def test_classifier_padded_columns_get_exactly_zero_gradient():
@@ -110,13 +106,13 @@ def test_ops_against_float64_numpy():
     mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     want = (x - mu) / np.sqrt(var + 1e-5) * w + b
     got = ops.layernorm(*(jnp.asarray(a, jnp.float32) for a in (x, w, b)))
-    assert _rel(got, want) < 1e-5
+    assert rel_error(got, want) < 1e-5
     g = ops.gelu(jnp.asarray(x, jnp.float32))
     want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-    assert _rel(g, want) < 1e-5
+    assert rel_error(g, want) < 1e-5
     # d gelu / dx by central differences in float64
     h = 1e-5
     f = lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
     numeric = (f(x + h) - f(x - h)) / (2 * h)
     _, vjp = jax.vjp(ops.gelu, jnp.asarray(x, jnp.float32))
-    assert _rel(vjp(jnp.ones_like(jnp.asarray(x, jnp.float32)))[0], numeric) < 1e-5
+    assert rel_error(vjp(jnp.ones_like(jnp.asarray(x, jnp.float32)))[0], numeric) < 1e-5

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_error
 from llmc_jax import ops
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
 from tests.cuda_lowering import triton_calls
@@ -22,11 +23,6 @@ TOL_F32 = 1e-5
 # different points in the online softmax than in the reference, and outputs are rounded once more:
 # a few bf16 ulps (2^-8 = 3.9e-3) of the largest value (5.7e-3 seen here).
 TOL_BF16 = 1e-2
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def _tol(dtype) -> float:
@@ -85,11 +81,11 @@ def test_forward_and_gradients(B, T, NH, HS, causal, sm_scale, blocks, dtype):
 
     tol = _tol(dtype)
     assert out.dtype == dtype and out.shape == q.shape
-    assert _rel(out, out_ref) < tol and _rel(out, out64) < tol
+    assert rel_error(out, out_ref) < tol and rel_error(out, out64) < tol
     for name, g, g_ref, g64, x in zip("qkv", grads, grads_ref, grads64, (q, k, v)):
         assert g.dtype == x.dtype and g.shape == x.shape, name
-        assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
-        assert _rel(g, g64) < tol, (name, _rel(g, g64))
+        assert rel_error(g, g_ref) < tol, (name, rel_error(g, g_ref))
+        assert rel_error(g, g64) < tol, (name, rel_error(g, g64))
 
 
 def test_matches_ops_attention_on_packed_qkv():
@@ -105,8 +101,8 @@ def test_matches_ops_attention_on_packed_qkv():
 
     out, (dqkv,) = jax.jit(lambda x, d: _vjp1(via_flash, x, d))(qkv, dout)
     out_ref, (dqkv_ref,) = _vjp1(lambda x: ops.attention_reference(x, NH), qkv, dout)
-    assert _rel(out, out_ref) < TOL_F32
-    assert _rel(dqkv, dqkv_ref) < TOL_F32
+    assert rel_error(out, out_ref) < TOL_F32
+    assert rel_error(dqkv, dqkv_ref) < TOL_F32
 
 
 def _vjp1(fn, x, ct):
@@ -123,9 +119,9 @@ def test_vmap_non_causal_T_below_one_block():
     out, grads = pallas(q, k, v, do)
     for n in range(2):
         out64, grads64 = _numpy_attention(q[n], k[n], v[n], do[n], False, 0.25)
-        assert _rel(out[n], out64) < TOL_F32
+        assert rel_error(out[n], out64) < TOL_F32
         for g, g64 in zip(grads, grads64):
-            assert _rel(g[n], g64) < TOL_F32
+            assert rel_error(g[n], g64) < TOL_F32
 
 
 # GPT-2 124M attention (B=4, T=1024, NH=12, HS=64) with the default (H100) blocks, and a T that

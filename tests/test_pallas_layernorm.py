@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import rel_error
 from llmc_jax import ops
 from pallas_kernels.layernorm import (layernorm, layernorm_reference, residual_layernorm,
                                       residual_layernorm_reference)
@@ -26,11 +27,6 @@ TOL_F32 = 1e-5
 TOL_BF16 = 2 ** -7
 # float32 w/b gradients of a bf16 run: float32 math on the same bf16 inputs, never rounded to bf16.
 TOL_PARAM_F32 = 1e-5
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def _tol(dtype) -> float:
@@ -96,14 +92,14 @@ def test_layernorm_matches_reference_and_float64(shape, dtype, param_dtype):
     for name, g, r, t, arg in zip(["out", "dx", "dw", "db"], got, ref, truth, [x, x, w, b]):
         assert g.shape == arg.shape and g.dtype == arg.dtype, name
         tol = TOL_PARAM_F32 if name in ("dw", "db") and arg.dtype == jnp.float32 else _tol(arg.dtype)
-        assert _rel(g, r) < tol, (name, _rel(g, r))
-        assert _rel(g, t) < tol, (name, _rel(g, t))
+        assert rel_error(g, r) < tol, (name, rel_error(g, r))
+        assert rel_error(g, t) < tol, (name, rel_error(g, t))
 
 
 def test_layernorm_vmap():
     (x,), w, b, _ = _inputs((3, 20, 64), jnp.float32, jnp.float32)
     got = jax.jit(jax.vmap(functools.partial(layernorm, **BLOCKS), in_axes=(0, None, None)))(x, w, b)
-    assert _rel(got, layernorm_reference(x, w, b)) < TOL_F32
+    assert rel_error(got, layernorm_reference(x, w, b)) < TOL_F32
 
 
 # ---- residual_layernorm -------------------------------------------------------------------------
@@ -152,8 +148,8 @@ def test_residual_layernorm_matches_reference_and_float64(shape, dtype, param_dt
         # bf16 dx: the reference rounds the layernorm gradient to bf16 before adding ds (two
         # roundings), the kernel adds in float32 and rounds once: up to two bf16 ulps apart.
         ref_tol = 2 * tol if name in ("dx", "dr") and dtype == BF16 else tol
-        assert _rel(g, rf) < ref_tol, (name, _rel(g, rf))
-        assert _rel(g, t) < tol, (name, _rel(g, t))
+        assert rel_error(g, rf) < ref_tol, (name, rel_error(g, rf))
+        assert rel_error(g, t) < tol, (name, rel_error(g, t))
 
 
 def test_residual_layernorm_equals_ops_residual_then_layernorm():
@@ -171,7 +167,7 @@ def test_residual_layernorm_equals_ops_residual_then_layernorm():
     got = jax.jit(lambda: run(functools.partial(residual_layernorm, **BLOCKS)))()
     want = jax.jit(lambda: run(two_ops))()
     for name, g, o in zip(["s", "out", "dx", "dr", "dw", "db"], got, want):
-        assert _rel(g, o) < 1e-6, (name, _rel(g, o))  # the same float32 math, summation order aside
+        assert rel_error(g, o) < 1e-6, (name, rel_error(g, o))  # the same float32 math, summation order aside
 
 
 # ---- CUDA lowering (no execution): every kernel must go through Triton ---------------------------

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_error
 from llmc_jax import ops
 from pallas_kernels.matmul_gelu import matmul_gelu, matmul_gelu_reference
 from tests.cuda_lowering import triton_calls
@@ -33,12 +34,6 @@ FP32_TOL = 1e-5
 # bf16 (8-bit mantissa, ulp 2^-8 = 3.9e-3 relative): the path rounds pre, dpre and the result to
 # bf16, so an entry near the max may be off by one to two ulps (measured <= 3.8e-3): allow 2.5 ulps.
 BF16_TOL = 1e-2
-
-
-def rel_err(a, ref) -> float:
-    """Max abs error relative to the largest magnitude of the reference."""
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
 def tol(x_dtype) -> float:
@@ -90,14 +85,14 @@ def test_matches_reference(name):
     (x, *_), pallas, reference = case_data(name)
     for what, a, r in zip(("out", "dx", "dw", "db"), pallas, reference):
         assert a.shape == r.shape and a.dtype == r.dtype, what
-        assert rel_err(a, r) < tol(x.dtype), what
+        assert rel_error(a, r) < tol(x.dtype), what
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_matches_float64_numpy(name):
     (x, w, b, g), pallas, _ = case_data(name)
     for what, a, t in zip(("out", "dx", "dw", "db"), pallas, float64_truth(x, w, b, g, x.dtype)):
-        assert rel_err(a, t) < tol(x.dtype), what
+        assert rel_error(a, t) < tol(x.dtype), what
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -113,7 +108,7 @@ def test_matches_llmc_ops(name):
     (x, w, b, g), pallas, _ = case_data(name)
     ops_result = value_and_vjp(lambda x, w, b: ops.gelu(ops.matmul(x, w, b)), x, w, b, g)
     for what, a, r in zip(("out", "dx", "dw", "db"), pallas, ops_result):
-        assert rel_err(a, r) < FP32_TOL, what
+        assert rel_error(a, r) < FP32_TOL, what
 
 
 def test_vmap_with_default_blocks():
@@ -130,7 +125,7 @@ def test_vmap_with_default_blocks():
     pallas = value_and_vjp(batched(functools.partial(matmul_gelu, interpret=True)), xs, w, b, g)
     reference = value_and_vjp(batched(matmul_gelu_reference), xs, w, b, g)
     for what, a, r in zip(("out", "dx", "dw", "db"), pallas, reference):
-        assert rel_err(a, r) < FP32_TOL, what
+        assert rel_error(a, r) < FP32_TOL, what
 
 
 def scalar_loss(x, w, b):
