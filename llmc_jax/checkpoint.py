@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llmc_jax import llmc_format
+from llmc_jax import distributed, llmc_format
 from llmc_jax.config import GPTConfig
 
 
@@ -51,13 +51,6 @@ def _gather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(every[i, :sizes[i]])) for i in range(len(sizes))]
 
 
-def _host_params(params: dict) -> dict:
-    """The whole params on the host (gathered across processes, collectively, where there are several)."""
-    if jax.process_count() == 1:
-        return jax.device_get(params)
-    return multihost_utils.process_allgather(params, tiled=True)
-
-
 def save(out_dir: str, step: int, config: GPTConfig, train_state: Any, loader_states: dict[int, dict],
          meta: dict, model_version: int = 3) -> None:
     """Write one complete checkpoint for `step`. Every process calls it (it is a collective) with the
@@ -68,7 +61,7 @@ def save(out_dir: str, step: int, config: GPTConfig, train_state: Any, loader_st
         os.remove(p["done"])
     with _checkpointer() as ckptr:              # leaving the block waits for every shard to be written
         ckptr.save(p["state"], train_state, force=True)
-    params = _host_params(train_state.params)
+    params = distributed.gather_params(train_state.params)
     loaders = {int(r): s for part in _gather_json({str(r): s for r, s in loader_states.items()})
                for r, s in part.items()}
     if main:

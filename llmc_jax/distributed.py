@@ -170,6 +170,17 @@ def _missing_message(n: int, rank: int, coordinator: str | None, cluster: str | 
             f"process got the same -pn {n} and --coordinator and a different -pr, and their output")
 
 
+def gather_params(params: dict) -> dict:
+    """Params this process can use on its own (sampling, HellaSwag, the llm.c model export): the
+    arrays themselves with one process; with several, gathered from every process (a collective:
+    every process must call it)."""
+    import jax
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
 def maybe_initialize(args) -> bool:
     """Initialize jax.distributed as the flags (resolved by check_args) or the environment ask; True
     where it did. Bounded: a missing process or coordinator ends this one after LLMC_JAX_INIT_TIMEOUT

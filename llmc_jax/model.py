@@ -53,6 +53,11 @@ def parse_kernel_spec(spec: str) -> dict[str, str]:
     return choice
 
 
+def uses_pallas(kernels: str) -> bool:
+    """Whether any op of a kernel spec is a Pallas kernel (opaque to XLA's partitioner)."""
+    return "pallas" in parse_kernel_spec(kernels).values()
+
+
 def _xla_residual_layernorm(x, r, w, b):
     s = ops.residual(x, r)
     return s, ops.layernorm(s, w, b)
@@ -66,8 +71,7 @@ def _qkv_attention(attention_BTNH):
     """Adapt a (q, k, v) -> out attention on (B, T, NH, HS) to the model's packed (B, T, 3C) qkv."""
     def attention(qkv_BT3C, NH: int):
         B, T, C3 = qkv_BT3C.shape
-        qkv = qkv_BT3C.reshape(B, T, 3, NH, C3 // (3 * NH))
-        return attention_BTNH(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(B, T, C3 // 3)
+        return attention_BTNH(*ops._split_heads(qkv_BT3C, NH)).reshape(B, T, C3 // 3)
     return attention
 
 
@@ -89,8 +93,7 @@ def op_set(kernels: str = "xla") -> types.SimpleNamespace:
     choice = parse_kernel_spec(kernels)
     ns = types.SimpleNamespace(encoder=ops.encoder, layernorm=ops.layernorm, matmul=ops.matmul,
                                attention=ops.attention, residual=ops.residual, classifier=ops.fused_classifier,
-                               residual_layernorm=_xla_residual_layernorm, matmul_gelu=_xla_matmul_gelu,
-                               fused_matmul_gelu=False)
+                               residual_layernorm=_xla_residual_layernorm, matmul_gelu=_xla_matmul_gelu)
     if choice["attention"] == "pallas":
         from pallas_kernels.flash_attention import flash_attention
         ns.attention = _qkv_attention(flash_attention)
@@ -101,7 +104,7 @@ def op_set(kernels: str = "xla") -> types.SimpleNamespace:
         ns.layernorm, ns.residual_layernorm = pallas_ln.layernorm, pallas_ln.residual_layernorm
     if choice["matmul_gelu"] == "pallas":
         from pallas_kernels.matmul_gelu import matmul_gelu
-        ns.matmul_gelu, ns.fused_matmul_gelu = matmul_gelu, True
+        ns.matmul_gelu = matmul_gelu
     return ns
 
 
@@ -146,7 +149,7 @@ def _block(opset, NH: int, recompute: int):
     # llm.c's GELU recompute keeps the pre-activation and drops the GELU output; the fused Pallas
     # matmul_gelu saves its pre-activation internally, so under -r 1/2 it would recompute the whole
     # fc matmul: there the MLP uses the op library's matmul and GELU instead.
-    matmul_gelu = _xla_matmul_gelu if recompute and opset.fused_matmul_gelu else opset.matmul_gelu
+    matmul_gelu = _xla_matmul_gelu if recompute else opset.matmul_gelu
 
     def block(carry, lp):
         x, delta = carry

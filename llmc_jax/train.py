@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "float32" if platform == "cpu" else "bfloat16"
     if platform == "gpu" and args.dtype == "float32" and not args.allow_tf32:
         jax.config.update("jax_default_matmul_precision", "highest")
-    if "attention=cudnn" in args.kernels and (platform != "gpu" or args.dtype != "bfloat16"):
+    from llmc_jax.model import parse_kernel_spec
+    if parse_kernel_spec(args.kernels)["attention"] == "cudnn" and (platform != "gpu" or args.dtype != "bfloat16"):
         raise UsageError("--attention cudnn needs an NVIDIA GPU and --dtype bfloat16 (cuDNN's fused attention); "
                          "use --attention xla or pallas")
     if args.builtin_corpus:
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if (hellaswag_examples and args.val_every > 0 and ((step > 0 and step % args.val_every == 0) or last)
                 and not resumed_here):
             from llmc_jax import hellaswag
-            correct, total = hellaswag.score(_host_params(state.params, nproc), cfg, hellaswag_examples, B=B, T=T,
+            correct, total = hellaswag.score(distributed.gather_params(state.params), cfg, hellaswag_examples, B=B, T=T,
                                              dtype=args.dtype, kernels=args.kernels)
             _print0(f"HellaSwag: {correct}/{total} = {correct / total:f}")
             if log:
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
         if (args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last)
                 and not resumed_here):
-            toks = sample.generate(_host_params(state.params, nproc), cfg, args.gen_tokens, eot, dtype=jnp.dtype(args.dtype),
+            toks = sample.generate(distributed.gather_params(state.params), cfg, args.gen_tokens, eot, dtype=jnp.dtype(args.dtype),
                                    kernels=args.kernels)
             text = tokenizer.decode(toks[1:]) if tokenizer else " ".join(map(str, toks[1:]))
             _print0(f"generating:\n---\n{text}\n---")
@@ -364,15 +365,6 @@ def _global_rows(jax, local, mesh, D: int, axis: int = 0):
     shape = list(np.shape(local))
     shape[axis] = shape[axis] * D // jax.local_device_count()
     return jax.make_array_from_process_local_data(spec, local, tuple(shape))
-
-
-def _host_params(params, nproc: int):
-    """Params every process can use on its own (sampling, HellaSwag): gathered across processes
-    (every process must call this, as it is a collective) where there are several."""
-    if nproc == 1:
-        return params
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def _next_batches(loaders, grad_accum: int) -> tuple[np.ndarray, np.ndarray]:

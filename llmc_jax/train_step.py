@@ -99,7 +99,7 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     constrained to it, so each micro-step's gradient is reduce-scattered into a sharded sum.
     mesh: the device mesh of a sharded step; with Pallas kernels the forward and backward then run
     per device inside shard_map (XLA partitions the xla op set by itself)."""
-    per_device = mesh is not None and mesh.size > 1 and sc.backward == "manual" and "pallas" in sc.kernels
+    per_device = mesh is not None and mesh.size > 1 and sc.backward == "manual" and model.uses_pallas(sc.kernels)
     # ZeRO-3 (params sharded, so gradients are too): each layer gathered as the scan reaches it
     gather_layers = mesh is not None and grad_shardings is not None and zero_stage >= 3 and not per_device
     value_and_grad = sc.value_and_grad(NamedSharding(mesh, P()) if gather_layers else None)
