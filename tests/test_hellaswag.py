@@ -10,7 +10,9 @@ import pytest
 
 from conftest import random_params
 from llmc_jax import eval_hellaswag, hellaswag, llmc_format, model
+from conftest import gpt2_bpe_folder
 from llmc_jax.config import GPTConfig
+from llmc_jax.errors import run
 from llmc_jax.hellaswag import Example
 from llmc_jax.llmc_format import HEADER_BYTES, LLMCFormatError
 
@@ -308,9 +310,9 @@ def test_eval_cli(tmp_path, counting_params, capsys):
     assert rc == 0, out.err
     assert out.out.splitlines() == ["HellaSwag: 5/6 = 0.833333"]
     assert "evaluating HellaSwag: 2/2" in out.err
-    rc = eval_hellaswag.main(["-e", str(tmp_path / "m.bin"), "-i", str(tmp_path / "missing.bin")])
+    rc = run(eval_hellaswag.main, ["-e", str(tmp_path / "m.bin"), "-i", str(tmp_path / "missing.bin")])
     assert rc == 2 and "scripts/prepare_hellaswag.py" in capsys.readouterr().err
-    rc = eval_hellaswag.main(["-e", str(tmp_path / "m.bin"), "-i", str(tmp_path / "hs.bin"), "-t", "8"])
+    rc = run(eval_hellaswag.main, ["-e", str(tmp_path / "m.bin"), "-i", str(tmp_path / "hs.bin"), "-t", "8"])
     assert rc == 2 and "use T >= 10" in capsys.readouterr().err
 
 
@@ -349,11 +351,7 @@ def test_prepare_offline_message(tmp_path):
 
 
 def test_prepare_with_gpt2_tokenizer(tmp_path, capsys):
-    from llmc_jax import tokenizer
-    try:
-        tokenizer.get_tokenizer("gpt2")
-    except tokenizer.TokenizerNotFoundError as e:
-        pytest.skip(f"GPT-2 tokenizer files not available: {e}")
+    gpt2_bpe_folder()                 # the script loads them by the same rule; fails (not skips) if absent
     prep = _prepare_module()
     (tmp_path / "val.jsonl").write_text(
         '{"ind": 24, "ctx": "A man is sitting on a roof. he", "label": 3, "endings": ["is using wrap to wrap '

@@ -1,8 +1,8 @@
 """scripts/prepare_*.py: tokenize-and-shard on small local inputs, downloads against a loopback
 server, offline errors (127.0.0.1:9 refuses at once), and training on the shards made.
 
-Nothing here touches the network. GPT-2 tests need the BPE files in ~/.cache/llmc_jax/tokenizer
-(.ci/run fetches them); without them they fail with the message saying how to provide them.
+Nothing here touches the network. GPT-2 tests read the BPE files the install ships (see
+conftest.gpt2_bpe_folder); without them they fail with the message saying how to provide them.
 """
 import gzip
 import hashlib
@@ -21,6 +21,7 @@ import pytest
 
 from llmc_jax import tokenizer as T
 from llmc_jax.llmc_format import read_shard
+from conftest import gpt2_bpe_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -35,10 +36,7 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
 
 
 def gpt2():
-    folder = T.default_dir()
-    if T._local_files(folder) is None:
-        pytest.fail("the GPT-2 BPE files are missing from the default cache.\n" + T.how_to_provide(folder))
-    return T.get_tokenizer("gpt2")
+    return T.get_tokenizer("gpt2", path=gpt2_bpe_folder())
 
 
 def shards(d, pattern=""):

