@@ -4,9 +4,13 @@ defaults that the command line overrides."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 from llmc_jax import config as cfgmod
+from llmc_jax.errors import ArgumentParser, UsageError, user_files
 
 # (short, long, type, default, help). A default of None is resolved later: for the built-in
 # corpus run (no -i) to a small model that trains in minutes on a CPU, otherwise to llm.c's default.
@@ -17,16 +21,16 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
                                 "default d12 (with -i) or small (built-in corpus)"),
     ("-o", "--output-dir", str, None, "output dir for main.log and checkpoints (default: none; "
                                       "out/builtin for the built-in corpus run)"),
-    ("-n", "--checkpoint-every", int, 0, "write a checkpoint every N steps (and at the end); needs -o"),
+    ("-n", "--checkpoint-every", int, 0, "with -o, a checkpoint every N steps and at the end; 0 (default) = at the end only (llm.c: never), -1 = never"),
     ("-nk", "--checkpoint-keep", int, 0, "keep only the last N checkpoints (0 = all)"),
     ("-nm", "--checkpoint-major", int, 0, "checkpoints at multiples of N are never deleted"),
     ("-y", "--resume", int, 0, "1 = resume from the newest complete checkpoint in -o"),
-    ("-b", "--batch-size", int, None, "micro-batch size B per device (default 4; 16 for the built-in run)"),
-    ("-t", "--seq-len", int, None, "sequence length T (default 1024; 128 for the built-in run)"),
+    ("-b", "--batch-size", int, None, "micro-batch size B per device (default 4; 32 for the built-in run)"),
+    ("-t", "--seq-len", int, None, "sequence length T (default 1024; 64 for the built-in run)"),
     ("-d", "--total-batch-size", int, -1, "tokens per optimizer step; gradient accumulation is derived "
                                           "(default B*T*processes: no accumulation)"),
     ("-x", "--max-steps", int, None, "optimizer steps (default -1 = one epoch of the train data; "
-                                     "800 for the built-in run)"),
+                                     "1400 for the built-in run)"),
     ("-k", "--lr-scheduler", str, "cosine", "cosine, linear, constant or wsd"),
     ("-l", "--learning-rate", float, None, "peak learning rate (default 3e-4; 2e-3 for the built-in run)"),
     ("-u", "--warmup-steps", int, None, "linear warmup steps (default 0; 50 for the built-in run)"),
@@ -35,9 +39,9 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     ("-sl", "--skip-loss-z", float, 0.0, "skip updates whose loss z-score exceeds this (0 = off)"),
     ("-sg", "--skip-grad-z", float, 0.0, "skip updates whose grad-norm z-score exceeds this (0 = off)"),
     ("-v", "--val-every", int, None, "val loss every N steps (default 20; 200 for the built-in run)"),
-    ("-m", "--val-batches", int, None, "val batches per evaluation, -1 = all (default 20; 10 built-in)"),
-    ("-s", "--sample-every", int, None, "sample text every N steps, 0 = never (default 20; 400 built-in)"),
-    ("-g", "--gen-tokens", int, None, "tokens to generate per sample (default 64; 128 built-in)"),
+    ("-m", "--val-batches", int, None, "val batches per evaluation, -1 = all (default 20)"),
+    ("-s", "--sample-every", int, None, "sample text every N steps, 0 = never (default 20; 700 built-in)"),
+    ("-g", "--gen-tokens", int, None, "tokens to generate per sample (default 64; 256 built-in)"),
     ("-h", "--hellaswag", int, 0, "1 = HellaSwag eval at every val step (needs B >= 4 and T >= the longest example)"),
     (None, "--hellaswag-file", str, "data/hellaswag/hellaswag_val.bin", "llm.c eval file for -h 1 "
                                                                       "(make it with scripts/prepare_hellaswag.py)"),
@@ -71,20 +75,52 @@ CHOICES = {"lr_scheduler": ("cosine", "linear", "constant", "wsd"), "dtype": ("f
            "kernels": cfgmod.KERNELS, **cfgmod.OP_CHOICES,
            "backward": ("manual", "autodiff"), "recompute": (0, 1, 2), "zero_stage": (0, 1, 2, 3)}
 
+
+class Bound(NamedTuple):
+    """The values a numeric flag may take, in words (for the message) and as a test."""
+
+    allowed: str
+    ok: Callable[[float], bool]
+
+
+NONNEG = Bound(">= 0", lambda v: v >= 0)
+POSITIVE = Bound(">= 1", lambda v: v >= 1)
+ABOVE_ZERO = Bound("> 0", lambda v: v > 0)
+SWITCH = Bound("0 or 1", lambda v: v in (0, 1))
+ALL_OR_POSITIVE = Bound("-1 (all) or >= 1", lambda v: v == -1 or v >= 1)
+NEVER_OR_NONNEG = Bound("-1 (never) or >= 0", lambda v: v >= -1)
+UNIT = Bound("in [0, 1]", lambda v: 0 <= v <= 1)
+UNIT_OPEN = Bound("in [0, 1)", lambda v: 0 <= v < 1)
+
+# llm.c's meanings bound these; checked right after parsing (command line and --config alike).
+# Every float flag must also be finite. -pn/-pr are checked by distributed.check_args.
+BOUNDS: dict[str, Bound] = {
+    "learning_rate": NONNEG, "warmup_steps": NONNEG, "final_lr_frac": UNIT, "weight_decay": NONNEG,
+    "skip_loss_z": NONNEG, "skip_grad_z": NONNEG, "eps": ABOVE_ZERO, "grad_clip": NONNEG,
+    "beta1": UNIT_OPEN, "beta2": UNIT_OPEN, "batch_size": POSITIVE, "seq_len": POSITIVE,
+    "total_batch_size": ALL_OR_POSITIVE, "max_steps": ALL_OR_POSITIVE, "val_batches": ALL_OR_POSITIVE,
+    "val_every": NONNEG, "sample_every": NONNEG, "gen_tokens": POSITIVE, "checkpoint_every": NEVER_OR_NONNEG,
+    "checkpoint_keep": NONNEG, "checkpoint_major": NONNEG, "seed": NONNEG,
+    "resume": SWITCH, "hellaswag": SWITCH, "overfit": SWITCH, "allow_tf32": SWITCH,
+    "master_weights": SWITCH, "shuffle": SWITCH,
+}
+
 # The built-in corpus run: a small byte-level GPT-2 that learns visibly in a few CPU minutes.
-BUILTIN_DEFAULTS = {"init": "small", "batch_size": 16, "seq_len": 128, "max_steps": 800, "learning_rate": 2e-3,
-                    "warmup_steps": 50, "final_lr_frac": 0.1, "val_every": 200, "val_batches": 10,
-                    "sample_every": 400, "gen_tokens": 128, "output_dir": "out/builtin"}
+# Chosen by measurement on the 2-core CPU (docs/benchmarks.md, "The no-argument run"): at the same
+# tokens, 32 rows of 64 bytes beat 16 of 128 and 8 of 256; 2e-3 beat 1e-3 and 4e-3.
+BUILTIN_DEFAULTS = {"init": "small", "batch_size": 32, "seq_len": 64, "max_steps": 1400, "learning_rate": 2e-3,
+                    "warmup_steps": 50, "final_lr_frac": 0.1, "val_every": 200, "val_batches": 20,
+                    "sample_every": 700, "gen_tokens": 256, "output_dir": "out/builtin"}
 LLMC_DEFAULTS = {"init": "d12", "batch_size": 4, "seq_len": 1024, "max_steps": -1, "learning_rate": 3e-4,
                  "warmup_steps": 0, "final_lr_frac": 1.0, "val_every": 20, "val_batches": 20,
                  "sample_every": 20, "gen_tokens": 64}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m llmc_jax.train", add_help=False,
         description="Train GPT-2 as llm.c's train_gpt2.cu does: same flags, files and main.log. "
-                    "With no arguments: a small GPT-2 on a corpus built from Python's own docs, offline.")
+                    "With no arguments: a small GPT-2 on the source of Python's standard library, offline.")
     p.add_argument("--help", action="help", help="show this help and exit (-h is llm.c's HellaSwag flag)")
     p.add_argument("--config", help="TOML file whose keys are the long option names (command line wins)")
     for short, long, typ, default, help_ in FLAGS:
@@ -98,22 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The train flags, --config defaults under them, llm.c's (or the built-in run's) defaults for
+    what neither gives; every value range-checked (UsageError naming the flag, value and range)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     config_path = _find_config(argv)
-    model_table = None
-    if config_path:
-        data = cfgmod.load_toml(config_path)
-        model_table = data.pop("model", None)
-        known = {long[2:].replace("-", "_") for _, long, *_ in FLAGS}
-        defaults = {}
-        for key, value in data.items():
-            dest = key.replace("-", "_")
-            if dest not in known:
-                parser.error(f"{config_path}: unknown key {key!r}; keys are the long option names, "
-                             f"e.g. batch-size, learning-rate (see --help)")
-            defaults[dest] = value
-        parser.set_defaults(**defaults)
+    model_table, from_config = None, {}
+    if config_path is not None:
+        from_config, model_table = _config_defaults(config_path)
+        parser.set_defaults(**from_config)
     args = parser.parse_args(argv)
     args.model_config = model_table
     builtin = args.train_data is None
@@ -121,13 +150,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.builtin_corpus = builtin
+    check_bounds(parser, args, BOUNDS, from_config, config_path)
     return args
 
 
+def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace, bounds: Mapping[str, Bound],
+                 from_config: Mapping[str, object] | None = None, config_path: str | None = None) -> None:
+    """Refuse nan/inf in every float flag and values outside `bounds`, naming flag, value and range."""
+    from_config = from_config or {}
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or value is None or isinstance(value, (str, bool)):
+            continue
+        flag = "/".join(action.option_strings)
+        given = from_config.get(action.dest)
+        same = given is not None and (given == value or given != given and value != value)    # nan
+        where = f" (from --config {config_path})" if same else ""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag} {value}{where}: must be a finite number"
+                             + (f" {bounds[action.dest].allowed}" if action.dest in bounds else ""))
+        bound = bounds.get(action.dest)
+        if bound is not None and not bound.ok(value):
+            raise UsageError(f"{flag} {value}{where}: must be {bound.allowed}")
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _config_defaults(path: str) -> tuple[dict[str, object], cfgmod.GPTConfig | None]:
+    """The --config TOML as argparse defaults (each key a long option name, its value of that
+    option's type and among its choices) and its [model] table; any problem is a UsageError."""
+    with user_files():
+        data = cfgmod.load_toml(path)
+    model_table = data.pop("model", None)
+    types = {long[2:].replace("-", "_"): typ for _, long, typ, *_ in FLAGS}
+    defaults: dict[str, object] = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        if dest not in types:
+            raise UsageError(f"--config {path}: unknown key {key!r}; keys are the long option names, "
+                             f"e.g. batch-size, learning-rate (see --help)")
+        typ = types[dest]
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(value, str) if typ is str else numeric and (typ is float or isinstance(value, int))):
+            raise UsageError(f"--config {path}: {key} = {value!r} must be {_TYPE_WORDS[typ]}")
+        value = typ(value)
+        if dest in CHOICES and value not in CHOICES[dest]:
+            raise UsageError(f"--config {path}: {key} = {value!r} must be one of "
+                             f"{', '.join(map(str, CHOICES[dest]))}")
+        defaults[dest] = value
+    return defaults, model_table
+
+
 def _find_config(argv: list[str]) -> str | None:
+    """The last --config value (as argparse would take it), or None."""
+    found = None
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
+            found = argv[i + 1]
+        elif a.startswith("--config="):
+            found = a.split("=", 1)[1]
+    return found

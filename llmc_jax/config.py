@@ -83,7 +83,7 @@ _GPT3_WIDTHS = {384: (6, 64), 768: (12, 64), 1024: (24, 64), 1536: (24, 96), 204
 # Small configs for tests and for the no-argument CPU run.
 PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(L=2, NH=4, C=64, maxT=64, V=256, Vp=256),
-    "small": GPTConfig(L=4, NH=4, C=128, maxT=256, V=256, Vp=256),
+    "small": GPTConfig(L=4, NH=4, C=128, maxT=64, V=256, Vp=256),     # the no-argument run's model
 }
 
 
@@ -116,18 +116,33 @@ def from_descriptor(spec: str) -> GPTConfig:
 
 
 def load_toml(path: str | Path) -> dict:
-    """Read a TOML file; a `[model]` table with L, NH, C, ... keys becomes a GPTConfig under 'model'."""
+    """Read a TOML file; a `[model]` table with L, NH, C, ... keys becomes a GPTConfig under 'model'.
+
+    Raises FileNotFoundError, or ValueError naming the file for a directory, bad UTF-8, a TOML
+    syntax error or a bad [model] table (so a command can report any of them in one line)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file; expected a TOML config file")
     with path.open("rb") as f:
         try:
             data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid TOML: {e}") from None
-    if "model" in data and isinstance(data["model"], dict):
-        try:
-            data["model"] = GPTConfig(**data["model"])
-        except TypeError as e:
-            raise ValueError(f"{path}: bad [model] table: {e}") from None
+    if "model" in data:
+        data["model"] = _model_table(path, data["model"])
     return data
+
+
+def _model_table(path: Path, table: object) -> GPTConfig:
+    """A [model] table as a GPTConfig: integer L, NH, C (and maxT, V, Vp), nothing else."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: model must be a table ([model] with L, NH, C, maxT, V, Vp)")
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: [model] {key} = {value!r} must be an integer")
+    try:
+        return GPTConfig(**table)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad [model] table: {e}") from None

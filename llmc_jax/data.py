@@ -2,7 +2,10 @@
 
 Semantics follow llm.c's `llmc/dataloader.h` exactly:
 
-* The shards are the sorted matches of a glob (or an explicit list of paths), all validated up front.
+* The shards are the sorted matches of a glob (or an explicit list of paths), all validated up front:
+  header, length against the header's token count and, given vocab_size, every token id (a numpy
+  max over a memmap, once per shard per process; progress on stderr for many or large shards), so
+  a bad shard late in a glob stops the run before step 0, not hours into it.
 * A *sample* is one global batch of P*B*T tokens (P processes). A shard of n tokens holds
   floor((n-1)/(P*B*T)) samples; its tail is dropped. Rank r of sample k reads the B*T+1 tokens at
   token offset k*P*B*T + r*B*T: inputs are the first B*T, targets the same window shifted by one.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +36,39 @@ from llmc_jax.rand import MT19937, random_permutation
 
 STATE_VERSION = 1
 LLMC_SHUFFLE_SEED = 42  # llm.c seeds its shuffling generator with 42 + process_rank
+PROGRESS_SHARDS = 8          # the token-id scan reports progress for more shards than this
+PROGRESS_BYTES = 1 << 30     # ... or more bytes than this
+
+# Shards whose token ids were found < vocab, by (real path, inode, size, mtime, vocab): a run builds
+# one loader per device over the same glob, and each shard needs reading once, not once per loader.
+_SCANNED: set[tuple[str, int, int, int, int]] = set()
+
+
+def _scan_key(path: str, vocab_size: int) -> tuple[str, int, int, int, int]:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, vocab_size
+
+
+def check_token_ids(paths: Sequence[str], num_tokens: Sequence[int], vocab_size: int,
+                    progress: bool | None = None) -> None:
+    """Every token id of every shard < vocab_size, else LLMCFormatError naming the shard, the id and
+    its position. progress None: a stderr line for more than PROGRESS_SHARDS shards or PROGRESS_BYTES."""
+    todo = [(p, n) for p, n in zip(paths, num_tokens) if _scan_key(p, vocab_size) not in _SCANNED]
+    nbytes = 2 * sum(n for _, n in todo)
+    show = progress if progress is not None else len(todo) > PROGRESS_SHARDS or nbytes > PROGRESS_BYTES
+    def report(done: int) -> None:
+        if show:
+            print(f"\rchecking {len(todo)} shards ({nbytes / 1e9:.2f} GB) for token ids >= {vocab_size} "
+                  f"... {done}/{len(todo)}", end="", file=sys.stderr, flush=True)
+    try:
+        for k, (path, _) in enumerate(todo):
+            report(k)
+            read_shard(path, vocab_size=vocab_size)
+            _SCANNED.add(_scan_key(path, vocab_size))
+        report(len(todo))
+    finally:
+        if show:
+            print(file=sys.stderr, flush=True)     # an error line starts on a line of its own
 
 
 # ------------------------------------------------------------------ the loader
@@ -73,24 +110,23 @@ class DataLoader:
         self.shard_paths = _expand(pattern)
         self.global_batch_tokens = P * B * T
 
-        # Validate every shard's header and size now (cheap: headers only), as llm.c does.
+        # Validate every shard now: headers and sizes (as llm.c does), then the token ids.
         need = self.global_batch_tokens + 1
-        ntoks = []
-        for path in self.shard_paths:
-            ntok = read_shard_header(path)
+        ntoks = [read_shard_header(path) for path in self.shard_paths]
+        for path, ntok in zip(self.shard_paths, ntoks):
             if ntok < need:
                 raise LLMCFormatError(
                     f"{path}: shard has {ntok} tokens, but one batch needs num_processes*B*T+1 = "
                     f"{P}*{B}*{T}+1 = {need}; use a smaller batch size (-b) or sequence length (-t), "
                     f"fewer processes, or a larger shard")
-            ntoks.append(ntok)
+        if self.vocab_size is not None:
+            check_token_ids(self.shard_paths, ntoks, self.vocab_size)
         self.shard_num_tokens = ntoks
         self.shard_num_samples_all = [(n - 1) // self.global_batch_tokens for n in ntoks]
         self.num_tokens = int(sum(ntoks))  # all tokens in all shards (llm.c's num_tokens)
         self.batches_per_epoch = int(sum(self.shard_num_samples_all))  # samples per epoch (steps per epoch)
         self.num_usable_tokens = self.batches_per_epoch * self.global_batch_tokens  # tokens read per epoch
 
-        self._vocab_checked: set[int] = set()
         self._tokens: np.ndarray | None = None  # memmap of the current shard
         self._rng = MT19937(self.seed + rank) if self.shuffle else None
         self.shard_indices = list(range(len(self.shard_paths)))
@@ -115,9 +151,7 @@ class DataLoader:
         file_idx = self.shard_indices[self.current_shard_idx]
         path = self.shard_paths[file_idx]
         self._tokens = None  # drop the previous memmap first: one open shard at a time
-        check = self.vocab_size if file_idx not in self._vocab_checked else None
-        self._tokens = read_shard(path, vocab_size=check)
-        self._vocab_checked.add(file_idx)
+        self._tokens = read_shard(path)   # token ids were checked in __init__
         if len(self._tokens) != self.shard_num_tokens[file_idx]:
             raise LLMCFormatError(f"{path}: shard changed on disk while training (had "
                                   f"{self.shard_num_tokens[file_idx]} tokens, now {len(self._tokens)})")

@@ -9,12 +9,16 @@ import argparse
 import sys
 import time
 
-from llmc_jax import hellaswag
+from llmc_jax import cli, hellaswag
+from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files
+
+BOUNDS = {"batch_size": cli.Bound(">= 4 (4 rows per example)", lambda v: v >= 4), "seq_len": cli.POSITIVE,
+          "max_examples": cli.POSITIVE}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llmc_jax.eval_hellaswag", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m llmc_jax.eval_hellaswag", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-e", "--init", required=True,
                    help="model: an llm.c .bin file (model_*.bin, gpt2_124M.bin) or a descriptor (d12, tiny) "
                         "for a randomly initialised one")
@@ -31,32 +35,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-trim", action="store_true",
                    help="run every forward at the full T (default: at the longest example rounded up to "
                         "64, which gives the same losses because attention is causal)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_bounds(p, args, BOUNDS)
+    return args
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import os
     if not os.path.exists(args.input):
-        print(f"error: {args.input}: HellaSwag eval file not found; {hellaswag.HOW_TO_MAKE}", file=sys.stderr)
-        return 2
+        raise UsageError(f"-i {args.input}: HellaSwag eval file not found; {hellaswag.HOW_TO_MAKE}")
     import jax
 
     from llmc_jax.gradcheck import load_model
-    from llmc_jax.llmc_format import LLMCFormatError
 
     platform = jax.devices()[0].platform
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
     t0 = time.time()
-    try:
-        config, params = load_model(args.init)
-        T = args.seq_len if args.seq_len is not None else min(1024, config.maxT)
-        if T > config.maxT:
-            raise ValueError(f"-t {T} exceeds the model's maxT={config.maxT}; use -t {config.maxT} or less")
+    config, params = load_model(args.init)
+    T = args.seq_len if args.seq_len is not None else min(1024, config.maxT)
+    if T > config.maxT:
+        raise UsageError(f"-t {T} exceeds the model's maxT={config.maxT}; use -t {config.maxT} or less")
+    with user_files():       # LLMCFormatError (a ValueError) for a bad file or one that does not fit B, T, V
         examples = hellaswag.load(args.input, args.batch_size, T, config.V)
-    except (ValueError, FileNotFoundError) as e:   # LLMCFormatError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.max_examples is not None:
         examples = examples[:args.max_examples]
     Tf = T if args.no_trim else hellaswag.forward_seq_len(examples, T)
@@ -71,13 +72,12 @@ def main(argv=None) -> int:
     try:
         correct, total = hellaswag.score(params, config, examples, B=args.batch_size, T=T, dtype=dtype,
                                          kernels=args.kernels, trim=not args.no_trim, progress=progress)
-    except (LLMCFormatError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except NotImplementedError as e:     # an op set that cannot run this model here
+        raise UsageError(str(e)) from None
     print(f"HellaSwag: {correct}/{total} = {correct / max(total, 1):f}")
     print(f"took {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "lower -b or -t, or use --dtype bfloat16")

@@ -7,12 +7,14 @@ if any row fails, so it can gate CI or a new kernel.
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 import time
 
 import numpy as np
 
+from llmc_jax import cli
 from llmc_jax.config import KERNELS, OP_CHOICES
+from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files
 
 # Relative tolerances. fp32: manual and autodiff differ only in summation order (measured ~1e-6
 # on small models); bf16: both round activations to 8 mantissa bits, differently placed.
@@ -20,11 +22,12 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # Against an llm.c debug state (PyTorch or llm.c's C code in fp32): a different implementation
 # of the same fp32 math; llm.c's own test_gpt2 is far looser (1e-2 absolute on logits, 2e-2 on grads).
 LLMC_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+BOUNDS = {"batch_size": cli.POSITIVE, "seq_len": cli.POSITIVE, "seed": cli.NONNEG, "tol": cli.ABOVE_ZERO}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llmc_jax.gradcheck", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m llmc_jax.gradcheck", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-e", "--init", default="d12",
                    help="model: an llm.c .bin file or a descriptor (d12, gpt2:d24, gpt3:c768, tiny); default d12")
     p.add_argument("--config", help="TOML file with a [model] table (L, NH, C, maxT, V, Vp); overrides -e")
@@ -41,22 +44,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     for op, choices in OP_CHOICES.items():
         p.add_argument(f"--{op.replace('_', '-')}", choices=choices, help=f"override --kernels for {op}")
     p.add_argument("--tol", type=float, help="relative tolerance (default: 1e-4 fp32, 5e-2 bf16)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_bounds(p, args, BOUNDS)
+    return args
 
 
 def load_model(init: str, config_path: str | None = None):
-    """(config, numpy params) from a .bin file, a descriptor, or a TOML [model] table."""
+    """(config, numpy params) from a .bin file, a descriptor, or a TOML [model] table; the commands
+    that take -e (gradcheck, sample, eval_hellaswag, bench_train) share it. Any problem with the
+    named file or descriptor is a UsageError (one line, exit 2)."""
     from llmc_jax import config as cfgmod, llmc_format, model
-    if config_path:
-        data = cfgmod.load_toml(config_path)
-        if "model" not in data:
-            raise SystemExit(f"{config_path}: no [model] table with L, NH, C (and maxT, V, Vp)")
-        cfg = data["model"]
-        return cfg, model.init_params(cfg)
-    if cfgmod.is_descriptor(init):
-        cfg = cfgmod.from_descriptor(init)
-        return cfg, model.init_params(cfg)
-    return llmc_format.read_model(init)
+    with user_files():
+        if config_path is not None:
+            data = cfgmod.load_toml(config_path)
+            if "model" not in data:
+                raise UsageError(f"--config {config_path}: no [model] table with L, NH, C (and maxT, V, Vp)")
+            cfg = data["model"]
+            return cfg, model.init_params(cfg)
+        if cfgmod.is_descriptor(init):
+            cfg = cfgmod.from_descriptor(init)
+            return cfg, model.init_params(cfg)
+        if not os.path.exists(init):
+            raise UsageError(f"-e {init}: no such file, and not a model descriptor (dN, gpt2:dN, gpt3:cN, "
+                             f"{', '.join(cfgmod.PRESETS)})")
+        return llmc_format.read_model(init)
+
+
+def _batch(args, cfg) -> tuple[np.ndarray, np.ndarray, object]:
+    """(x, y, debug state or None): from --llmc-state, the start of the -i shard, or random tokens;
+    a bad file, or one that does not fit the model, is a UsageError."""
+    from llmc_jax import llmc_format
+    B, T = args.batch_size, args.seq_len
+    with user_files():
+        if args.llmc_state:
+            state = llmc_format.read_debug_state(args.llmc_state, cfg)
+            llmc_format.check_seq_len(cfg, state.x.shape[1], args.llmc_state)
+            return state.x, state.y, state
+        if args.input:
+            tokens = llmc_format.read_shard(args.input, vocab_size=cfg.V)
+            if tokens.size < B * T + 1:
+                raise UsageError(f"-i {args.input}: holds {tokens.size} tokens, a batch needs B*T+1 = {B * T + 1}; "
+                                 f"lower -b or -t")
+            buf = np.asarray(tokens[:B * T + 1], np.int32)
+        else:
+            buf = np.random.default_rng(args.seed).integers(0, cfg.V, size=B * T + 1).astype(np.int32)
+        llmc_format.check_seq_len(cfg, T, args.init)
+    return buf[:-1].reshape(B, T), buf[1:].reshape(B, T), None
 
 
 def relative_error(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -77,30 +110,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
-    from llmc_jax import llmc_format, model, reference
+    from llmc_jax import model, reference
     if args.dtype == "float32":        # exact float32 matmuls on GPUs too (no TF32)
         jax.config.update("jax_default_matmul_precision", "highest")
     from llmc_jax.config import PARAM_NAMES
 
     t0 = time.time()
     cfg, params_np = load_model(args.init, args.config)
-    state = None
-    if args.llmc_state:
-        state = llmc_format.read_debug_state(args.llmc_state, cfg)
-        x, y = state.x, state.y
-    elif args.input:
-        B, T = args.batch_size, args.seq_len
-        tokens = llmc_format.read_shard(args.input, vocab_size=cfg.V)
-        if tokens.size < B * T + 1:
-            raise SystemExit(f"{args.input}: holds {tokens.size} tokens, a batch needs B*T+1 = {B * T + 1}")
-        buf = np.asarray(tokens[:B * T + 1], np.int32)
-        x, y = buf[:-1].reshape(B, T), buf[1:].reshape(B, T)
-    else:
-        rng = np.random.default_rng(args.seed)
-        buf = rng.integers(0, cfg.V, size=args.batch_size * args.seq_len + 1).astype(np.int32)
-        x, y = buf[:-1].reshape(args.batch_size, -1), buf[1:].reshape(args.batch_size, -1)
+    x, y, state = _batch(args, cfg)
     B, T = x.shape
-    llmc_format.check_seq_len(cfg, T, args.init)
     dtype = jnp.dtype(args.dtype)
     kernels = model.kernel_spec(args.kernels, **{op: getattr(args, op) for op in OP_CHOICES})
     tol = args.tol if args.tol is not None else TOLERANCE[args.dtype]
@@ -145,4 +163,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "lower -b or -t, or use --dtype bfloat16")

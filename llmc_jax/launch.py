@@ -10,10 +10,18 @@ Rank 0's stdout and stderr are passed through; the other ranks' stdout is droppe
 only on process 0) and their stderr kept in a temporary file, shown if they fail. As soon as any
 process exits non-zero or dies from a signal, the others get SIGTERM, then SIGKILL after
 --grace seconds, and the launcher exits non-zero naming the rank that failed.
+
+The processes never outlive the launcher. They stay in its process group, so a Ctrl-C at the
+terminal reaches all of them (and the launcher stops them), and SIGTERM to the launcher stops them
+too. If the launcher itself is killed (SIGKILL, OOM killer), Linux sends each of them SIGTERM
+(prctl PR_SET_PDEATHSIG, set in the child before exec; it fires when the creating *thread* exits,
+so they are started from the main thread). Elsewhere, and as a second guard, each train process
+started with $LLMC_JAX_LAUNCHER_PID set watches its parent (`watch_launcher`) and stops when it
+is re-parented.
 """
 from __future__ import annotations
 
-import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -21,7 +29,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+
+from llmc_jax.errors import ArgumentParser, run_command
+
+LAUNCHER_ENV = "LLMC_JAX_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1     # linux/prctl.h
 
 
 def free_port() -> int:
@@ -59,6 +74,56 @@ def _stop(procs: list[subprocess.Popen], grace: float) -> None:
         p.wait()
 
 
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when this (launcher) thread dies; None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl    # loaded before the fork
+    except (OSError, AttributeError):
+        return None
+    launcher = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != launcher:     # the launcher died before the prctl took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def spawn(cmd: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    """Start a worker that stops when the launcher dies. Call it from the main thread: PDEATHSIG
+    fires when the creating thread exits, so a worker started from a short-lived thread would die with it."""
+    env = dict(env, **{LAUNCHER_ENV: str(os.getpid())})
+    # jax.distributed's preemption service takes SIGTERM as a preemption notice and keeps running;
+    # off, SIGTERM (from PDEATHSIG, or from _stop) ends a worker as it ends any process
+    env.setdefault("JAX_ENABLE_PREEMPTION_SERVICE", "false")
+    return subprocess.Popen(cmd, env=env, preexec_fn=_pdeathsig_preexec(), **kwargs)
+
+
+def watch_launcher(poll_s: float = 1.0) -> None:
+    """In a worker started by the launcher: a daemon thread that stops this process (SIGTERM, then
+    exit status 143) once its parent is gone, i.e. it was re-parented. The portable fallback to
+    PDEATHSIG; does nothing when $LLMC_JAX_LAUNCHER_PID is not set."""
+    if not os.environ.get(LAUNCHER_ENV):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"llmc_jax: the launcher (pid {os.environ[LAUNCHER_ENV]}) is gone; stopping", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(3)                    # SIGTERM handled (and ignored) by someone: leave anyway
+        os._exit(143)
+    threading.Thread(target=watch, name="llmc-watch-launcher", daemon=True).start()
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)      # unwinds through main's finally, which stops the workers
+
+
 def _tail(path: str, n: int = 4000) -> str:
     try:
         with open(path, "rb") as f:
@@ -76,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         own, rest = argv[:i], argv[i + 1:]
     else:
         own, rest = argv, []
-    ap = argparse.ArgumentParser(prog="python -m llmc_jax.launch",
-                                 description="start N llmc_jax.train processes on this machine")
+    ap = ArgumentParser(prog="python -m llmc_jax.launch",
+                        description="start N llmc_jax.train processes on this machine")
     ap.add_argument("--nproc", type=int, required=True, help="number of processes")
     ap.add_argument("--devices-per-proc", type=int, default=None,
                     help="fake CPU devices per process (XLA_FLAGS=--xla_force_host_platform_device_count=K)")
@@ -85,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=float, default=5.0,
                     help="seconds between SIGTERM and SIGKILL when stopping the others after a failure")
     a = ap.parse_args(own)
-    if a.nproc < 1:
-        ap.error("--nproc must be >= 1")
+    from llmc_jax import cli
+    cli.check_bounds(ap, a, {"nproc": cli.POSITIVE, "devices_per_proc": cli.POSITIVE, "grace": cli.NONNEG,
+                             "port": cli.Bound("in [1, 65535]", lambda v: 1 <= v <= 65535)})
     if not rest:
         ap.error("give the train arguments after --")
     for flag in ("--coordinator", "-pn", "--num-processes", "-pr", "--process-rank"):
@@ -102,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[subprocess.Popen] = []
     logs: list[str | None] = []
     tmpdir = tempfile.mkdtemp(prefix="llmc_launch_")
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     failed: list[tuple[int, int]] = []     # (rank, status) of those found failed at one poll
     try:
         for rank in range(a.nproc):
@@ -110,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 logs_path = os.path.join(tmpdir, f"rank{rank}.stderr")
                 out, err = subprocess.DEVNULL, open(logs_path, "wb")
-            procs.append(subprocess.Popen(base + ["-pr", str(rank)], env=env, stdout=out, stderr=err))
+            procs.append(spawn(base + ["-pr", str(rank)], env, stdout=out, stderr=err))
             if err is not None:
                 err.close()
             logs.append(logs_path)
@@ -134,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             _stop(procs, a.grace)
         tails = {rank: _tail(path).strip() for rank, path in enumerate(logs) if path}
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_sigterm)
     if not failed:
         return 0
     for rank, rc in failed:
@@ -147,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

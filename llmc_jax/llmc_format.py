@@ -215,8 +215,15 @@ def read_debug_state(path: str | os.PathLike, config: GPTConfig) -> DebugState:
                               f"the file is corrupt")
     BT, V, N = B * T, config.V, config.num_parameters
     _check_size(path, size, HEADER_BYTES + 4 * (2 * BT + BT * V + 1 + N),
-                f"B={B}, T={T}, V={V}, {N} parameters")
+                f"B={B}, T={T} from its header, V={V} and {N} parameters from the model; a debug state of "
+                f"another model, or a corrupt file")
     body = np.fromfile(path, dtype="<i4", offset=HEADER_BYTES)
+    bad = (body[:2 * BT] < 0) | (body[:2 * BT] >= V)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise LLMCFormatError(f"{os.fspath(path)}: debug state {'xy'[pos // BT]} holds token id {int(body[pos])} "
+                              f"at position {pos % BT}, outside the model's vocabulary [0, {V}); a debug state "
+                              f"of another model, or a corrupt file")
     floats = body[2 * BT:].view("<f4")
     return DebugState(x=body[:BT].reshape(B, T), y=body[BT:2 * BT].reshape(B, T),
                       logits=floats[:BT * V].reshape(B, T, V), loss=float(floats[BT * V]),

@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from llmc_jax import model, ops
+from llmc_jax import cli, model, ops
 from llmc_jax.config import GPTConfig
+from llmc_jax.errors import ArgumentParser, UsageError, run_command
 
 _MASK64 = (1 << 64) - 1
 F32 = jnp.float32
@@ -248,9 +249,14 @@ def _get_tokenizer(name: str):
         raise SystemExit(f"cannot load the {name} tokenizer: {e}") from None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llmc_jax.sample",
-                                description="Sample from a GPT-2 model (llm.c's xorshift sampler, KV cache).")
+# xorshift64* needs a non-zero 64-bit state
+BOUNDS = {"gen_tokens": cli.NONNEG, "temperature": cli.NONNEG, "top_k": cli.POSITIVE,
+          "seed": cli.Bound("in [1, 2**64)", lambda v: 1 <= v < 2**64)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m llmc_jax.sample",
+                       description="Sample from a GPT-2 model (llm.c's xorshift sampler, KV cache).")
     p.add_argument("-e", "--init", required=True,
                    help="model: an llm.c .bin file or a descriptor (d12, gpt2:d24, tiny: random init)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from EOT alone)")
@@ -265,12 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-eot", action="store_true",
                    help="do not put EOT before the prompt (by default it is, as every training document)")
     args = p.parse_args(argv)
-    if args.gen_tokens < 0:
-        p.error("-g must be >= 0")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
-    if args.top_k is not None and args.top_k <= 0:
-        p.error("--top-k must be positive")
+    cli.check_bounds(p, args, BOUNDS)
     return args
 
 
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
     prompt = ([] if args.no_eot and args.prompt else [tok.eot]) + tok.encode(args.prompt)
     bad = [t for t in prompt if not 0 <= t < config.V]
     if bad:
-        raise SystemExit(f"the prompt has token ids outside the model's vocabulary V={config.V} "
+        raise UsageError(f"the prompt has token ids outside the model's vocabulary V={config.V} "
                          f"(e.g. {bad[0]}); choose the model's tokenizer with --tokenizer")
     print(f"model {args.init}: L={config.L} NH={config.NH} C={config.C} maxT={config.maxT} V={config.V}; "
           f"prompt {len(prompt)} tokens, generating {args.gen_tokens}", file=sys.stderr)
@@ -297,4 +298,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "use --dtype bfloat16, or a smaller model")

@@ -27,6 +27,8 @@ import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llmc_jax import cli  # noqa: E402
+from llmc_jax.errors import ArgumentParser, UsageError, run_command  # noqa: E402
 
 OPS = ("attention", "layernorm", "residual_layernorm", "matmul_gelu")
 # (B, T, NH, HS): GPT-2 124M at B*T = 4K and 16K tokens, 350M, 1.6B (HS 64 at every size)
@@ -41,7 +43,7 @@ CPU_SHAPES = {"attention": [(1, 128, 2, 64)], "layernorm": [(256, 128)], "residu
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -49,7 +51,12 @@ def parse_args(argv=None):
                    help="gpt2: the GPT-2 shapes; tiny: small ones; auto: gpt2 on a GPU, tiny otherwise")
     p.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20 GPU, 3 CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_bounds(p, args, {"iters": cli.POSITIVE})
+    unknown = [o.strip() for o in args.ops.split(",") if o.strip() and o.strip() not in OPS]
+    if unknown:
+        raise UsageError(f"--ops: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    return args
 
 
 def time_fn(fn: Callable, args: tuple, iters: int) -> tuple[float, float, float]:
@@ -185,9 +192,6 @@ def main(argv=None) -> int:
               "tiny": CPU_SHAPES}[args.shapes]
     iters = args.iters or (20 if platform == "gpu" else 3)
     ops_wanted = [o.strip() for o in args.ops.split(",") if o.strip()]
-    unknown = [o for o in ops_wanted if o not in OPS]
-    if unknown:
-        raise SystemExit(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
     peak_flops = mfu.device_peak_flops(device.device_kind) if dtype == jnp.bfloat16 else None
     peak_bw = mfu.device_peak_bandwidth(device.device_kind)
     print(f"device {device.platform} {device.device_kind}, jax {jax.__version__}, dtype {dtype.name}"
@@ -230,4 +234,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "use --shapes tiny or fewer --ops")

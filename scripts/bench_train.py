@@ -17,10 +17,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llmc_jax import cli  # noqa: E402
+from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files  # noqa: E402
+
+BOUNDS = {"batch_size": cli.POSITIVE, "seq_len": cli.POSITIVE, "grad_accum": cli.POSITIVE, "steps": cli.POSITIVE,
+          "warmup": cli.NONNEG}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-e", "--init", default="d12", help="descriptor or llm.c .bin (default d12)")
     p.add_argument("-b", "--batch-size", type=int, default=4)
     p.add_argument("-t", "--seq-len", type=int, default=64)
@@ -35,7 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_bounds(p, args, BOUNDS)
+    for flag, value, allowed in (("--backward", args.backward, ("manual", "autodiff")),
+                                 ("--kernels", args.kernels, ("xla", "pallas"))):
+        bad = [v.strip() for v in value.split(",") if v.strip() not in allowed]
+        if bad:
+            raise UsageError(f"{flag} {value}: {', '.join(bad) or 'an empty item'} is not one of {', '.join(allowed)}")
+    return args
 
 
 def matmul_peak_gflops(M: int, K: int, N: int, dtype, repeats: int = 10) -> float:
@@ -137,8 +149,9 @@ def main(argv=None) -> int:
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     if args.compile_only:
         from llmc_jax import config as cfgmod, llmc_format
-        cfg = (cfgmod.from_descriptor(args.init) if cfgmod.is_descriptor(args.init)
-               else llmc_format.read_model_header(args.init)[0])
+        with user_files():        # a bad -e is a usage error, as in load_model
+            cfg = (cfgmod.from_descriptor(args.init) if cfgmod.is_descriptor(args.init)
+                   else llmc_format.read_model_header(args.init)[0])
         print(f"compile only: model {args.init} ({cfg.num_parameters:,} params), B={args.batch_size} "
               f"T={args.seq_len} {dtype}, jax {jax.__version__}, {device.platform}")
         results = {}
@@ -189,4 +202,4 @@ def _write_json(args, device, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "lower -b or -t, or use -r 1/2, --dtype bfloat16")

@@ -123,13 +123,16 @@ def plot(runs: list[str], output: str = "plot.png", window: int = 1, title: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python scripts/plot_log.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llmc_jax import cli
+    from llmc_jax.errors import ArgumentParser
+    p = ArgumentParser(prog="python scripts/plot_log.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run output dirs (holding main.log) or main.log files")
     p.add_argument("-o", "--output", default="plot.png", help="PNG to write (default plot.png)")
     p.add_argument("--smooth", type=int, default=1, help="moving-average window for the train loss (default 1)")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
+    cli.check_bounds(p, args, {"smooth": cli.POSITIVE})
     try:
         for r in args.runs:
             d = parse_log(r)
@@ -144,4 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout, uninstalled
+    from llmc_jax.errors import run_command
+    run_command(main)

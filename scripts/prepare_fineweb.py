@@ -38,6 +38,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import prepare_text as pt  # noqa: E402
+from llmc_jax.errors import ArgumentParser, one_line, run_command  # noqa: E402
 
 HF = "https://huggingface.co"
 SUBSETS = {"10B": "sample/10BT", "100B": "sample/100BT"}
@@ -126,8 +127,8 @@ def fetch(entry: dict, dl_dir: str, verbose: bool, cancel: threading.Event | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python scripts/prepare_fineweb.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python scripts/prepare_fineweb.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--version", choices=sorted(SUBSETS), default="10B", help="sample size (default 10B)")
     p.add_argument("-t", "--type", choices=("classic", "edu"), default=None,
                    help="llm.c's spelling of --edu (classic = FineWeb, edu = FineWeb-Edu)")
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delete-downloads", action="store_true",
                    help="delete each downloaded file once tokenized (saves disk; a rerun downloads again)")
     pt.add_common_args(p)
-    args = p.parse_args(argv)
+    args = pt.parse_checked(p, argv)
     edu = args.edu or args.type == "edu"
     repo, name = dataset(edu)
     out = args.output_dir or os.path.join("data", f"{name}{args.version}")
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out}: {pt.summarize(w.written)}", file=sys.stderr)
         return 0
     except (pt.PrepareError, pt.tokmod.TokenizerNotFoundError, pt.tokmod.TokenizerHashError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted (downloads resume on the next run; tokenizing starts over)", file=sys.stderr)
@@ -188,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llmc_jax import hellaswag  # noqa: E402
+from llmc_jax.errors import ArgumentParser, UsageError, run_command  # noqa: E402
 
 URLS = {
     "val": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
@@ -78,7 +79,7 @@ def _encoder() -> Callable[[str], list[int]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jsonl", help="the HellaSwag JSONL (default <output dir>/hellaswag_<split>.jsonl, "
                                    "downloaded if missing)")
     p.add_argument("-o", "--output", default=hellaswag.DEFAULT_PATH,
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.jsonl is not None and not os.path.exists(args.jsonl):
-        raise SystemExit(f"error: {args.jsonl}: no such file; download {URLS[args.split]} and give its path")
+        raise UsageError(f"--jsonl {args.jsonl}: no such file; download {URLS[args.split]} and give its path")
     encode = _encoder()      # before any download: fail fast without the tokenizer files
     jsonl = args.jsonl
     if jsonl is None:
@@ -109,4 +110,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

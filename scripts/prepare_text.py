@@ -46,7 +46,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, _REPO)
 
-from llmc_jax import tokenizer as tokmod  # noqa: E402
+from llmc_jax import cli, tokenizer as tokmod  # noqa: E402
+from llmc_jax.errors import ArgumentParser, one_line, run_command  # noqa: E402
 from llmc_jax.llmc_format import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_shard_header  # noqa: E402
 
 DEFAULT_SHARD_SIZE = 10**8
@@ -532,12 +533,24 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
+# The numeric flags of the prepare scripts (each script has some of them).
+BOUNDS = {"workers": cli.POSITIVE, "shard_size": cli.POSITIVE, "val_tokens": cli.NONNEG,
+          "val_frac": cli.Bound("in [0, 1)", lambda v: 0 <= v < 1)}
+
+
+def parse_checked(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, then range-check the numeric flags: a bad value is one line and exit 2, before any work."""
+    args = p.parse_args(argv)
+    cli.check_bounds(p, args, BOUNDS)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python scripts/prepare_text.py",
-                                description="Tokenize local .txt/.jsonl/.json/.parquet files into llm.c token shards.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  python scripts/prepare_text.py book.txt -o data/book --tokenizer gpt2\n"
-                                       "  python -m llmc_jax.train -i 'data/book/*_train_*.bin' -j 'data/book/*_val_*.bin'")
+    p = ArgumentParser(prog="python scripts/prepare_text.py",
+                       description="Tokenize local .txt/.jsonl/.json/.parquet files into llm.c token shards.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  python scripts/prepare_text.py book.txt -o data/book --tokenizer gpt2\n"
+                              "  python -m llmc_jax.train -i 'data/book/*_train_*.bin' -j 'data/book/*_val_*.bin'")
     p.add_argument("files", nargs="+", help="input files (.txt, .jsonl, .json, .parquet; optionally .gz)")
     p.add_argument("-o", "--output-dir", required=True, help="directory for the shards")
     p.add_argument("--name", default=None, help="shard name prefix (default: the output directory's name)")
@@ -556,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = parse_checked(p, argv)
     try:
         for f in args.files:
             if not os.path.isfile(f):
@@ -580,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out_dir}: {summarize(shards)}", file=sys.stderr)
         return 0
     except (PrepareError, tokmod.TokenizerNotFoundError, tokmod.TokenizerHashError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -588,4 +602,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import prepare_text as pt  # noqa: E402
+from llmc_jax.errors import ArgumentParser, one_line, run_command  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SIZE = 1115394
@@ -29,12 +30,12 @@ LLMC_GPT2_TOKENS = {"val": 32768, "train": 305260}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python scripts/prepare_tinyshakespeare.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python scripts/prepare_tinyshakespeare.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output-dir", default=os.path.join("data", "tinyshakespeare"),
                    help="where the text and the shards go (default: data/tinyshakespeare)")
     pt.add_common_args(p)
-    args = p.parse_args(argv)
+    args = pt.parse_checked(p, argv)
     out = args.output_dir
     src = os.path.join(out, f"{NAME}.txt")
     try:
@@ -59,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"the original input.txt?", file=sys.stderr)
         return 0
     except (pt.PrepareError, pt.tokmod.TokenizerNotFoundError, pt.tokmod.TokenizerHashError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -28,6 +28,7 @@ import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import prepare_text as pt  # noqa: E402
+from llmc_jax.errors import ArgumentParser, one_line, run_command  # noqa: E402
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 ARCHIVE = "TinyStories_all_data.tar.gz"
@@ -74,12 +75,12 @@ def stories(path: str, index: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python scripts/prepare_tinystories.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python scripts/prepare_tinystories.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output-dir", default=os.path.join("data", "tinystories"),
                    help="where the download, the JSON files and the shards go (default: data/tinystories)")
     pt.add_common_args(p)
-    args = p.parse_args(argv)
+    args = pt.parse_checked(p, argv)
     out = args.output_dir
     verbose = not args.quiet
     try:
@@ -120,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"token counts {got} {same} llm.c's {LLMC_GPT2_TOKENS}", file=sys.stderr)
         return 0
     except (pt.PrepareError, pt.tokmod.TokenizerNotFoundError, pt.tokmod.TokenizerHashError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)
