@@ -5,21 +5,31 @@
                      checkpoint: every process writes its own shards; restored onto the shardings of
                      the resuming run, so another device count, process count or ZeRO stage can resume
     meta_%08d.json   every device rank's data loader state and the run's flags, written by process 0
-    DONE_%08d        written last by process 0, once every process has finished its part
+    DONE_%08d        written last by process 0, once every process has finished its part: a JSON
+                     manifest of what the checkpoint must agree with (model config, step, AdamW count,
+                     loader states, the data shards' sizes) and the size and sha256 of every file above
 
 A step without its DONE file is incomplete and never resumed from, so a run killed while writing
-loses nothing that was already checkpointed. The output dir must be one every process sees (a
-shared filesystem where the processes run on several hosts).
+loses nothing that was already checkpointed. A step with one is verified against its manifest
+before a resume uses it (`verify`), and refused with one line where anything disagrees: never a
+silent fall-back to an older step. A train state holding NaN/Inf is never written. The output dir
+must be one every process sees (a shared filesystem where the processes run on several hosts).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import threading
+import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -34,9 +44,51 @@ def paths(out_dir: str, step: int) -> dict[str, str]:
             "done": os.path.join(out_dir, f"DONE_{step:08d}")}
 
 
+MANIFEST_FORMAT = 1
+_FILE_KEYS = ("model", "meta")      # with every file under state_N/
+_MANIFEST_KEYS = {"model", "opt_count", "train_loaders", "data", "files"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that disagrees with its manifest or with this run: one line naming the file."""
+
+
+class PredatesVerification(CheckpointError):
+    """A DONE marker without a manifest: written before checkpoints recorded what they hold."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (the output dir turned unwritable, the disk is full)."""
+
+
+class NonFiniteStateError(ValueError):
+    """The train state holds NaN/Inf: writing it would make a resume point that can only produce NaN."""
+
+
 def _checkpointer():
     import orbax.checkpoint as ocp      # imported here: ~1 s, paid only by runs that checkpoint
     return ocp.StandardCheckpointer()
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Orbax logs its own failures with tracebacks on stderr; we report them in one line instead."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An error's message on one line, at most `limit` characters; an OSError as `[path: ]reason`."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -51,51 +103,173 @@ def _gather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(every[i, :sizes[i]])) for i in range(len(sizes))]
 
 
+def _first_problem(problem: str | None) -> str | None:
+    """The first process's problem (None: none has one), so every process stops together (a collective)."""
+    return next((p for p in _gather_json(problem) if p), None)
+
+
+def probe_writable(out_dir: str) -> None:
+    """Create, write and delete a small file in `out_dir`: raises OSError where that fails, at once
+    (where Orbax would first wait on its own timeouts)."""
+    probe = os.path.join(out_dir, f".write_probe_{os.getpid()}_{jax.process_index()}")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"ok")
+    finally:
+        os.close(fd)
+    os.remove(probe)
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def state_is_finite(train_state: Any) -> bool:
+    """Every param and AdamW moment finite: one jitted reduction (the same answer on every process)."""
+    opt = train_state.opt_state
+    return bool(_all_finite(jax.tree.leaves((train_state.params, opt.mu, opt.nu))))
+
+
+def _scalar(x: Any) -> int:
+    """A replicated scalar as an int, also where other processes hold copies of it."""
+    return int(np.asarray(x.addressable_data(0) if hasattr(x, "addressable_data") else x))
+
+
+def file_record(path: str) -> dict:
+    """{"size", "sha256"} of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def checkpoint_files(out_dir: str, step: int) -> list[str]:
+    """The files of `step` (paths relative to out_dir): the model, the meta, every file of the state dir."""
+    p = paths(out_dir, step)
+    names = [os.path.basename(p[k]) for k in _FILE_KEYS]
+    for root, _, files in os.walk(p["state"]):
+        names += [os.path.relpath(os.path.join(root, f), out_dir) for f in files]
+    return sorted(names)
+
+
+def data_files(pattern_paths: list[str]) -> list[dict]:
+    """[{"path", "size"}] of the data shards a run reads, in the loader's order."""
+    return [{"path": path, "size": os.path.getsize(path)} for path in pattern_paths]
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    """tmp + fsync + os.replace + fsync of the dir: `path` holds all of `obj` or is absent."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _attempt(fn, *args) -> str | None:
+    """None where fn(*args) succeeds, else its error in one line (a write failure, not a traceback)."""
+    try:
+        fn(*args)
+    except Exception as e:      # Orbax and tensorstore wrap OSErrors in their own types
+        return _one_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {_one_line(e)}"
+    return None
+
+
+def _save_state(path: str, train_state: Any) -> None:
+    try:
+        with _orbax_quiet(), _checkpointer() as ckptr:   # leaving the block waits for every shard
+            ckptr.save(path, train_state, force=True)
+    except BaseException:
+        _release_orbax_threads()
+        raise
+
+
+def _release_orbax_threads() -> None:
+    """A failed Orbax save leaves non-daemon threads waiting up to 300 s for signals of the steps
+    that failed, and the interpreter waits for them at exit: cancel them and send those signals.
+    Orbax internals (0.12): with another version the threads end on their own timeout instead."""
+    # their work, never started, is dropped: no "coroutine ... was never awaited" lines at exit
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    try:
+        from orbax.checkpoint._src.futures import future
+        for thread in threading.enumerate():
+            if isinstance(thread, future._SignalingThread) and thread.is_alive():
+                thread.cancel()
+                future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+    except Exception:     # noqa: BLE001 - best effort; the save's own error is what gets reported
+        pass
+
+
 def save(out_dir: str, step: int, config: GPTConfig, train_state: Any, loader_states: dict[int, dict],
-         meta: dict, model_version: int = 3) -> None:
+         meta: dict, model_version: int = 3, data: dict[str, list[dict]] | None = None) -> None:
     """Write one complete checkpoint for `step`. Every process calls it (it is a collective) with the
-    loader states of its own device ranks ({rank: state_dict}); `meta` must be JSON-able."""
+    loader states of its own device ranks ({rank: state_dict}); `meta` must be JSON-able; `data`:
+    {"train": data_files(...), "val": ...}. Raises NonFiniteStateError (nothing written) or
+    CheckpointWriteError (no DONE written), the same on every process."""
+    if not state_is_finite(train_state):
+        raise NonFiniteStateError(f"step {step}: the train state holds NaN or Inf (params or AdamW moments)")
     p = paths(out_dir, step)
     main = jax.process_index() == 0
-    if main and os.path.exists(p["done"]):      # rewriting a step: incomplete until it is all there
-        os.remove(p["done"])
-    with _checkpointer() as ckptr:              # leaving the block waits for every shard to be written
-        ckptr.save(p["state"], train_state, force=True)
+
+    def check(problem: str | None) -> None:
+        problem = _first_problem(problem)
+        if problem:
+            raise CheckpointWriteError(problem)
+
+    problem = _attempt(probe_writable, out_dir)
+    if main and not problem and os.path.exists(p["done"]):    # rewriting a step: incomplete until all there
+        problem = _attempt(os.remove, p["done"])
+    check(problem)
+    check(_attempt(_save_state, p["state"], train_state))
     params = distributed.gather_params(train_state.params)
     loaders = {int(r): s for part in _gather_json({str(r): s for r, s in loader_states.items()})
                for r, s in part.items()}
+    loaders = [loaders[r] for r in sorted(loaders)]
+    problem = None
     if main:
-        llmc_format.write_model(p["model"], config, params, version=model_version)
-        meta = dict(meta, train_loaders=[loaders[r] for r in sorted(loaders)])
-        with open(p["meta"] + ".tmp", "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(p["meta"] + ".tmp", p["meta"])
+        problem = (_attempt(llmc_format.write_model, p["model"], config, params, model_version)
+                   or _attempt(_write_json_atomic, p["meta"], dict(meta, train_loaders=loaders)))
+    check(problem)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"llmc_jax checkpoint {step}")
+    opt_count = _scalar(train_state.opt_state.count)
     if main:
-        with open(p["done"], "w"):
-            pass
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "model": _config_record(config, model_version),
+                    "opt_count": opt_count, "train_loaders": loaders, "data": data or {}}
+        problem = _attempt(_write_done, out_dir, step, manifest)
+    check(problem)
 
 
-def complete_steps(out_dir: str) -> list[int]:
-    """Steps with a DONE marker and all their parts present, ascending."""
+def _write_done(out_dir: str, step: int, manifest: dict) -> None:
+    """The DONE marker with the manifest and every file's size and sha256 (the state dir is shared,
+    so process 0 sees every process's shards once the barrier has passed)."""
+    files = {name: file_record(os.path.join(out_dir, name)) for name in checkpoint_files(out_dir, step)}
+    _write_json_atomic(paths(out_dir, step)["done"], dict(manifest, files=files))
+
+
+def _config_record(config: GPTConfig, model_version: int) -> dict:
+    return {"L": config.L, "NH": config.NH, "C": config.C, "maxT": config.maxT, "V": config.V,
+            "Vp": config.Vp, "version": model_version}
+
+
+def done_steps(out_dir: str) -> list[int]:
+    """Steps with a DONE marker, ascending. Their files are not looked at here: a marked step with
+    a file missing is refused by `verify`, not skipped for an older one."""
     if not os.path.isdir(out_dir):
         return []
-    steps = []
-    for name in os.listdir(out_dir):
-        m = re.fullmatch(r"DONE_(\d{8})", name)
-        if m:
-            p = paths(out_dir, int(m.group(1)))
-            if os.path.isfile(p["model"]) and os.path.isdir(p["state"]) and os.path.isfile(p["meta"]):
-                steps.append(int(m.group(1)))
-    return sorted(steps)
+    return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})").fullmatch, os.listdir(out_dir)) if m)
 
 
 def latest_step(out_dir: str) -> int | None:
-    """The newest complete step (None: there is none), checked to be the same on every process."""
-    steps = complete_steps(out_dir)
+    """The newest marked step (None: there is none), checked to be the same on every process."""
+    steps = done_steps(out_dir)
     latest = steps[-1] if steps else -1
     if jax.process_count() > 1:
         seen = np.asarray(multihost_utils.process_allgather(np.int32(latest))).tolist()
@@ -111,19 +285,191 @@ def load_meta(out_dir: str, step: int) -> dict:
         return json.load(f)
 
 
+def _read_manifest(out_dir: str, step: int) -> dict:
+    done = paths(out_dir, step)["done"]
+    name = os.path.basename(done)
+    try:
+        with open(done) as f:
+            text = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot read it ({_one_line(e)})") from None
+    if not text.strip():
+        raise PredatesVerification(f"{name} is empty: the checkpoint predates verification (written before "
+                                   "checkpoints recorded their sizes and hashes), so it cannot be checked")
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        manifest = None
+    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or manifest.get("step") != step or not _MANIFEST_KEYS <= set(manifest)):
+        raise CheckpointError(f"{name}: not a format-{MANIFEST_FORMAT} manifest of step {step} "
+                              "(damaged or edited)")
+    return manifest
+
+
+def _check_file_set(out_dir: str, step: int, manifest: dict) -> None:
+    recorded = set(manifest["files"])
+    present = {n for n in checkpoint_files(out_dir, step) if os.path.isfile(os.path.join(out_dir, n))}
+    missing, extra = sorted(recorded - present), sorted(present - recorded)
+    if missing and extra:
+        raise CheckpointError(f"{missing[0].split(os.sep)[0]}/: not the files the checkpoint wrote ({len(missing)} "
+                              f"missing, such as {missing[0]}; {len(extra)} it did not write, such as {extra[0]}): "
+                              "another step's state dir?")
+    if missing:
+        raise CheckpointError(f"{missing[0]}: missing (the checkpoint recorded "
+                              f"{manifest['files'][missing[0]]['size']} bytes there)")
+    if extra:
+        raise CheckpointError(f"{extra[0]}: a file the checkpoint did not write (another step's state dir?)")
+
+
+def _check_model_header(out_dir: str, step: int, manifest: dict) -> None:
+    path = paths(out_dir, step)["model"]
+    try:
+        config, version = llmc_format.read_model_header(path)
+    except ValueError as e:          # LLMCFormatError: truncated, bad magic; it names the file
+        raise CheckpointError(_one_line(e).replace(path, os.path.basename(path))) from None
+    have = _config_record(config, version)
+    for key, want in manifest["model"].items():
+        if have.get(key) != want:
+            raise CheckpointError(f"{os.path.basename(path)}: header has {key}={have.get(key)}, "
+                                  f"the checkpoint recorded {key}={want}")
+
+
+def _loader_difference(have: list[dict], want: list[dict]) -> str | None:
+    """The first way the meta's loader states differ from the recorded ones (None: they agree)."""
+    if len(have) != len(want):
+        return f"has loader states of {len(have)} device ranks, the checkpoint recorded {len(want)}"
+    for rank, (h, w) in enumerate(zip(have, want)):
+        for key in sorted(set(h) | set(w)):
+            if h.get(key) != w.get(key) and key == "rng":
+                return f"train loader of device rank {rank} has another generator state than the checkpoint recorded"
+            if h.get(key) != w.get(key):
+                return (f"train loader of device rank {rank} has {key}={h.get(key)!r}, "
+                        f"the checkpoint recorded {key}={w.get(key)!r}")
+    return None
+
+
+def _check_meta(out_dir: str, step: int, manifest: dict) -> None:
+    name = os.path.basename(paths(out_dir, step)["meta"])
+    try:
+        meta = load_meta(out_dir, step)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: not valid JSON (damaged or edited: {_one_line(e)})") from None
+    loaders = meta.get("train_loaders") if isinstance(meta, dict) else None
+    if not isinstance(loaders, list) or not all(isinstance(s, dict) for s in loaders):
+        raise CheckpointError(f"{name}: holds no train loader states (damaged or edited)")
+    if meta.get("step") != step:
+        raise CheckpointError(f"{name}: says step {meta.get('step')!r}, its name and DONE say step {step}")
+    problem = _loader_difference(loaders, manifest["train_loaders"])
+    if problem:
+        raise CheckpointError(f"{name}: {problem}")
+
+
+def _check_contents(out_dir: str, manifest: dict) -> None:
+    """Size and sha256 of every recorded file: what the header and meta checks cannot see."""
+    for name, want in sorted(manifest["files"].items()):
+        path = os.path.join(out_dir, name)
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            raise CheckpointError(f"{name}: {size} bytes, the checkpoint recorded {want['size']}")
+        if file_record(path)["sha256"] != want["sha256"]:
+            raise CheckpointError(f"{name}: its sha256 differs from the one recorded (changed on disk "
+                                  "since it was written)")
+
+
+def _damage_advice(out_dir: str, step: int) -> str:
+    older = [s for s in done_steps(out_dir) if s < step]
+    done = os.path.basename(paths(out_dir, step)["done"])
+    if older:
+        return f"delete {done} to resume from the previous checkpoint (step {older[-1]}), or start without -y"
+    return "it is the only checkpoint: start without -y, or restore its files from a copy"
+
+
+def verify(out_dir: str, step: int) -> dict:
+    """The manifest of `step` once every file checks out against it (sizes, sha256, model header,
+    meta step and loader states); raises CheckpointError naming the file and the mismatch, with
+    what to do. Process 0 checks, every process gets its verdict (a collective)."""
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            manifest = _read_manifest(out_dir, step)
+        except PredatesVerification as e:     # older steps predate verification too
+            problem = f"{e}; start without -y, or start afresh from its model with -e {paths(out_dir, step)['model']}"
+        except CheckpointError as e:
+            problem = f"{e}; {_damage_advice(out_dir, step)}"
+        else:
+            problem = _problem_with_files(out_dir, step, manifest)
+    problem = _first_problem(problem)
+    if problem:
+        raise CheckpointError(f"step {step} in {out_dir}: {problem}")
+    return _read_manifest(out_dir, step)
+
+
+def _problem_with_files(out_dir: str, step: int, manifest: dict) -> str | None:
+    """The first file that disagrees with the manifest, with what to do (None: all agree)."""
+    try:
+        _check_file_set(out_dir, step, manifest)
+        _check_model_header(out_dir, step, manifest)
+        _check_meta(out_dir, step, manifest)
+        _check_contents(out_dir, manifest)
+    except CheckpointError as e:
+        return f"{e}; {_damage_advice(out_dir, step)}"
+    except OSError as e:         # a file that vanished or cannot be read while checking
+        name = os.path.basename(getattr(e, "filename", None) or out_dir)
+        return f"{name}: cannot read it ({_one_line(e)}); {_damage_advice(out_dir, step)}"
+    except (KeyError, TypeError, AttributeError):     # a manifest edited inside its format
+        name = os.path.basename(paths(out_dir, step)["done"])
+        return (f"{name}: a damaged manifest (its entries are not what a checkpoint writes); "
+                f"{_damage_advice(out_dir, step)}")
+    return None
+
+
+def check_run(manifest: dict, config: GPTConfig, data: dict[str, list[dict]]) -> None:
+    """This run's model config and data shards (data_files of its train and val loaders) against the
+    checkpoint's: a changed or replaced shard would continue on other tokens than the run trained on."""
+    have = _config_record(config, manifest["model"]["version"])
+    if have != manifest["model"]:
+        raise CheckpointError(f"this run's model ({have}) is not the checkpoint's ({manifest['model']}); "
+                              "resume with the model config of the run that wrote it")
+    for split, recorded in manifest["data"].items():
+        current = data.get(split, [])
+        if len(current) != len(recorded):
+            raise CheckpointError(f"the {split} data now has {len(current)} shards, the checkpoint was trained on "
+                                  f"{len(recorded)} ({recorded[0]['path'] if recorded else 'none'}, ...); "
+                                  "resume with the same data")
+        for now, then in zip(current, recorded):
+            if now["size"] != then["size"]:
+                raise CheckpointError(f"{now['path']}: {now['size']} bytes, but the checkpoint was trained on "
+                                      f"{then['path']} of {then['size']} bytes (a changed or replaced {split} "
+                                      "shard); resume with the data the run trained on")
+
+
+def check_restored(manifest: dict, train_state: Any, out_dir: str) -> None:
+    """The restored AdamW step count against the recorded one: Orbax's own view of the state dir."""
+    count = _scalar(train_state.opt_state.count)
+    if count != manifest["opt_count"]:
+        name = os.path.basename(paths(out_dir, manifest["step"])["state"])
+        raise CheckpointError(f"{name}: its AdamW step count is {count}, the checkpoint recorded "
+                              f"{manifest['opt_count']} (another step's train state?); "
+                              f"{_damage_advice(out_dir, manifest['step'])}")
+
+
 def load_state(out_dir: str, step: int, template: Any, shardings: Any = None) -> Any:
     """The train state of `step`, shaped like `template` and placed on `shardings` (a pytree of
-    shardings like `template`; None: this process's first device). Every process calls it."""
+    shardings like `template`; None: this process's first device). Every process calls it. Any
+    Orbax failure is a CheckpointError in one line."""
     if shardings is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), template)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), template, shardings)
     path = paths(out_dir, step)["state"]
     try:
-        with _checkpointer() as ckptr:
+        with _orbax_quiet(), _checkpointer() as ckptr:
             return ckptr.restore(path, target)
     except ValueError as e:       # Orbax names the leaf and both shapes or tree structures
-        raise ValueError(f"{path} does not fit this run's model and optimizer (another model or flags?): "
-                         f"{e}") from None
+        raise CheckpointError(f"{path} does not fit this run's model and optimizer (another model or flags?): "
+                              f"{_one_line(e)}") from None
+    except Exception as e:        # a damaged or unreadable state dir: tensorstore, OSError, ...
+        raise CheckpointError(f"{path}: Orbax cannot restore it ({type(e).__name__}: {_one_line(e)})") from None
 
 
 def loader_states(meta: dict, ranks: list[int], num_devices: int) -> tuple[list[dict], str | None]:

@@ -7,22 +7,17 @@ and evaluates once more after the last one. main.log gets llm.c's lines.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import os
+import socket
 import sys
 import time
+from typing import NoReturn
 
 import numpy as np
 
 from llmc_jax import cli
-
-
-class UsageError(SystemExit):
-    """A flag combination that cannot work; raised before any work is done (exit status 2)."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-        self.message = f"error: {message}"
+from llmc_jax.errors import UsageError, describe, run_command  # UsageError: also train.UsageError, its old home
 
 
 _IS_MAIN_PROCESS = True   # False on processes other than 0 of a multi-process run
@@ -46,9 +41,6 @@ def _validate_flags(args) -> None:
     from llmc_jax.model import kernel_spec
     # one string naming every op's implementation; it is what the model, sampler and evals take
     args.kernels = kernel_spec(args.kernels, **{op: getattr(args, op) for op in OP_CHOICES})
-    for name in ("batch_size", "seq_len"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
 
 
 def _resolve_model(args):
@@ -112,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     global _IS_MAIN_PROCESS
     args = cli.parse_args(argv)
     _validate_flags(args)
+    _prepare_output_dir(args)
 
     import jax
     from llmc_jax import distributed
@@ -152,15 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"-d {total_batch} is not a multiple of B*T*devices = {B}*{T}*{D} = "
                          f"{tokens_per_fwdbwd}; pick -d as a multiple of it (or change -b/-t)")
     grad_accum = total_batch // tokens_per_fwdbwd
-    resume_step = None
-    if args.resume:
-        try:
-            resume_step = checkpoint.latest_step(args.output_dir)     # the same on every process
-        except ValueError as e:
-            raise UsageError(f"-y 1: {e}") from None
-        if resume_step is None:
-            raise UsageError(f"-y 1: no complete checkpoint (DONE_* with its model, state and meta) in "
-                             f"{args.output_dir}; start without -y or point -o at the run's output dir")
+    resume_step, manifest = _find_checkpoint(args) if args.resume else (None, None)
+    if resume_step is not None:
         args.init = checkpoint.paths(args.output_dir, resume_step)["model"]
     try:
         cfg, params_np = _resolve_model(args)
@@ -172,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         val_loaders = [DataLoader(args.val_data, B, T, r, D, shuffle=False, vocab_size=cfg.V)
                        for r in local_ranks]
         hellaswag_examples = _load_hellaswag(args, B, T, cfg) if args.hellaswag else None
-    except (ValueError, FileNotFoundError) as e:     # LLMCFormatError is a ValueError
-        raise UsageError(str(e)) from None
+    except (ValueError, OSError) as e:     # files named by -e/-i/-j/--hellaswag-file (LLMCFormatError: ValueError)
+        raise UsageError(describe(e)) from None
     max_steps = args.max_steps if args.max_steps > 0 else train_loaders[0].num_tokens // total_batch
     if max_steps <= 0:
         raise UsageError(f"the train data ({train_loaders[0].num_tokens} tokens) holds less than one step of "
@@ -227,29 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     shardings = parallel.make_shardings(state, mesh, args.zero_stage) if D > 1 else None
     start_step = 0
     if resume_step is not None:
-        try:     # loader states first (cheap checks), then the state straight onto this run's shardings
-            loader_states, note = checkpoint.loader_states(checkpoint.load_meta(args.output_dir, resume_step),
-                                                           local_ranks, D)
-            for loader, loader_state in zip(train_loaders, loader_states):
-                loader.load_state_dict(loader_state)
-            state = checkpoint.load_state(args.output_dir, resume_step, state,
-                                          shardings.state if shardings is not None else None)
-        except ValueError as e:        # another model, batch geometry or data than the checkpoint's
-            raise UsageError(f"-y 1: cannot resume from step {resume_step} of {args.output_dir}: {e}; "
-                             "resume with the flags of the run that wrote it") from None
+        state, note = _resume_state(args, manifest, state, shardings, cfg, max_steps,
+                                    train_loaders, val_loaders, local_ranks, D)
         if note:
             _print0(note)
         start_step = resume_step
         _print0(f"resumed from step {resume_step} of {args.output_dir}")
     if shardings is not None:
         state = parallel.shard_state(state, shardings)
-    log = None
-    if args.output_dir and proc == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        log_path = os.path.join(args.output_dir, "main.log")
-        if resume_step is not None:
-            _truncate_log(log_path, resume_step)
-        log = open(log_path, "a" if resume_step is not None else "w")
+    log = _open_log(args, resume_step) if args.output_dir and proc == 0 else None
+    last_good = resume_step     # the newest checkpoint this run can name as its resume point
 
     step_fn = train_step.make_train_step(sc, shardings)
     eval_fn = train_step.make_eval_step(sc)
@@ -273,32 +246,25 @@ def main(argv: list[str] | None = None) -> int:
                 val_loss += float(eval_fn(state.params, x, y))
             val_loss /= max(val_batches, 1)
             _print0(f"val loss {val_loss:.6f}")
-            if log:
-                log.write(f"s:{step} tel:{val_loss:.4f}\n")
-                log.flush()
+            _write_log(log, f"s:{step} tel:{val_loss:.4f}", step)
         if (hellaswag_examples and args.val_every > 0 and ((step > 0 and step % args.val_every == 0) or last)
                 and not resumed_here):
             from llmc_jax import hellaswag
             correct, total = hellaswag.score(distributed.gather_params(state.params), cfg, hellaswag_examples, B=B, T=T,
                                              dtype=args.dtype, kernels=args.kernels)
             _print0(f"HellaSwag: {correct}/{total} = {correct / total:f}")
-            if log:
-                log.write(f"s:{step} eval:{correct / total:.4f}\n")
-                log.flush()
+            _write_log(log, f"s:{step} eval:{correct / total:.4f}", step)
         if (args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last)
                 and not resumed_here):
             toks = sample.generate(distributed.gather_params(state.params), cfg, args.gen_tokens, eot, dtype=jnp.dtype(args.dtype),
                                    kernels=args.kernels)
             text = tokenizer.decode(toks[1:]) if tokenizer else " ".join(map(str, toks[1:]))
             _print0(f"generating:\n---\n{text}\n---")
-        if (args.checkpoint_every > 0 and args.output_dir and not resumed_here
-                and ((step > 0 and step % args.checkpoint_every == 0) or last)):
-            meta = {"step": step, "num_devices": D, "num_processes": nproc, "args": _jsonable(vars(args))}
-            checkpoint.save(args.output_dir, step, cfg, state,
-                            {r: loader.state_dict() for r, loader in zip(local_ranks, train_loaders)}, meta,
-                            model_version=3 if args.dtype == "float32" else 5)
-            checkpoint.prune(args.output_dir, step, args.checkpoint_every, args.checkpoint_keep,
-                             args.checkpoint_major)
+        if _checkpoint_due(args, step, last) and not resumed_here:
+            _save_checkpoint(args, step, cfg, state,
+                             {r: loader.state_dict() for r, loader in zip(local_ranks, train_loaders)},
+                             _data_record(train_loaders, val_loaders), last_good, D, nproc)
+            last_good = step
         if last:
             break
 
@@ -313,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             x, y = parallel.shard_batch(x, shardings), parallel.shard_batch(y, shardings)
         lr = _learning_rate(args, step, max_steps)
         state, metrics = step_fn(state, x, y, np.float32(lr), np.int32(step))
-        loss, norm, lz, nz, skipped = (float(metrics.loss), float(metrics.norm), float(metrics.loss_z),
-                                       float(metrics.norm_z), bool(metrics.skipped))
+        loss, norm, lz, nz, skipped, finite = (float(metrics.loss), float(metrics.norm), float(metrics.loss_z),
+                                               float(metrics.norm_z), bool(metrics.skipped), bool(metrics.finite))
         dt = time.perf_counter() - t0
         tok_s = total_batch / dt
         if step > start_step:
@@ -328,12 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             _print0(f"skipping update due to loss z-score of {lz:.2f} / grad z-score of {nz:.2f}")
         _print0(f"step {step + 1:4d}/{max_steps} | loss {loss:7.6f} ({lz:+.2f}z)| norm {norm:6.4f} "
                 f"({nz:+.2f}z)| lr {lr:.2e} | {1000 * dt:.2f} ms | {util_s} | {tok_s:.0f} tok/s")
-        if log:
-            log.write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}\n")
-            log.flush()
-        if not math.isfinite(loss):
-            _print0("loss is not finite; stopping (lower -l, or check the data)")
-            return 1
+        _write_log(log, f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}", step)
+        _step_is_finite(finite, step + 1, loss, norm, last_good)     # numbered as the line above
 
     if timed_steps:
         _print0(f"total average iteration time: {1000 * total_time / timed_steps:f} ms")
@@ -377,20 +339,185 @@ def _next_batches(loaders, grad_accum: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.stack(ys)
 
 
-def _truncate_log(path: str, resume_step: int) -> None:
+def _stop(message: str) -> NoReturn:
+    """End a run that failed while running: one `error:` line (process 0) and exit status 1."""
+    raise SystemExit(f"error: {message}" if _IS_MAIN_PROCESS else 1)
+
+
+def _prepare_output_dir(args) -> None:
+    """-o checked before any work: created if missing (not for -y 1, which needs it to exist) and
+    probed with a file write, so an unwritable dir is one line at start, not a failure at step N."""
+    out_dir = args.output_dir
+    if not out_dir:
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"-o {out_dir}: exists and is not a directory; give a directory for the log and checkpoints")
+    if args.resume and not os.path.isdir(out_dir):
+        return                         # -y 1 says there is no checkpoint there
+    probe = os.path.join(out_dir, f".write_probe_{socket.gethostname()}_{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"-o {out_dir}: cannot write there ({e.strerror or e}); give a writable directory") from None
+
+
+def _find_checkpoint(args) -> tuple[int, dict]:
+    """The newest marked step of -o and its manifest, verified file by file before anything is
+    read from it (a collective where there are several processes)."""
+    from llmc_jax import checkpoint
+    try:
+        step = checkpoint.latest_step(args.output_dir)     # the same on every process
+    except ValueError as e:
+        raise UsageError(f"-y 1: {e}") from None
+    if step is None:
+        raise UsageError(f"-y 1: no complete checkpoint (DONE_*) in {args.output_dir}; start without -y or point -o "
+                         "at the run's output dir")
+    try:
+        return step, checkpoint.verify(args.output_dir, step)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"-y 1: refusing checkpoint {e}") from None
+
+
+def _data_record(train_loaders, val_loaders) -> dict:
+    """Path and size of every shard the run reads, as the checkpoint manifest records them."""
+    from llmc_jax import checkpoint
+    return {"train": checkpoint.data_files(train_loaders[0].shard_paths),
+            "val": checkpoint.data_files(val_loaders[0].shard_paths)}
+
+
+def _resume_state(args, manifest: dict, state, shardings, cfg, max_steps: int,
+                  train_loaders, val_loaders, local_ranks: list[int], D: int):
+    """The checkpoint's train state, with this run's -x, model, data and loaders checked against it
+    first; (state, note about another device count or None). Every refusal is one UsageError line."""
+    from llmc_jax import checkpoint
+    step, out_dir = manifest["step"], args.output_dir
+    if max_steps <= step:
+        raise UsageError(f"-y 1: the checkpoint in {out_dir} is already at step {step}, and this run ends at "
+                         f"step {max_steps} (-x); give -x above {step} to train on from it")
+    where = f"-y 1: cannot resume from step {step} of {out_dir}"
+    try:
+        checkpoint.check_run(manifest, cfg, _data_record(train_loaders, val_loaders))
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"{where}: {e}") from None
+    try:     # loader states first (cheap checks), then the state straight onto this run's shardings
+        loader_states, note = checkpoint.loader_states(checkpoint.load_meta(out_dir, step), local_ranks, D)
+        for loader, loader_state in zip(train_loaders, loader_states):
+            loader.load_state_dict(loader_state)
+    except ValueError as e:        # another batch geometry or data than the checkpoint's
+        raise UsageError(f"{where}: {e}; resume with the flags of the run that wrote it") from None
+    try:
+        state = checkpoint.load_state(out_dir, step, state, shardings.state if shardings is not None else None)
+        checkpoint.check_restored(manifest, state, out_dir)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"{where}: {e}") from None
+    return state, note
+
+
+def _open_log(args, resume_step: int | None):
+    """main.log of -o, opened for appending after a resume (cut back to the checkpoint), else anew."""
+    log_path = os.path.join(args.output_dir, "main.log")
+    dropped = _truncate_log(log_path, resume_step) if resume_step is not None else 0
+    if dropped:
+        _print0(f"note: dropped {dropped} malformed line(s) from {log_path} (not s:STEP ...)")
+    try:
+        return open(log_path, "a" if resume_step is not None else "w")
+    except OSError as e:
+        raise UsageError(f"cannot write {log_path}: {e.strerror or e}") from None
+
+
+def _write_log(log, line: str, step: int) -> None:
+    """One main.log line, flushed; a write error ends the run with one line naming the file."""
+    if log is None:
+        return
+    try:
+        log.write(line + "\n")
+        log.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            log.close()          # else closing it at exit tries the write again, and reports that
+        _stop(f"cannot write {log.name} at step {step}: {e.strerror or e}")
+
+
+def _save_checkpoint(args, step: int, cfg, state, loaders_by_rank: dict, data: dict,
+                     last_good: int | None, D: int, nproc: int) -> None:
+    """Write (and prune after) the checkpoint of `step`; a NaN/Inf state or a failed write ends the
+    run (exit 1) with one line, leaving `last_good` the newest resumable checkpoint."""
+    from llmc_jax import checkpoint
+    meta = {"step": step, "num_devices": D, "num_processes": nproc, "args": _jsonable(vars(args))}
+    keep = _resume_point(last_good)
+    try:
+        checkpoint.save(args.output_dir, step, cfg, state, loaders_by_rank, meta,
+                        model_version=3 if args.dtype == "float32" else 5, data=data)
+    except checkpoint.NonFiniteStateError as e:
+        _stop(f"{e}; not writing a checkpoint of it; {keep} (lower -l, or check the data)")
+    except OSError as e:                 # CheckpointWriteError
+        _stop(f"cannot write checkpoint step {step} to {args.output_dir}: {e.strerror or e}; {keep}")
+    _print0(f"checkpoint step {step} -> {checkpoint.paths(args.output_dir, step)['model']} "
+            f"(with state, meta and DONE_{step:08d}: resume with -y 1)")
+    try:
+        checkpoint.prune(args.output_dir, step, args.checkpoint_every, args.checkpoint_keep,
+                         args.checkpoint_major)
+    except OSError as e:
+        _stop(f"checkpoint step {step} was written to {args.output_dir} (the resume point), but deleting "
+              f"an older one (-nk) failed: {e.strerror or e}")
+
+
+def _checkpoint_due(args, step: int, last: bool) -> bool:
+    """With -o: at the last step unless -n -1 (llm.c's -n 0 writes none; here the final model is
+    never lost), and every -n steps when -n > 0."""
+    every = args.checkpoint_every
+    if not args.output_dir or every < 0:
+        return False
+    return last or (every > 0 and step > 0 and step % every == 0)
+
+
+def _resume_point(last_good: int | None) -> str:
+    if last_good is None:
+        return "no checkpoint of this run was written before it"
+    return f"the last good checkpoint (step {last_good}) stays the resume point"
+
+
+def _step_is_finite(finite: bool, step: int, loss: float, norm: float, last_good: int | None) -> None:
+    """Stop at the first step whose loss or grad norm is NaN/Inf, before a checkpoint could hold it."""
+    if finite:
+        return
+    keep = _resume_point(last_good)
+    _stop(f"step {step}: loss/grad norm is not finite (loss {loss}, grad norm {norm}); stopping; {keep} "
+          "(lower -l, or check the data and model)")
+
+
+def _log_step(line: str) -> int | None:
+    """The step of a main.log line ("s:N ..."); None for a line that is not one (malformed or foreign)."""
+    head = line.split(maxsplit=1)[0] if line.strip() else ""
+    if not head.startswith("s:") or not head[2:].isdigit():
+        return None
+    return int(head[2:])
+
+
+def _truncate_log(path: str, resume_step: int) -> int:
     """Keep what the run had logged up to its checkpoint at `resume_step`: every line of earlier
     steps and the eval lines of that step (logged before the checkpoint was written); a run that
-    went on past its last checkpoint before it died leaves no duplicate lines behind."""
+    went on past its last checkpoint before it died leaves no duplicate lines behind. Malformed
+    lines (a run killed mid-write, an edit) are dropped and counted (the return value); an
+    unreadable log is one UsageError line."""
     if not os.path.exists(path):
-        return
-    kept = []
-    for line in open(path):
-        s = int(line.split()[0][2:]) if line.startswith("s:") else -1
-        if s < resume_step or (s == resume_step and "trl:" not in line):
-            kept.append(line)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+        return 0
+    try:
+        with open(path, errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+        steps = [_log_step(line) for line in lines]
+        kept = [line + "\n" for line, s in zip(lines, steps)
+                if s is not None and (s < resume_step or (s == resume_step and "trl:" not in line))]
+        with open(path + ".tmp", "w", errors="surrogateescape") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise UsageError(f"-y 1: cannot rewrite {path} up to step {resume_step} ({e.strerror or e}); "
+                         "move it away to resume with a new log") from None
+    return sum(1 for line, s in zip(lines, steps) if s is None and line.strip())
 
 
 def _learning_rate(args, step: int, max_steps: int) -> float:
@@ -403,9 +530,10 @@ def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
+OOM_HINT = ("lower -b (micro-batch; -d keeps the total batch by accumulating) or -t, or use -r 1/2 "
+            "(recompute), -z 1..3 (ZeRO, several devices), --dtype bfloat16")
+
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as e:
-        print(e.message, file=sys.stderr)
-        sys.exit(2)
+    from llmc_jax.launch import watch_launcher
+    watch_launcher()             # started by python -m llmc_jax.launch: stop when it dies
+    run_command(main, OOM_HINT)

@@ -31,6 +31,7 @@ class StepMetrics(NamedTuple):
     loss_z: jax.Array
     norm_z: jax.Array
     skipped: jax.Array
+    finite: jax.Array   # loss and grad norm both finite: computed in the step, so the host's stop costs no sync
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +154,15 @@ def make_train_step(sc: StepConfig, shardings=None):
             new_params, new_opt_state = jax.lax.cond(
                 skipped, lambda: (params, state.opt_state), lambda: (new_params, new_opt_state))
         new_state = TrainState(new_params, new_opt_state, loss_det, norm_det)
-        return new_state, StepMetrics(loss, norm, loss_z, norm_z, skipped)
+        finite = jnp.isfinite(loss) & jnp.isfinite(norm)
+        return new_state, StepMetrics(loss, norm, loss_z, norm_z, skipped, finite)
 
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=(0,))
     rep = shardings.replicated
     return jax.jit(step_fn, donate_argnums=(0,),
                    in_shardings=(shardings.state, shardings.batch, shardings.batch, rep, rep),
-                   out_shardings=(shardings.state, StepMetrics(rep, rep, rep, rep, rep)))
+                   out_shardings=(shardings.state, StepMetrics(*[rep] * len(StepMetrics._fields))))
 
 
 def make_eval_step(sc: StepConfig):
