@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from llmc_jax import distributed, llmc_format
 from llmc_jax.config import GPTConfig
+from llmc_jax.errors import describe
 
 
 def paths(out_dir: str, step: int) -> dict[str, str]:
@@ -80,15 +81,6 @@ def _orbax_quiet():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """An error's message on one line, at most `limit` characters; an OSError as `[path: ]reason`."""
-    if isinstance(e, OSError) and e.strerror:
-        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    else:
-        text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -178,7 +170,7 @@ def _attempt(fn, *args) -> str | None:
     try:
         fn(*args)
     except Exception as e:      # Orbax and tensorstore wrap OSErrors in their own types
-        return _one_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {_one_line(e)}"
+        return describe(e, 300) if isinstance(e, OSError) else f"{type(e).__name__}: {describe(e, 300)}"
     return None
 
 
@@ -292,7 +284,7 @@ def _read_manifest(out_dir: str, step: int) -> dict:
         with open(done) as f:
             text = f.read()
     except OSError as e:
-        raise CheckpointError(f"{name}: cannot read it ({_one_line(e)})") from None
+        raise CheckpointError(f"{name}: cannot read it ({describe(e, 300)})") from None
     if not text.strip():
         raise PredatesVerification(f"{name} is empty: the checkpoint predates verification (written before "
                                    "checkpoints recorded their sizes and hashes), so it cannot be checked")
@@ -327,7 +319,7 @@ def _check_model_header(out_dir: str, step: int, manifest: dict) -> None:
     try:
         config, version = llmc_format.read_model_header(path)
     except ValueError as e:          # LLMCFormatError: truncated, bad magic; it names the file
-        raise CheckpointError(_one_line(e).replace(path, os.path.basename(path))) from None
+        raise CheckpointError(describe(e, 300).replace(path, os.path.basename(path))) from None
     have = _config_record(config, version)
     for key, want in manifest["model"].items():
         if have.get(key) != want:
@@ -354,7 +346,7 @@ def _check_meta(out_dir: str, step: int, manifest: dict) -> None:
     try:
         meta = load_meta(out_dir, step)
     except ValueError as e:
-        raise CheckpointError(f"{name}: not valid JSON (damaged or edited: {_one_line(e)})") from None
+        raise CheckpointError(f"{name}: not valid JSON (damaged or edited: {describe(e, 300)})") from None
     loaders = meta.get("train_loaders") if isinstance(meta, dict) else None
     if not isinstance(loaders, list) or not all(isinstance(s, dict) for s in loaders):
         raise CheckpointError(f"{name}: holds no train loader states (damaged or edited)")
@@ -416,7 +408,7 @@ def _problem_with_files(out_dir: str, step: int, manifest: dict) -> str | None:
         return f"{e}; {_damage_advice(out_dir, step)}"
     except OSError as e:         # a file that vanished or cannot be read while checking
         name = os.path.basename(getattr(e, "filename", None) or out_dir)
-        return f"{name}: cannot read it ({_one_line(e)}); {_damage_advice(out_dir, step)}"
+        return f"{name}: cannot read it ({describe(e, 300)}); {_damage_advice(out_dir, step)}"
     except (KeyError, TypeError, AttributeError):     # a manifest edited inside its format
         name = os.path.basename(paths(out_dir, step)["done"])
         return (f"{name}: a damaged manifest (its entries are not what a checkpoint writes); "
@@ -467,9 +459,9 @@ def load_state(out_dir: str, step: int, template: Any, shardings: Any = None) ->
             return ckptr.restore(path, target)
     except ValueError as e:       # Orbax names the leaf and both shapes or tree structures
         raise CheckpointError(f"{path} does not fit this run's model and optimizer (another model or flags?): "
-                              f"{_one_line(e)}") from None
+                              f"{describe(e, 300)}") from None
     except Exception as e:        # a damaged or unreadable state dir: tensorstore, OSError, ...
-        raise CheckpointError(f"{path}: Orbax cannot restore it ({type(e).__name__}: {_one_line(e)})") from None
+        raise CheckpointError(f"{path}: Orbax cannot restore it ({type(e).__name__}: {describe(e, 300)})") from None
 
 
 def loader_states(meta: dict, ranks: list[int], num_devices: int) -> tuple[list[dict], str | None]:

@@ -65,11 +65,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see --help")
 
 
-def describe(exc: BaseException) -> str:
-    """The user-facing text of an expected failure: `path: reason` for OSErrors, else the message."""
+def describe(exc: BaseException, limit: int | None = None) -> str:
+    """The user-facing text of an expected failure: `path: reason` for OSErrors, else the message;
+    cut to `limit` characters where a library's message can run long."""
     if isinstance(exc, OSError) and exc.strerror:
-        return one_line(f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror)
-    return one_line(exc) or type(exc).__name__
+        text = one_line(f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror)
+    else:
+        text = one_line(exc) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
 @contextlib.contextmanager

@@ -67,7 +67,18 @@ def load_model(init: str, config_path: str | None = None):
         if not os.path.exists(init):
             raise UsageError(f"-e {init}: no such file, and not a model descriptor (dN, gpt2:dN, gpt3:cN, "
                              f"{', '.join(cfgmod.PRESETS)})")
-        return llmc_format.read_model(init)
+        cfg, params = llmc_format.read_model(init)
+    _check_finite(init, params)
+    return cfg, params
+
+
+def _check_finite(init: str, params: dict[str, np.ndarray]) -> None:
+    """A model file with NaN/Inf weights (a diverged run's, or damaged) is refused, not evaluated."""
+    for name, w in params.items():
+        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+        if bad:
+            raise UsageError(f"-e {init}: tensor {name} holds {bad} NaN/Inf value(s); the file is damaged "
+                             "or comes from a run that diverged")
 
 
 def _batch(args, cfg) -> tuple[np.ndarray, np.ndarray, object]:

@@ -250,7 +250,7 @@ def _get_tokenizer(name: str):
 
 
 # xorshift64* needs a non-zero 64-bit state
-BOUNDS = {"gen_tokens": cli.NONNEG, "temperature": cli.NONNEG, "top_k": cli.POSITIVE,
+BOUNDS = {"gen_tokens": cli.POSITIVE, "temperature": cli.NONNEG, "top_k": cli.POSITIVE,
           "seed": cli.Bound("in [1, 2**64)", lambda v: 1 <= v < 2**64)}
 
 

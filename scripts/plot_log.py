@@ -124,7 +124,7 @@ def plot(runs: list[str], output: str = "plot.png", window: int = 1, title: str 
 
 def main(argv: list[str] | None = None) -> int:
     from llmc_jax import cli
-    from llmc_jax.errors import ArgumentParser
+    from llmc_jax.errors import ArgumentParser, UsageError
     p = ArgumentParser(prog="python scripts/plot_log.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run output dirs (holding main.log) or main.log files")
@@ -139,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             if not d.get("trl") and not d.get("tel"):
                 print(f"warning: {log_path(r)} has no loss lines (s:N trl:... / s:N tel:...)", file=sys.stderr)
         out = plot(args.runs, args.output, args.smooth, args.title)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as e:      # a run named on the command line: a usage error (exit 2)
+        raise UsageError(str(e)) from None
     print(f"wrote {out}")
     return 0
 

@@ -47,7 +47,7 @@ if _REPO not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, _REPO)
 
 from llmc_jax import cli, tokenizer as tokmod  # noqa: E402
-from llmc_jax.errors import ArgumentParser, one_line, run_command  # noqa: E402
+from llmc_jax.errors import ArgumentParser, UsageError, one_line, run_command  # noqa: E402
 from llmc_jax.llmc_format import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_shard_header  # noqa: E402
 
 DEFAULT_SHARD_SIZE = 10**8
@@ -572,9 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = parse_checked(p, argv)
     try:
-        for f in args.files:
+        for f in args.files:          # an input named on the command line: a usage error (exit 2)
             if not os.path.isfile(f):
-                raise PrepareError(f"{f}: no such file")
+                raise UsageError(f"{f}: {'a directory, not a file' if os.path.isdir(f) else 'no such file'}")
         out_dir = args.output_dir
         name = args.name or os.path.basename(os.path.normpath(os.path.abspath(out_dir))) or "data"
         recipe = {"files": [_file_id(f) for f in args.files], "tokenizer": args.tokenizer,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import random_params
-from llmc_jax import errors, eval_hellaswag, gradcheck, hellaswag, launch, llmc_format as lf, sample, train
+from llmc_jax import errors, eval_hellaswag, eval_loss, gradcheck, hellaswag, launch, llmc_format as lf, sample, train
 from llmc_jax.config import GPTConfig
 from llmc_jax.hellaswag import Example
 from test_multiprocess import _children
@@ -81,7 +81,7 @@ TRAIN_FLAG_CASES = [
     (["-g", "-3"], r"-g/--gen-tokens -3"),
     (["-v", "-1"], r"-v/--val-every"),
     (["-s", "-1"], r"-s/--sample-every"),
-    (["-n", "-1"], r"-n/--checkpoint-every"),
+    (["-n", "-2"], r"-n/--checkpoint-every -2: must be -1 \(never\) or >= 0"),
     (["-nk", "-1"], r"-nk/--checkpoint-keep"),
     (["-nm", "-1"], r"-nm/--checkpoint-major"),
     (["-x", "0"], r"-x/--max-steps 0: must be -1"),
@@ -264,6 +264,20 @@ def test_fuzz_model_file(files, tmp_path, version):
         main, argv = mains[k % len(mains)]
         rc, err = call(main, argv + [path])
         one_error(rc, err, 2, re.escape(path))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused(tmp_path, value):
+    """gradcheck, sample, eval_loss refuse a model holding NaN/Inf (one line naming the tensor);
+    train starts and stops at its first non-finite loss (exit 1), as tests/test_checkpoint_integrity.py shows."""
+    params = random_params(CFG)
+    params["fcw"][1, 2, 3] = value
+    path = str(tmp_path / "bad.bin")
+    lf.write_model(path, CFG, params, version=3)
+    for main, argv in [(gradcheck.main, ["-t", "8", "-e", path]), (sample.main, ["--tokenizer", "byte", "-e", path]),
+                       (eval_loss.main, ["-j", VAL, "-e", path])]:
+        rc, err = call(main, argv)
+        one_error(rc, err, 2, r"tensor fcw holds 1 NaN/Inf value")
 
 
 def test_fuzz_debug_state(files, tmp_path):

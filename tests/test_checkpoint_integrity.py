@@ -173,7 +173,7 @@ def test_orbax_restore_error_is_one_line(run_dir, capsys, monkeypatch):
         def restore(self, *a, **k):
             raise RuntimeError("tensorstore: DATA_LOSS\n  at chunk 7\n")
     monkeypatch.setattr(checkpoint, "_checkpointer", Broken)
-    _refused(_resume(run_dir), capsys, "state_00000004", "DATA_LOSS at chunk 7")
+    _refused(_resume(run_dir), capsys, "state_00000004", "DATA_LOSS; at chunk 7")
 
 
 def test_changed_shard_is_refused(run_dir, tmp_path, capsys):

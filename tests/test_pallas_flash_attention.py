@@ -82,8 +82,13 @@ def test_forward_and_gradients(B, T, NH, HS, causal, sm_scale, blocks, dtype):
     tol = _tol(dtype)
     assert out.dtype == dtype and out.shape == q.shape
     assert rel_error(out, out_ref) < tol and rel_error(out, out64) < tol
+    g_scale = max(float(np.max(np.abs(g64))) for g64 in grads64)      # dv is never all zero
     for name, g, g_ref, g64, x in zip("qkv", grads, grads_ref, grads64, (q, k, v)):
         assert g.dtype == x.dtype and g.shape == x.shape, name
+        if not np.any(g64):   # exactly zero (T=1: softmax over one key has no slope): rounding noise only
+            for got in (g, g_ref):
+                assert float(np.max(np.abs(np.asarray(got, np.float64)))) / g_scale < tol, (name, "not ~0")
+            continue
         assert rel_error(g, g_ref) < tol, (name, rel_error(g, g_ref))
         assert rel_error(g, g64) < tol, (name, rel_error(g, g64))
 
