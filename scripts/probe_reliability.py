@@ -10,7 +10,7 @@ eval files, ~100 wrong flag uses, tampered checkpoints, and training runs SIGKIL
 and resumed. Each outcome is one of
 
     one-line error   rc 1/2 as expected, no traceback, exactly one stderr line starting `error:`
-    ran              rc 0 where the case allows it (controls, NaN weights given to sample, ...)
+    ran              rc 0 where the case allows it (controls, an empty --config, ...)
     traceback        a Python exception dump on stderr
     silent accept    rc 0 where the case must fail
     hang             still running at the timeout
@@ -318,7 +318,7 @@ def model_header_variants(base: bytes, rng: random.Random) -> list[Variant]:
 def model_variants(fx: Fixtures) -> list[Variant]:
     """Bad model files, v3 and v5, plus controls; NaN/Inf weights must stop train with exit 1."""
     b3, b5 = fx.model_bytes, fx.model_v5_bytes
-    nan_expect = {"train": (1,), "sample": (0, 1, 2), "gradcheck": (0, 1, 2)}
+    nan_expect = {"train": (1,), "sample": (2,), "gradcheck": (2,)}
     v = [Variant("v3-control", "the fixture model, unchanged", writer(b3), expect={"*": (0,)}),
          Variant("v5-control", "the fixture model as v5 (bf16)", writer(b5), quick=True, expect={"*": (0,)})]
     v += [dataclasses.replace(x, name="v3-" + x.name)

@@ -52,11 +52,14 @@ def test_compilation_cache_is_used_by_a_second_start(tmp_path):
     cache = tmp_path / "cache" / "jax_compilation_cache"
     cmd = [sys.executable, "-m", "llmc_jax.train"] + LLMC_CPU_FLAGS + ["-x", "2"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the train step's entry; small jits join the cache only when their compile passes 0.5 s, which
+    # depends on the machine's load, so only the step (seconds to compile) is asserted on
+    step_entries = lambda: {n for n in os.listdir(cache) if n.startswith("jit_step_fn")}  # noqa: E731
     subprocess.run(cmd, env=env, cwd=root, check=True, capture_output=True, timeout=300)
-    first = set(os.listdir(cache))
+    first = step_entries()
     assert first
     subprocess.run(cmd, env=env, cwd=root, check=True, capture_output=True, timeout=300)
-    assert set(os.listdir(cache)) == first
+    assert step_entries() == first
 
 
 def test_main_log_is_llmc_format(tmp_path, capsys):
