@@ -559,7 +559,7 @@ TRAIN_FLAGS: list[tuple[str, list[str], bool]] = [      # name, flags added to a
     ("seq-0", ["-t", "0"], False), ("seq-neg", ["-t", "-1"], False), ("seq-100000", ["-t", "100000"], True),
     ("seq-65", ["-t", "65"], False), ("steps-neg", ["-x", "-5"], False), ("steps-float", ["-x", "1.5"], False),
     ("val-every-neg", ["-v", "-1"], False), ("sample-every-neg", ["-s", "-1"], False),
-    ("ckpt-every-neg", ["-n", "-1"], False), ("ckpt-keep-neg", ["-nk", "-1"], False),
+    ("ckpt-every-neg", ["-n", "-2"], False), ("ckpt-keep-neg", ["-nk", "-1"], False),
     ("zero-7", ["-z", "7"], False), ("recompute-3", ["-r", "3"], False),
     ("dtype-float16", ["--dtype", "float16"], True),
     ("kernels-foo", ["--kernels", "foo"], False), ("attention-foo", ["--attention", "foo"], False),

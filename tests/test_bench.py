@@ -5,6 +5,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from llmc_jax import model, reference
 from llmc_jax.config import from_descriptor
@@ -48,6 +49,7 @@ bench_kernels = importlib.util.module_from_spec(_kspec)
 _kspec.loader.exec_module(bench_kernels)
 
 
+@pytest.mark.slow
 def test_bench_kernels_runs_every_op_on_cpu(tmp_path, capsys):
     out = tmp_path / "kernels.json"
     assert bench_kernels.main(["--iters", "1", "--json", str(out)]) == 0

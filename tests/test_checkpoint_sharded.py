@@ -59,6 +59,7 @@ def _steps_done(out_dir) -> list[int]:
     return sorted(int(f[5:]) for f in os.listdir(out_dir) if f.startswith("DONE_"))
 
 
+@pytest.mark.slow
 def test_two_processes_checkpoint_resumes_on_one_process_and_back(tmp_path):
     """2 processes x 2 devices at -z 1 checkpoint steps 5, 10, 15. With DONE_10 and DONE_15 removed
     (a run killed while writing), 1 process x 4 devices at -z 3 resumes from 5 and runs to 15; with

@@ -37,6 +37,7 @@ def _losses(stdout: str, what: str) -> list[float]:
     return [float(m.group(1)) for m in (re.match(pat, line) for line in stdout.splitlines()) if m]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, cache_dir):
     """2 processes x 2 devices read and compute what 1 process x 4 devices does: same losses on
     stdout (to 1e-5: the cross-process all-reduce may sum in another order) and the same main.log."""

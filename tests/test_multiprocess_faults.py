@@ -116,6 +116,7 @@ class _Pair:
             p.wait()
 
 
+@pytest.mark.slow
 def test_peer_killed_mid_run_without_launcher(cache_dir):
     """Rank 1 SIGKILLed after step 1: rank 0 exits with status 1 within LLMC_JAX_PEER_TIMEOUT plus a
     few seconds, naming rank 1 (JAX alone would take its heartbeat timeout, 100 s, and abort)."""
@@ -136,15 +137,29 @@ def test_peer_killed_mid_run_without_launcher(cache_dir):
     assert elapsed < PEER_TIMEOUT + 10, elapsed
 
 
+@pytest.mark.slow
 def test_peer_failing_mid_run_stops_the_other(cache_dir):
     """Rank 1 interrupted (an exception in its main thread) after step 1: both exit with status 1
     within a few seconds, rank 0 naming rank 1 as the one that failed."""
     pair = _Pair(cache_dir, 2000)
     try:
         pair.wait_for_step_1()
-        t0 = time.monotonic()
-        pair.r1.send_signal(signal.SIGINT)
-        rc0, rc1 = pair.r0.wait(timeout=60), pair.r1.wait(timeout=60)
+        for press in range(2):      # CPython drops a KeyboardInterrupt raised inside a destructor or
+            t0 = time.monotonic()   # weakref callback ("Exception ignored in ..."): Ctrl-C again, as a user would
+            pair.r1.send_signal(signal.SIGINT)
+            try:
+                rc1 = pair.r1.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                if press:
+                    pair.kill()
+                    pytest.fail("rank 1 ignored two SIGINTs; its stderr:\n" + pair.r1.stderr.read()[-3000:])
+        try:
+            rc0 = pair.r0.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pair.kill()
+            pytest.fail("rank 0 did not stop after rank 1 failed; stderr of rank 0:\n" + pair.r0.stderr.read()[-3000:]
+                        + "\nof rank 1:\n" + pair.r1.stderr.read()[-3000:])
         elapsed = time.monotonic() - t0
         err0, err1 = pair.r0.stderr.read(), pair.r1.stderr.read()
     finally:

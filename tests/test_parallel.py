@@ -75,6 +75,7 @@ def worker():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("z", [0, 1, 2, 3])
 def test_losses_and_params_match_single_device(worker, z):
     s = worker["stages"][str(z)]
@@ -159,6 +160,7 @@ def _train_losses(extra_env: dict, argv: list[str], tmp: str) -> list[float]:
                                         for line in r.stdout.splitlines()) if m]
 
 
+@pytest.mark.slow
 def test_train_command_on_4_devices_matches_one_device(tmp_path):
     """-b is per device: 4 devices x B=1 read the rows one device with B=4 reads (llm.c's rank
     layout), so with -z 1 and -z 3 the loss curve is the single-device one."""

@@ -83,6 +83,7 @@ def test_resume_gives_the_same_main_log(tmp_path, capsys):
     assert open(split / "main.log").read() == open(straight / "main.log").read()
 
 
+@pytest.mark.slow
 def test_resume_bfloat16_without_master_weights(tmp_path, capsys):
     """bf16 params (-w 0) survive the checkpoint bit for bit: the resumed log equals the straight one."""
     flags = LLMC_CPU_FLAGS[:-4] + ["--dtype", "bfloat16", "-w", "0", "-v", "4", "-n", "4"]
