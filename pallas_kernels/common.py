@@ -1,4 +1,7 @@
-"""What every kernel in this package shares: where it runs and how it is compiled.
+"""What every kernel in this package shares: where it runs, how it is compiled, and the numerics
+that more than one kernel (and, later, llmc_jax.ops) uses: the float32-accumulating dot, the GELU
+tanh approximation with its derivative, and the layernorm epsilon. This package never imports
+llmc_jax; the dependency, if any, goes the other way.
 
 The kernels are Triton-style Pallas (grid + BlockSpec, masked loads and stores). On a GPU they
 compile through Triton; on a CPU the same kernel body runs in Pallas' interpret mode, which is how
@@ -7,12 +10,19 @@ masks its edge blocks rather than relying on the tests to catch a missing mask.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 F32 = jnp.float32
+
+LN_EPS = 1e-5                           # llm.c's layernorm epsilon
+GELU_SCALE = math.sqrt(2.0 / math.pi)   # the GELU tanh approximation's constants, as llm.c
+GELU_CUBIC = 0.044715
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -38,4 +48,22 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-__all__ = ["F32", "resolve_interpret", "compiler_params", "check_dtype", "next_power_of_2", "pl", "plt"]
+def dot_f32(a, b, contract: tuple[int, int]):
+    """a . b contracting a's axis contract[0] with b's axis contract[1] (no batch axes); the
+    operands keep their dtype, the accumulator and result are float32."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=F32)
+
+
+def gelu_f32(u):
+    """GELU, tanh approximation, of float32 u (the formula of llm.c's gelu_forward)."""
+    return 0.5 * u * (1.0 + jnp.tanh(GELU_SCALE * (u + GELU_CUBIC * u * u * u)))
+
+
+def gelu_grad_f32(u):
+    """d gelu_f32(u) / du for float32 u (the same formula as llm.c's gelu_backward)."""
+    t = jnp.tanh(GELU_SCALE * (u + GELU_CUBIC * u * u * u))
+    return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * u * u)
+
+
+__all__ = ["F32", "LN_EPS", "GELU_SCALE", "GELU_CUBIC", "resolve_interpret", "compiler_params", "check_dtype",
+           "next_power_of_2", "dot_f32", "gelu_f32", "gelu_grad_f32", "pl", "plt"]

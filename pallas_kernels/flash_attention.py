@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import F32, check_dtype, compiler_params, next_power_of_2, pl, plt, resolve_interpret
+from pallas_kernels.common import (F32, check_dtype, compiler_params, dot_f32, next_power_of_2, pl, plt,
+                                   resolve_interpret)
 
 MIN_BLOCK = 16    # Triton's smallest dot operand
 
@@ -46,6 +48,16 @@ class BlockSizes:
         """No tile larger than the sequence needs (a T=1 call runs 16-row tiles, not 64)."""
         cap = max(MIN_BLOCK, next_power_of_2(T))
         return BlockSizes(*(min(b, cap) for b in dataclasses.astuple(self)))
+
+
+class _Config(NamedTuple):
+    """Static (hashable) settings, the custom_vjp's non-differentiable argument."""
+    causal: bool
+    scale: float
+    blocks: BlockSizes   # already fitted to T
+    num_warps: int
+    num_stages: int
+    interpret: bool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,14 +85,9 @@ def _store_block(ref, start, val, T: int):
     plt.store(ref, val.astype(ref.dtype), mask=keep if ref.ndim == 1 else keep[:, None])
 
 
-def _dot(a, b, contract: tuple[int, int]):
-    """a . b contracting a's axis contract[0] with b's contract[1], float32 accumulation."""
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=F32)
-
-
 def _scores(q, k, q_rows, k_cols, T: int, causal: bool, scale: float, masked: bool):
     """s = q k^T * scale in float32; on a masked tile, keys past T or in the future are -inf."""
-    s = _dot(q, k, (1, 1)) * scale
+    s = dot_f32(q, k, (1, 1)) * scale
     if not masked:
         return s
     keep = k_cols[None, :] < T
@@ -121,7 +128,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, T, causal, scale, block_
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)                       # rescales what was summed under the old max
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
+        acc = acc * alpha[:, None] + dot_f32(p.astype(v.dtype), v, (1, 0))
         return acc, m_new, l
 
     n_full, n_all = _key_blocks(q_start, block_q, block_k, T, causal)
@@ -149,10 +156,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         lse, delta = _load_rows(lse_ref, q_start, block_q, T), _load_rows(delta_ref, q_start, block_q, T)
         s = _scores(q, k, _iota(q_start, block_q), k_cols, T, causal, scale, masked)
         p = jnp.exp(s - lse[:, None])
-        dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-        dp = _dot(do, v, (1, 1))
+        dv = dv + dot_f32(p.astype(do.dtype), do, (0, 0))
+        dp = dot_f32(do, v, (1, 1))
         ds = (p * (dp - delta[:, None]) * scale).astype(q.dtype)
-        return dk + _dot(ds, q, (0, 0)), dv
+        return dk + dot_f32(ds, q, (0, 0)), dv
 
     n_q = pl.cdiv(T, block_q)
     carry = (jnp.zeros((block_k, HS), F32), jnp.zeros((block_k, HS), F32))
@@ -179,9 +186,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, T, ca
         k, v = _load_rows(k_ref, k_start, block_k, T), _load_rows(v_ref, k_start, block_k, T)
         s = _scores(q, k, q_rows, _iota(k_start, block_k), T, causal, scale, masked)
         p = jnp.exp(s - lse[:, None])
-        dp = _dot(do, v, (1, 1))
+        dp = dot_f32(do, v, (1, 1))
         ds = (p * (dp - delta[:, None]) * scale).astype(k.dtype)
-        return dq + _dot(ds, k, (1, 0))
+        return dq + dot_f32(ds, k, (1, 0))
 
     n_full, n_all = _key_blocks(q_start, block_q, block_k, T, causal)
     dq = _loop(0, n_full, step, jnp.zeros((block_q, HS), F32), masked=False)
@@ -209,61 +216,72 @@ def _row_spec(block: int | None, T: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
 
 
-def _forward(q, k, v, causal, scale, blocks: BlockSizes, launch):
+def _forward(cfg: _Config, q, k, v):
+    """(out, lse): out in q's dtype, lse (B, NH, T) float32."""
     B, T, NH, HS = q.shape
+    blocks = cfg.blocks
     bq = blocks.block_q
-    kernel = functools.partial(_fwd_kernel, T=T, causal=causal, scale=scale, block_k=blocks.block_k)
+    kernel = functools.partial(_fwd_kernel, T=T, causal=cfg.causal, scale=cfg.scale, block_k=blocks.block_k)
     return pl.pallas_call(
         kernel, grid=(B, NH, pl.cdiv(T, bq)),
         in_specs=[_tile_spec(bq, HS), _whole_spec(T, HS), _whole_spec(T, HS)],
         out_specs=[_tile_spec(bq, HS), _row_spec(bq, T)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, NH, T), F32)],
-        name="flash_attention_fwd", **launch)(q, k, v)
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="flash_attention_fwd",
+    )(q, k, v)
 
 
-def _backward(q, k, v, do, lse, delta, causal, scale, blocks: BlockSizes, launch):
+def _backward(cfg: _Config, q, k, v, do, lse, delta):
+    """(dq, dk, dv), each in its input's dtype."""
     B, T, NH, HS = q.shape
+    blocks = cfg.blocks
     whole, stat = _whole_spec(T, HS), _row_spec(None, T)
     bk = blocks.block_k_dkv
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, T=T, causal=causal, scale=scale, block_q=blocks.block_q_dkv),
+        functools.partial(_dkdv_kernel, T=T, causal=cfg.causal, scale=cfg.scale, block_q=blocks.block_q_dkv),
         grid=(B, NH, pl.cdiv(T, bk)),
         in_specs=[whole, _tile_spec(bk, HS), _tile_spec(bk, HS), whole, stat, stat],
         out_specs=[_tile_spec(bk, HS), _tile_spec(bk, HS)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        name="flash_attention_dkdv", **launch)(q, k, v, do, lse, delta)
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="flash_attention_dkdv",
+    )(q, k, v, do, lse, delta)
     bq = blocks.block_q_dq
     tile, row = _tile_spec(bq, HS), _row_spec(bq, T)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, T=T, causal=causal, scale=scale, block_k=blocks.block_k_dq),
+        functools.partial(_dq_kernel, T=T, causal=cfg.causal, scale=cfg.scale, block_k=blocks.block_k_dq),
         grid=(B, NH, pl.cdiv(T, bq)),
         in_specs=[tile, whole, whole, tile, row, row],
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        name="flash_attention_dq", **launch)(q, k, v, do, lse, delta)
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="flash_attention_dq",
+    )(q, k, v, do, lse, delta)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _flash(q, k, v, causal, scale, blocks, num_warps, num_stages, interpret):
-    return _flash_fwd(q, k, v, causal, scale, blocks, num_warps, num_stages, interpret)[0]
+# ----------------------------------------------------------------------------------------------
+# custom_vjp; residuals: q, k, v, the output and the float32 log-sum-exp
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v):
+    return _forward(cfg, q, k, v)[0]
 
 
-def _launch(num_warps, num_stages, interpret) -> dict:
-    return dict(compiler_params=compiler_params(num_warps, num_stages), interpret=interpret)
-
-
-def _flash_fwd(q, k, v, causal, scale, blocks, num_warps, num_stages, interpret):
-    out, lse = _forward(q, k, v, causal, scale, blocks, _launch(num_warps, num_stages, interpret))
+def _flash_fwd(cfg, q, k, v):
+    out, lse = _forward(cfg, q, k, v)
     return out, (q, k, v, out, lse)
 
 
-def _flash_bwd(causal, scale, blocks, num_warps, num_stages, interpret, res, do):
+def _flash_bwd(cfg, res, do):
     q, k, v, out, lse = res
     # delta = rowsum(dO * O) = sum_k p * dp, the softmax-backward term shared by dq and dk
     delta = jnp.einsum("bthd,bthd->bht", do.astype(F32), out.astype(F32))
-    return _backward(q, k, v, do, lse, delta, causal, scale, blocks,
-                     _launch(num_warps, num_stages, interpret))
+    return _backward(cfg, q, k, v, do, lse, delta)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -304,9 +322,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     _check(q, k, v, block_sizes)
     T, HS = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(HS) if sm_scale is None else float(sm_scale)
-    return _flash(q, k, v, bool(causal), scale, block_sizes.fitted(T),
-                  4 if num_warps is None else num_warps, 2 if num_stages is None else num_stages,
-                  resolve_interpret(interpret))
+    cfg = _Config(bool(causal), scale, block_sizes.fitted(T), 4 if num_warps is None else num_warps,
+                  2 if num_stages is None else num_stages, resolve_interpret(interpret))
+    return _flash(cfg, q, k, v)
 
 
 def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,

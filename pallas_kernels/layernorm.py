@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .common import F32, check_dtype, compiler_params, next_power_of_2, pl, plt, resolve_interpret
+from pallas_kernels.common import (F32, LN_EPS, check_dtype, compiler_params, next_power_of_2, pl, plt,
+                                   resolve_interpret)
 
-LN_EPS = 1e-5
 # The whole (padded) row of a tile lives in registers; wider rows would need a column loop.
 MAX_C = 8192
 

@@ -26,10 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import F32, check_dtype, compiler_params, pl, plt, resolve_interpret
-
-GELU_SCALE = math.sqrt(2.0 / math.pi)  # as llmc_jax.ops
-GELU_CUBIC = 0.044715
+from pallas_kernels.common import (F32, check_dtype, compiler_params, dot_f32, gelu_f32, gelu_grad_f32, pl, plt,
+                                   resolve_interpret)
 
 
 class _Config(NamedTuple):
@@ -42,21 +40,6 @@ class _Config(NamedTuple):
     interpret: bool
 
 
-def _gelu32(u):
-    return 0.5 * u * (1.0 + jnp.tanh(GELU_SCALE * (u + GELU_CUBIC * u * u * u)))
-
-
-def _gelu_grad32(u):
-    """d gelu(u) / du for float32 u (the same formula as llm.c's gelu_backward)."""
-    t = jnp.tanh(GELU_SCALE * (u + GELU_CUBIC * u * u * u))
-    return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * u * u)
-
-
-def _dot(a, b, contract):
-    """a . b contracting a's axis contract[0] with b's axis contract[1]; float32 accumulator."""
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=F32)
-
-
 def _rows_ok(start, size: int, N: int):
     """(size, 1) mask of the rows start .. start+size-1 that exist (row index < N)."""
     return (start + jnp.arange(size) < N)[:, None]
@@ -66,7 +49,7 @@ def _dpre(dout_ref, pre_ref, rows, cols, mask):
     """dout * gelu'(pre) in float32 for one tile; masked rows load 0 and so give 0."""
     dout = plt.load(dout_ref.at[rows, cols], mask=mask, other=0.0).astype(F32)
     pre = plt.load(pre_ref.at[rows, cols], mask=mask, other=0.0).astype(F32)
-    return dout * _gelu_grad32(pre)
+    return dout * gelu_grad_f32(pre)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,12 +65,12 @@ def _fwd_kernel(x_ref, w_ref, b_ref, out_ref, pre_ref, *, N: int, block_k: int):
         cols = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
         x = plt.load(x_ref.at[:, cols], mask=ok, other=0.0)
         w = w_ref[:, cols].astype(x.dtype)
-        return acc + _dot(x, w, (1, 1))
+        return acc + dot_f32(x, w, (1, 1))
 
     acc = lax.fori_loop(0, C // block_k, step, jnp.zeros((block_m, block_n), F32))
     pre = acc + b_ref[...].astype(F32)[None, :]
     plt.store(pre_ref, pre.astype(pre_ref.dtype), mask=ok)
-    plt.store(out_ref, _gelu32(pre).astype(out_ref.dtype), mask=ok)
+    plt.store(out_ref, gelu_f32(pre).astype(out_ref.dtype), mask=ok)
 
 
 def _dx_kernel(dout_ref, pre_ref, w_ref, dx_ref, *, N: int, block_n: int):
@@ -100,7 +83,7 @@ def _dx_kernel(dout_ref, pre_ref, w_ref, dx_ref, *, N: int, block_n: int):
         cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
         dpre = _dpre(dout_ref, pre_ref, slice(None), cols, ok).astype(dx_ref.dtype)
         w = w_ref[cols, :].astype(dx_ref.dtype)
-        return acc + _dot(dpre, w, (1, 0))
+        return acc + dot_f32(dpre, w, (1, 0))
 
     acc = lax.fori_loop(0, OC // block_n, step, jnp.zeros((block_m, block_k), F32))
     plt.store(dx_ref, acc.astype(dx_ref.dtype), mask=ok)
@@ -119,7 +102,7 @@ def _dw_kernel(dout_ref, pre_ref, x_ref, dw_ref, db_ref, *, N: int, block_m: int
         ok = _rows_ok(start, block_m, N)
         dpre = _dpre(dout_ref, pre_ref, rows, slice(None), ok)
         x = plt.load(x_ref.at[rows, :], mask=ok, other=0.0)
-        return dw + _dot(dpre.astype(x.dtype), x, (0, 0)), db + jnp.sum(dpre, axis=0)
+        return dw + dot_f32(dpre.astype(x.dtype), x, (0, 0)), db + jnp.sum(dpre, axis=0)
 
     init = (jnp.zeros((block_n, block_k), F32), jnp.zeros((block_n,), F32))
     dw, db = lax.fori_loop(0, pl.cdiv(N, block_m), step, init)
@@ -133,7 +116,7 @@ def _dw_kernel(dout_ref, pre_ref, x_ref, dw_ref, db_ref, *, N: int, block_m: int
 # ----------------------------------------------------------------------------------------------
 # pallas_call wrappers (2-D: x_NC, w_OCC, b_OC)
 
-def _forward(x_NC, w_OCC, b_OC, cfg: _Config):
+def _forward(cfg: _Config, x_NC, w_OCC, b_OC):
     N, C = x_NC.shape
     OC = w_OCC.shape[0]
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -152,7 +135,7 @@ def _forward(x_NC, w_OCC, b_OC, cfg: _Config):
     )(x_NC, w_OCC, b_OC)
 
 
-def _backward_dx(dout_NOC, pre_NOC, w_OCC, cfg: _Config):
+def _backward_dx(cfg: _Config, dout_NOC, pre_NOC, w_OCC):
     N, OC = dout_NOC.shape
     C = w_OCC.shape[1]
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -169,7 +152,7 @@ def _backward_dx(dout_NOC, pre_NOC, w_OCC, cfg: _Config):
     )(dout_NOC, pre_NOC, w_OCC)
 
 
-def _backward_dw_db(dout_NOC, pre_NOC, x_NC, w_dtype, b_dtype, cfg: _Config):
+def _backward_dw_db(cfg: _Config, dout_NOC, pre_NOC, x_NC, w_dtype, b_dtype):
     N, OC = dout_NOC.shape
     C = x_NC.shape[1]
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -186,20 +169,23 @@ def _backward_dw_db(dout_NOC, pre_NOC, x_NC, w_dtype, b_dtype, cfg: _Config):
     )(dout_NOC, pre_NOC, x_NC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _matmul_gelu_2d(x_NC, w_OCC, b_OC, cfg: _Config):
-    return _forward(x_NC, w_OCC, b_OC, cfg)[0]
+# ----------------------------------------------------------------------------------------------
+# custom_vjp on (N, C) rows; residuals as llm.c: x, w, b and the pre-activation (fch)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _matmul_gelu_2d(cfg: _Config, x_NC, w_OCC, b_OC):
+    return _forward(cfg, x_NC, w_OCC, b_OC)[0]
 
 
-def _matmul_gelu_2d_fwd(x_NC, w_OCC, b_OC, cfg: _Config):
-    out, pre = _forward(x_NC, w_OCC, b_OC, cfg)
+def _matmul_gelu_2d_fwd(cfg: _Config, x_NC, w_OCC, b_OC):
+    out, pre = _forward(cfg, x_NC, w_OCC, b_OC)
     return out, (x_NC, w_OCC, b_OC, pre)
 
 
 def _matmul_gelu_2d_bwd(cfg: _Config, res, dout_NOC):
     x_NC, w_OCC, b_OC, pre = res
-    dx = _backward_dx(dout_NOC, pre, w_OCC, cfg)
-    dw, db = _backward_dw_db(dout_NOC, pre, x_NC, w_OCC.dtype, b_OC.dtype, cfg)
+    dx = _backward_dx(cfg, dout_NOC, pre, w_OCC)
+    dw, db = _backward_dw_db(cfg, dout_NOC, pre, x_NC, w_OCC.dtype, b_OC.dtype)
     return dx, dw, db
 
 
@@ -245,14 +231,14 @@ def matmul_gelu(x: jax.Array, w: jax.Array, b: jax.Array, *, block_m: int = 128,
         raise ValueError(f"OC={OC} must be a multiple of block_n={block_n}: pass a block_n that divides OC "
                          "(OC a multiple of 64 works with the default)")
     cfg = _Config(block_m, block_n, block_k, num_warps, num_stages, resolve_interpret(interpret))
-    out_NOC = _matmul_gelu_2d(x.reshape(N, C), w, b, cfg)
+    out_NOC = _matmul_gelu_2d(cfg, x.reshape(N, C), w, b)
     return out_NOC.reshape(*x.shape[:-1], OC)
 
 
 def matmul_gelu_reference(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """Plain-jnp twin of `matmul_gelu` (same casts, float32 GELU), differentiated by JAX itself."""
     pre = jnp.einsum("...c,oc->...o", x, w.astype(x.dtype), preferred_element_type=F32) + b.astype(F32)
-    return _gelu32(pre).astype(x.dtype)
+    return gelu_f32(pre).astype(x.dtype)
 
 
 __all__ = ["matmul_gelu", "matmul_gelu_reference"]
