@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llmc_jax import distributed, llmc_format
+from llmc_jax import llmc_format, parallel
 from llmc_jax.config import GPTConfig
 from llmc_jax.errors import describe
 
@@ -220,7 +220,7 @@ def save(out_dir: str, step: int, config: GPTConfig, train_state: Any, loader_st
         problem = _attempt(os.remove, p["done"])
     check(problem)
     check(_attempt(_save_state, p["state"], train_state))
-    params = distributed.gather_params(train_state.params)
+    params = parallel.gather_params(train_state.params)
     loaders = {int(r): s for part in _gather_json({str(r): s for r, s in loader_states.items()})
                for r, s in part.items()}
     loaders = [loaders[r] for r in sorted(loaders)]

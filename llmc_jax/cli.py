@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-from llmc_jax import config as cfgmod
+from llmc_jax import config as cfgmod, kernels
 from llmc_jax.errors import ArgumentParser, UsageError, user_files
 
 # (short, long, type, default, help). A default of None is resolved later: for the built-in
@@ -64,15 +64,15 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     (None, "--attention", str, None, "attention: xla, pallas (flash attention) or cudnn (GPU, bf16); "
                                      "default: as --kernels"),
     (None, "--layernorm", str, None, "layernorm (fused with the residual add): xla or pallas; default: as --kernels"),
-    (None, "--matmul-gelu", str, None, "the MLP's matmul + bias + GELU: xla or pallas (fused; with -r 0 only, "
-                                       "since -r 1/2 keep just its pre-activation); default: as --kernels"),
+    (None, "--matmul-gelu", str, None, "the MLP's matmul + bias + GELU: xla or pallas (fused; -r 0 only: "
+                                       "under -r 1/2 --kernels pallas falls back to xla here); default: as --kernels"),
     (None, "--backward", str, "manual", "manual (hand-derived custom_vjp ops) or autodiff (jax.grad of the "
                                         "plain reference model)"),
     (None, "--coordinator", str, None, "HOST:PORT of the jax.distributed coordinator (with -pn/-pr)"),
 ]
 
 CHOICES = {"lr_scheduler": ("cosine", "linear", "constant", "wsd"), "dtype": ("float32", "bfloat16"),
-           "kernels": cfgmod.KERNELS, **cfgmod.OP_CHOICES,
+           "kernels": kernels.FAMILIES, **kernels.OP_CHOICES,
            "backward": ("manual", "autodiff"), "recompute": (0, 1, 2), "zero_stage": (0, 1, 2, 3)}
 
 
@@ -93,7 +93,7 @@ UNIT = Bound("in [0, 1]", lambda v: 0 <= v <= 1)
 UNIT_OPEN = Bound("in [0, 1)", lambda v: 0 <= v < 1)
 
 # llm.c's meanings bound these; checked right after parsing (command line and --config alike).
-# Every float flag must also be finite. -pn/-pr are checked by distributed.check_args.
+# Every float flag must also be finite. -pn/-pr are checked by distributed.resolve_processes.
 BOUNDS: dict[str, Bound] = {
     "learning_rate": NONNEG, "warmup_steps": NONNEG, "final_lr_frac": UNIT, "weight_decay": NONNEG,
     "skip_loss_z": NONNEG, "skip_grad_z": NONNEG, "eps": ABOVE_ZERO, "grad_clip": NONNEG,
@@ -116,6 +116,35 @@ LLMC_DEFAULTS = {"init": "d12", "batch_size": 4, "seq_len": 1024, "max_steps": -
                  "sample_every": 20, "gen_tokens": 64}
 
 
+KERNEL_FLAGS = ("kernels", *kernels.OP_CHOICES)     # shared by every command that runs a model
+
+
+def _add_flag(p: argparse.ArgumentParser, short: str | None, long: str, typ: type, default: object,
+              help_: str) -> None:
+    dest = long[2:].replace("-", "_")
+    kwargs = dict(type=typ, default=default, help=help_, dest=dest)
+    if dest in CHOICES:
+        kwargs["choices"] = CHOICES[dest]
+    p.add_argument(*[n for n in (short, long) if n], **kwargs)
+
+
+def add_kernel_flags(p: argparse.ArgumentParser) -> None:
+    """--kernels and the per-op overrides, as the train command has them."""
+    for short, long, *rest in FLAGS:
+        if long[2:].replace("-", "_") in KERNEL_FLAGS:
+            _add_flag(p, short, long, *rest)
+
+
+def resolve_kernels(args: argparse.Namespace, *, recompute: int = 0, platform: str | None = None,
+                    dtype: str | None = None) -> kernels.Kernels:
+    """The Kernels the kernel flags name (see kernels.Kernels.resolve); a conflict is a UsageError."""
+    try:
+        return kernels.Kernels.resolve(args.kernels, recompute=recompute, platform=platform, dtype=dtype,
+                                       **{op: getattr(args, op) for op in kernels.OP_CHOICES})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m llmc_jax.train", add_help=False,
@@ -123,13 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "With no arguments: a small GPT-2 on the source of Python's standard library, offline.")
     p.add_argument("--help", action="help", help="show this help and exit (-h is llm.c's HellaSwag flag)")
     p.add_argument("--config", help="TOML file whose keys are the long option names (command line wins)")
-    for short, long, typ, default, help_ in FLAGS:
-        names = [n for n in (short, long) if n]
-        dest = long[2:].replace("-", "_")
-        kwargs = dict(type=typ, default=default, help=help_, dest=dest)
-        if dest in CHOICES:
-            kwargs["choices"] = CHOICES[dest]
-        p.add_argument(*names, **kwargs)
+    for flag in FLAGS:
+        _add_flag(p, *flag)
     return p
 
 

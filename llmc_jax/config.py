@@ -6,11 +6,6 @@ import re
 import tomllib
 from pathlib import Path
 
-# Op implementations: the --kernels family, and per-op overrides with the choices each op has.
-KERNELS = ("xla", "pallas")
-OP_CHOICES = {"attention": ("xla", "pallas", "cudnn"), "layernorm": ("xla", "pallas"),
-              "matmul_gelu": ("xla", "pallas")}
-
 GPT2_V = 50257   # GPT-2 BPE vocabulary
 GPT2_VP = 50304  # padded to a multiple of 128, as llm.c
 

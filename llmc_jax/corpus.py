@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from llmc_jax.llmc_format import LLMCFormatError, read_shard_header, write_shard
+from llmc_jax.paths import cache_root
 
 CORPUS_FORMAT = 2  # bump when the text selection or the tokenization changes
 VOCAB_SIZE = 256
@@ -123,10 +124,6 @@ def build_corpus(out_dir: str, files: Sequence[str] | None = None) -> tuple[str,
 
 # ------------------------------------------------------------------ the cache
 
-def default_cache_root() -> str:
-    return os.environ.get("LLMC_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmc_jax")
-
-
 def _complete(d: str) -> bool:
     try:
         return all(read_shard_header(os.path.join(d, n)) > 0 for n in (TRAIN_NAME, VAL_NAME))
@@ -157,7 +154,7 @@ def builtin_corpus(cache_dir: str | None = None) -> tuple[str, str]:
     cache_dir is the cache root (default $LLMC_JAX_CACHE, else ~/.cache/llmc_jax); the shards live in
     <cache_dir>/corpus-<version>/. The patterns are plain paths (a glob matching exactly one shard).
     """
-    root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_root()))
+    root = os.path.abspath(os.path.expanduser(cache_dir or cache_root()))
     name = f"corpus-{corpus_version()}"
     final = os.path.join(root, name)
     paths = (os.path.join(final, TRAIN_NAME), os.path.join(final, VAL_NAME))

@@ -167,7 +167,7 @@ def run(main: Callable[..., int | None], argv: list[str] | None = None, oom_hint
     """Call main(argv) (main() when argv is None) and turn whatever it raises into one stderr line
     and an exit status (see the module docstring); returns the status.
 
-    Code that hooks sys.excepthook to learn that the main thread failed (distributed.py: the peers
+    Code that hooks sys.excepthook to learn that the main thread failed (peer_watch.py: the peers
     of a multi-process run must stop) is still called, for the exceptions Python would have passed
     it (under run_command only, whose hook at the bottom of the chain stays silent for them)."""
     try:

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-n", "--max-examples", type=int, default=None, help="only the first N examples")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--kernels", choices=("xla", "pallas"), default="xla")
+    cli.add_kernel_flags(p)
     p.add_argument("--no-trim", action="store_true",
                    help="run every forward at the full T (default: at the longest example rounded up to "
                         "64, which gives the same losses because attention is causal)")
@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"-i {args.input}: HellaSwag eval file not found; {hellaswag.HOW_TO_MAKE}")
     import jax
 
-    from llmc_jax.gradcheck import load_model
+    from llmc_jax.family import load_model
+    from llmc_jax.kernels import default_dtype
 
     platform = jax.devices()[0].platform
-    dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
+    dtype = args.dtype or default_dtype(platform)
+    kernels = cli.resolve_kernels(args, platform=platform, dtype=dtype)
     t0 = time.time()
     config, params = load_model(args.init)
     T = args.seq_len if args.seq_len is not None else min(1024, config.maxT)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         correct, total = hellaswag.score(params, config, examples, B=args.batch_size, T=T, dtype=dtype,
-                                         kernels=args.kernels, trim=not args.no_trim, progress=progress)
+                                         kernels=kernels, trim=not args.no_trim, progress=progress)
     except NotImplementedError as e:     # an op set that cannot run this model here
         raise UsageError(str(e)) from None
     print(f"HellaSwag: {correct}/{total} = {correct / max(total, 1):f}")

@@ -14,7 +14,6 @@ import sys
 import time
 
 from llmc_jax import cli
-from llmc_jax.config import KERNELS
 from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files
 
 BOUNDS = {"batch_size": cli.POSITIVE, "seq_len": cli.POSITIVE, "val_batches": cli.ALL_OR_POSITIVE}
@@ -30,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-m", "--val-batches", type=int, default=-1, help="batches to average, -1 = all (default)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--kernels", choices=KERNELS, default="xla")
+    cli.add_kernel_flags(p)
     args = p.parse_args(argv)
     cli.check_bounds(p, args, BOUNDS)
     return args
@@ -52,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmc_jax import llmc_format, train_step
     from llmc_jax.data import DataLoader
-    from llmc_jax.gradcheck import load_model
+    from llmc_jax.family import load_model
+    from llmc_jax.kernels import default_dtype
 
     config, params = load_model(args.init)
     T = args.seq_len if args.seq_len is not None else min(128, config.maxT)
@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if n < 1:
         raise UsageError(f"{pattern}: {loader.num_tokens} tokens, less than one batch of B*T+1 = "
                          f"{args.batch_size * T + 1}; lower -b/-t")
-    dtype = args.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
-    sc = train_step.StepConfig(model=config, dtype=dtype, kernels=args.kernels)
+    platform = jax.devices()[0].platform
+    dtype = args.dtype or default_dtype(platform)
+    sc = train_step.StepConfig(model=config, dtype=dtype,
+                               kernels=cli.resolve_kernels(args, platform=platform, dtype=dtype))
     eval_fn = train_step.make_eval_step(sc)
     params = {k: jax.numpy.asarray(v) for k, v in params.items()}
     t0, total = time.perf_counter(), 0.0

@@ -13,7 +13,6 @@ import time
 import numpy as np
 
 from llmc_jax import cli
-from llmc_jax.config import KERNELS, OP_CHOICES
 from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files
 
 # Relative tolerances. fp32: manual and autodiff differ only in summation order (measured ~1e-6
@@ -39,10 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="llm.c debug state: take x, y from it and also check logits, loss, every gradient")
     p.add_argument("--dump", metavar="FILE.npz", help="write loss, logits, grads/<name>, autodiff/<name>")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--kernels", choices=KERNELS, default="xla",
-                   help="op kernels of the hand-written model: xla or pallas (interpreted on CPU)")
-    for op, choices in OP_CHOICES.items():
-        p.add_argument(f"--{op.replace('_', '-')}", choices=choices, help=f"override --kernels for {op}")
+    cli.add_kernel_flags(p)      # the hand-written model's ops; Pallas kernels run interpreted on a CPU
     p.add_argument("--tol", type=float, help="relative tolerance (default: 1e-4 fp32, 5e-2 bf16)")
     args = p.parse_args(argv)
     cli.check_bounds(p, args, BOUNDS)
@@ -50,35 +46,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(init: str, config_path: str | None = None):
-    """(config, numpy params) from a .bin file, a descriptor, or a TOML [model] table; the commands
-    that take -e (gradcheck, sample, eval_hellaswag, bench_train) share it. Any problem with the
-    named file or descriptor is a UsageError (one line, exit 2)."""
-    from llmc_jax import config as cfgmod, llmc_format, model
-    with user_files():
-        if config_path is not None:
+    """(config, numpy params) of -e, or a random init of --config's [model] table."""
+    from llmc_jax import config as cfgmod
+    from llmc_jax.family import load_model as load
+    model_table = None
+    if config_path is not None:
+        with user_files():
             data = cfgmod.load_toml(config_path)
-            if "model" not in data:
-                raise UsageError(f"--config {config_path}: no [model] table with L, NH, C (and maxT, V, Vp)")
-            cfg = data["model"]
-            return cfg, model.init_params(cfg)
-        if cfgmod.is_descriptor(init):
-            cfg = cfgmod.from_descriptor(init)
-            return cfg, model.init_params(cfg)
-        if not os.path.exists(init):
-            raise UsageError(f"-e {init}: no such file, and not a model descriptor (dN, gpt2:dN, gpt3:cN, "
-                             f"{', '.join(cfgmod.PRESETS)})")
-        cfg, params = llmc_format.read_model(init)
-    _check_finite(init, params)
-    return cfg, params
-
-
-def _check_finite(init: str, params: dict[str, np.ndarray]) -> None:
-    """A model file with NaN/Inf weights (a diverged run's, or damaged) is refused, not evaluated."""
-    for name, w in params.items():
-        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
-        if bad:
-            raise UsageError(f"-e {init}: tensor {name} holds {bad} NaN/Inf value(s); the file is damaged "
-                             "or comes from a run that diverged")
+        if "model" not in data:
+            raise UsageError(f"--config {config_path}: no [model] table with L, NH, C (and maxT, V, Vp)")
+        model_table = data["model"]
+    return load(init, model_table)
 
 
 def _batch(args, cfg) -> tuple[np.ndarray, np.ndarray, object]:
@@ -121,7 +99,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
-    from llmc_jax import model, reference
+    from llmc_jax.family import family_of, reference_of
+    from llmc_jax.kernels import ModelOptions
     if args.dtype == "float32":        # exact float32 matmuls on GPUs too (no TF32)
         jax.config.update("jax_default_matmul_precision", "highest")
     from llmc_jax.config import PARAM_NAMES
@@ -131,16 +110,18 @@ def main(argv=None) -> int:
     x, y, state = _batch(args, cfg)
     B, T = x.shape
     dtype = jnp.dtype(args.dtype)
-    kernels = model.kernel_spec(args.kernels, **{op: getattr(args, op) for op in OP_CHOICES})
+    kernels = cli.resolve_kernels(args, platform=jax.devices()[0].platform, dtype=args.dtype)
+    opts = ModelOptions(dtype=dtype, kernels=kernels)
+    family, reference = family_of(cfg), reference_of(cfg)
     tol = args.tol if args.tol is not None else TOLERANCE[args.dtype]
     print(f"model L={cfg.L} NH={cfg.NH} C={cfg.C} maxT={cfg.maxT} V={cfg.V} Vp={cfg.Vp} "
           f"({cfg.num_parameters:,} params), batch B={B} T={T}, dtype {args.dtype}, kernels {kernels}")
 
     params = {k: jnp.asarray(v) for k, v in params_np.items()}
     x, y = jnp.asarray(x), jnp.asarray(y)
-    loss_m, grads_m = jax.jit(model.value_and_grad(cfg, dtype=dtype, kernels=kernels))(params, x, y)
+    loss_m, grads_m = jax.jit(family.value_and_grad(cfg, opts))(params, x, y)
     loss_a, grads_a = jax.jit(reference.value_and_grad(cfg, dtype=dtype))(params, x, y)
-    logits = jax.jit(lambda p, i: model.logits(p, i, cfg, dtype=dtype, kernels=kernels))(params, x)
+    logits = jax.jit(lambda p, i: family.logits(p, i, cfg, opts))(params, x)
     grads_m = {k: np.asarray(v) for k, v in grads_m.items()}
     grads_a = {k: np.asarray(v) for k, v in grads_a.items()}
     print(f"loss manual {float(loss_m):.6f} autodiff {float(loss_a):.6f} ({time.time() - t0:.1f} s)")

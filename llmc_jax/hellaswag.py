@@ -270,18 +270,19 @@ def forward_seq_len(examples: Sequence[Example], T: int, multiple: int = 64) -> 
 
 
 @functools.lru_cache(maxsize=8)
-def _row_loss_fn(config, B: int, T: int, dtype_name: str, kernels: str):
+def _row_loss_fn(config, B: int, T: int, dtype_name: str, kernels):
     """jitted (params, inputs, targets, mask) -> (B,) mean masked token loss of each row; cached so
     repeated evals (one per val step in training) reuse one compilation."""
     import jax
     import jax.numpy as jnp
 
-    from llmc_jax import model
+    from llmc_jax.family import family_of
+    from llmc_jax.kernels import XLA, ModelOptions
 
-    dtype = jnp.dtype(dtype_name)
+    opts = ModelOptions(dtype=jnp.dtype(dtype_name), kernels=kernels or XLA)   # None: the xla ops
 
     def fn(params, inputs, targets, mask):
-        lg = model.logits(params, inputs, config, dtype=dtype, kernels=kernels)
+        lg = family_of(config).logits(params, inputs, config, opts)
         z = lg[..., :config.V].astype(jnp.float32)           # the padded columns never count
         lse = jax.nn.logsumexp(z, axis=-1)
         tgt = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
@@ -292,7 +293,7 @@ def _row_loss_fn(config, B: int, T: int, dtype_name: str, kernels: str):
 
 
 def completion_losses(params: Any, config, examples: Sequence[Example], *, B: int, T: int,
-                      dtype: Any = "float32", kernels: str = "xla", trim: bool = True,
+                      dtype: Any = "float32", kernels: Any = None, trim: bool = True,
                       progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(N, 4) float32: mean token loss of each completion given its context (llm.c's per-row score).
 
@@ -331,7 +332,7 @@ def completion_losses(params: Any, config, examples: Sequence[Example], *, B: in
 
 
 def score(params: Any, config, examples: Sequence[Example], *, B: int, T: int, dtype: Any = "float32",
-          kernels: str = "xla", trim: bool = True,
+          kernels: Any = None, trim: bool = True,
           progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
     """(num_correct, num_total) of llm.c's HellaSwag eval (completion-style acc_norm).
 

@@ -24,18 +24,16 @@ LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 
-def _precision(dtype) -> lax.Precision | None:
-    """The matmul precision policy, in one place: JAX's default, which `jax_default_matmul_precision`
-    controls. On a GPU, float32 matmuls then run as TF32, as llm.c's `-f 1` (its default) allows; the
-    trainer's `-f 0` and gradcheck set "highest" for exact float32. On the CPU float32 is always exact."""
-    del dtype
-    return None
+# The matmul precision policy, in one place: JAX's default, which `jax_default_matmul_precision`
+# controls. On a GPU, float32 matmuls then run as TF32, as llm.c's `-f 1` (its default) allows; the
+# trainer's `-f 0` and gradcheck set "highest" for exact float32. On the CPU float32 is always exact.
+MATMUL_PRECISION: lax.Precision | None = None
 
 
 def _dot(a, b, contract, dtype=None):
     """a . b contracting a's axis contract[0] with b's contract[1] (no batch dims), fp32 accumulation."""
     out = lax.dot_general(a, b, ((contract[0], contract[1]), ((), ())),
-                          precision=_precision(a.dtype), preferred_element_type=F32)
+                          precision=MATMUL_PRECISION, preferred_element_type=F32)
     return out if dtype is None else out.astype(dtype)
 
 
@@ -147,7 +145,7 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def matmul_reference(x, w, b):
-    y = jnp.einsum("...c,oc->...o", x, w.astype(x.dtype), precision=_precision(x.dtype),
+    y = jnp.einsum("...c,oc->...o", x, w.astype(x.dtype), precision=MATMUL_PRECISION,
                    preferred_element_type=F32)
     return (y + b).astype(x.dtype)
 
@@ -201,7 +199,7 @@ def residual_reference(a, b):
 # ----------------------------------------------------------------------------------------------
 # causal self-attention on the packed (B, T, 3C) qkv activation, scale 1/sqrt(HS)
 
-def _split_heads(qkv_BT3C, NH):
+def split_heads(qkv_BT3C, NH):
     B, T, C3 = qkv_BT3C.shape
     HS = C3 // (3 * NH)
     qkv = qkv_BT3C.reshape(B, T, 3, NH, HS)
@@ -211,7 +209,7 @@ def _split_heads(qkv_BT3C, NH):
 def _causal_scores(q, k):
     """Scaled, causally masked scores (B, NH, T, T) in fp32."""
     T, HS = q.shape[1], q.shape[3]
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_precision(q.dtype),
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=MATMUL_PRECISION,
                    preferred_element_type=F32) * (1.0 / math.sqrt(HS))
     mask = jnp.tril(jnp.ones((T, T), dtype=bool))
     return jnp.where(mask, s, -jnp.inf)
@@ -223,22 +221,22 @@ def attention(qkv_BT3C, NH: int):
 
 
 def _attention_fwd(qkv_BT3C, NH):
-    q, k, v = _split_heads(qkv_BT3C, NH)
+    q, k, v = split_heads(qkv_BT3C, NH)
     s = _causal_scores(q, k)
     lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)         # (B, NH, T, 1), saved
     p = jnp.exp(s - lse).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=_precision(v.dtype), preferred_element_type=F32)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=MATMUL_PRECISION, preferred_element_type=F32)
     B, T = qkv_BT3C.shape[:2]
     return out.reshape(B, T, -1).astype(qkv_BT3C.dtype), (qkv_BT3C, lse)
 
 
 def _attention_bwd(NH, res, dout_BTC):
     qkv_BT3C, lse = res
-    q, k, v = _split_heads(qkv_BT3C, NH)
+    q, k, v = split_heads(qkv_BT3C, NH)
     B, T, C3 = qkv_BT3C.shape
     HS = C3 // (3 * NH)
     dt = qkv_BT3C.dtype
-    prec = _precision(dt)
+    prec = MATMUL_PRECISION
     p = jnp.exp(_causal_scores(q, k) - lse)                   # recomputed from the saved lse
     do = dout_BTC.reshape(B, T, NH, HS)
     dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(dt), do, precision=prec, preferred_element_type=F32)
@@ -255,9 +253,9 @@ attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention_reference(qkv_BT3C, NH: int):
-    q, k, v = _split_heads(qkv_BT3C, NH)
+    q, k, v = split_heads(qkv_BT3C, NH)
     p = jax.nn.softmax(_causal_scores(q, k), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=_precision(v.dtype), preferred_element_type=F32)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=MATMUL_PRECISION, preferred_element_type=F32)
     B, T = qkv_BT3C.shape[:2]
     return out.reshape(B, T, -1).astype(qkv_BT3C.dtype)
 
@@ -265,13 +263,14 @@ def attention_reference(qkv_BT3C, NH: int):
 # ----------------------------------------------------------------------------------------------
 # fused classifier: logits = x @ wte.T over Vp columns, softmax over the first V, mean cross-entropy
 
-def _logits(x_BTC, wte):
+def logits(x_BTC, wte):
+    """The (B, T, Vp) logits of the tied classifier (x_BTC @ wte.T), in the compute dtype."""
     return _dot(x_BTC, wte.astype(x_BTC.dtype), ((2,), (1,)), x_BTC.dtype)    # (B, T, Vp)
 
 
-def _classifier_lse(logits, V):
+def _classifier_lse(logits_BTV, V):
     # a mask rather than a slice: no copy of the first V columns is materialized
-    z = jnp.where(jnp.arange(logits.shape[-1]) < V, logits.astype(F32), -jnp.inf)
+    z = jnp.where(jnp.arange(logits_BTV.shape[-1]) < V, logits_BTV.astype(F32), -jnp.inf)
     return jax.nn.logsumexp(z, axis=-1)
 
 
@@ -282,21 +281,21 @@ def fused_classifier(x_BTC, wte, targets_BT, V: int):
 
 
 def _classifier_fwd(x_BTC, wte, targets_BT, V):
-    logits = _logits(x_BTC, wte)
-    lse = _classifier_lse(logits, V)
-    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0].astype(F32)
+    logits_BTV = logits(x_BTC, wte)
+    lse = _classifier_lse(logits_BTV, V)
+    target_logit = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0].astype(F32)
     loss = jnp.mean(lse - target_logit)
-    return loss, (x_BTC, wte, targets_BT, logits, lse)
+    return loss, (x_BTC, wte, targets_BT, logits_BTV, lse)
 
 
 def _classifier_bwd(V, res, dloss):
-    x_BTC, wte, targets_BT, logits, lse = res
+    x_BTC, wte, targets_BT, logits_BTV, lse = res
     B, T, C = x_BTC.shape
-    Vp = logits.shape[-1]
+    Vp = logits_BTV.shape[-1]
     scale = dloss / (B * T)
     # dlogits = (softmax - onehot(target)) * dloss / (B*T), written directly; padded columns are 0
     col = jnp.arange(Vp)
-    probs = jnp.where(col < V, jnp.exp(logits.astype(F32) - lse[..., None]), 0.0)
+    probs = jnp.where(col < V, jnp.exp(logits_BTV.astype(F32) - lse[..., None]), 0.0)
     dlogits = ((probs - (col == targets_BT[..., None])) * scale).astype(x_BTC.dtype)
     dx = _dot(dlogits, wte.astype(x_BTC.dtype), ((2,), (0,)), x_BTC.dtype)
     dwte = _dot(dlogits.reshape(-1, Vp), x_BTC.reshape(-1, C), ((0,), (0,)))
@@ -307,12 +306,7 @@ fused_classifier.defvjp(_classifier_fwd, _classifier_bwd)
 
 
 def classifier_reference(x_BTC, wte, targets_BT, V: int):
-    logits = jnp.einsum("btc,vc->btv", x_BTC, wte.astype(x_BTC.dtype), precision=_precision(x_BTC.dtype),
-                        preferred_element_type=F32).astype(x_BTC.dtype)
-    logp = jax.nn.log_softmax(logits[..., :V].astype(F32), axis=-1)
+    logits_BTV = jnp.einsum("btc,vc->btv", x_BTC, wte.astype(x_BTC.dtype), precision=MATMUL_PRECISION,
+                            preferred_element_type=F32).astype(x_BTC.dtype)
+    logp = jax.nn.log_softmax(logits_BTV[..., :V].astype(F32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets_BT[..., None], axis=-1))
-
-
-def logits(x_BTC, wte):
-    """The (B, T, Vp) logits of the tied classifier, for inference and debug-state checks."""
-    return _logits(x_BTC, wte)

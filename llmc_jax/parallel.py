@@ -18,7 +18,7 @@ The batch (A, B, T) is sharded on B: device r holds rows r*B/D ... (r+1)*B/D - 1
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import jax
 import numpy as np
@@ -63,18 +63,18 @@ def leaf_spec(shape: Sequence[int], n: int, first: int = 0) -> P:
     return P(*([None] * dim + [DATA_AXIS]))
 
 
-def _is_layer_stack(path) -> bool:
+def _is_layer_stack(path, layer_params: Collection[str]) -> bool:
     """A per-layer tensor (L, ...) of the params dict (or of m, v, gradients: the same keys)."""
-    from llmc_jax.model import LAYER_PARAMS
-    return bool(path) and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key in LAYER_PARAMS
+    return bool(path) and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key in layer_params
 
 
-def sharded_like(tree: Any, mesh: Mesh) -> Any:
+def sharded_like(tree: Any, mesh: Mesh, layer_params: Collection[str]) -> Any:
     """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs), split as `shard_dim` says;
-    the per-layer tensors from their second axis on."""
+    the per-layer tensors (the model family's LAYER_PARAMS) from their second axis on."""
     n = data_size(mesh)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, leaf_spec(np.shape(x), n, 1 if _is_layer_stack(path) else 0)), tree)
+        lambda path, x: NamedSharding(mesh, leaf_spec(np.shape(x), n, 1 if _is_layer_stack(path, layer_params) else 0)),
+        tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -93,7 +93,7 @@ def _check_stage(zero_stage: int) -> int:
     return z
 
 
-def state_shardings(state: Any, mesh: Mesh, zero_stage: int) -> Any:
+def state_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Collection[str]) -> Any:
     """NamedShardings for a train_step.TrainState (same pytree structure).
 
     z>=1: AdamW mu and nu split per leaf; z==3: params too; everything else (step count, learning
@@ -101,12 +101,13 @@ def state_shardings(state: Any, mesh: Mesh, zero_stage: int) -> Any:
     z = _check_stage(zero_stage)
     rep = replicated(mesh)
     all_rep = lambda tree: jax.tree.map(lambda _: rep, tree)
-    params = sharded_like(state.params, mesh) if z >= 3 else all_rep(state.params)
+    params = sharded_like(state.params, mesh, layer_params) if z >= 3 else all_rep(state.params)
     opt = state.opt_state
     if z >= 1:
         if not (hasattr(opt, "mu") and hasattr(opt, "nu")):
             raise TypeError(f"state_shardings: -z {z} needs an AdamW state with mu and nu, got {type(opt).__name__}")
-        opt_sh = all_rep(opt)._replace(mu=sharded_like(opt.mu, mesh), nu=sharded_like(opt.nu, mesh))
+        opt_sh = all_rep(opt)._replace(mu=sharded_like(opt.mu, mesh, layer_params),
+                                           nu=sharded_like(opt.nu, mesh, layer_params))
     else:
         opt_sh = all_rep(opt)
     return type(state)(params, opt_sh, all_rep(state.loss_detector), all_rep(state.norm_detector))
@@ -128,11 +129,12 @@ class Shardings:
         return data_size(self.mesh)
 
 
-def make_shardings(state: Any, mesh: Mesh, zero_stage: int) -> Shardings:
+def make_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Collection[str]) -> Shardings:
+    """layer_params: the model family's per-layer tensor names (never split on their L axis)."""
     z = _check_stage(zero_stage)
-    return Shardings(mesh=mesh, zero_stage=z, state=state_shardings(state, mesh, z),
+    return Shardings(mesh=mesh, zero_stage=z, state=state_shardings(state, mesh, z, layer_params),
                      batch=batch_sharding(mesh), replicated=replicated(mesh),
-                     grads=sharded_like(state.params, mesh) if z >= 2 else None)
+                     grads=sharded_like(state.params, mesh, layer_params) if z >= 2 else None)
 
 
 def shard_state(state: Any, shardings: Any) -> Any:
@@ -147,3 +149,50 @@ def shard_batch(x: Any, shardings: Shardings) -> jax.Array:
     if np.shape(x)[1] % n:
         raise ValueError(f"batch of {np.shape(x)[1]} rows cannot be split over {n} devices")
     return jax.device_put(x, shardings.batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# host -> global batch assembly (several processes: each gives the rows of its own device ranks)
+
+def local_ranks(mesh: Mesh | None, D: int) -> list[int]:
+    """The data ranks (positions on the mesh's data axis) of this process's devices, in order.
+
+    One process: all of 0..D-1. Several: they must be contiguous, as
+    jax.make_array_from_process_local_data lays a process's rows out on one contiguous block."""
+    if jax.process_count() == 1:
+        return list(range(D))
+    me = jax.process_index()
+    ranks = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == me]
+    if not ranks or ranks != list(range(ranks[0], ranks[0] + len(ranks))):
+        raise RuntimeError(f"process {me}: its devices sit at data ranks {ranks} of the mesh, "
+                           "not one contiguous block")
+    return ranks
+
+
+def global_rows(local: np.ndarray, mesh: Mesh, D: int, axis: int = 0) -> jax.Array:
+    """The global array whose rows (along `axis`) this process holds part of: `local` are the rows
+    of this process's ranks, in rank order; the global batch has D/len(ranks) times as many."""
+    spec = batch_sharding(mesh) if axis == 1 else NamedSharding(mesh, P(DATA_AXIS))
+    shape = list(np.shape(local))
+    shape[axis] = shape[axis] * D // jax.local_device_count()
+    return jax.make_array_from_process_local_data(spec, local, tuple(shape))
+
+
+def next_batches(loaders: Sequence[Any], grad_accum: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B*D, T) inputs and targets: per micro-step, each device rank's B rows in rank order."""
+    xs, ys = [], []
+    for _ in range(grad_accum):
+        rows = [loader.next_batch() for loader in loaders]
+        xs.append(np.concatenate([r[0] for r in rows]))
+        ys.append(np.concatenate([r[1] for r in rows]))
+    return np.stack(xs), np.stack(ys)
+
+
+def gather_params(params: dict) -> dict:
+    """Params this process can use on its own (sampling, HellaSwag, the llm.c model export): the
+    arrays themselves with one process; with several, gathered from every process (a collective:
+    every process must call it)."""
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(params, tiled=True)

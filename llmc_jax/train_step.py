@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llmc_jax import model, optim, reference
-from llmc_jax.config import GPTConfig
+from llmc_jax import optim
+from llmc_jax.family import family_of, reference_of
+from llmc_jax.kernels import XLA, Kernels, ModelOptions
 
 
 class TrainState(NamedTuple):
@@ -38,9 +39,9 @@ class StepMetrics(NamedTuple):
 class StepConfig:
     """Everything that changes the compiled step (so it is hashable and static)."""
 
-    model: GPTConfig
+    model: Any                    # a model family's config (GPTConfig)
     dtype: str = "float32"
-    kernels: str = "xla"
+    kernels: Kernels = XLA
     backward: str = "manual"      # or "autodiff": jax.grad of the plain-jnp reference model
     recompute: int = 0
     grad_clip: float = 1.0
@@ -55,13 +56,15 @@ class StepConfig:
         return optim.make_optimizer(beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                     weight_decay=self.weight_decay)
 
+    def model_options(self, layer_sharding=None) -> ModelOptions:
+        return ModelOptions(dtype=jnp.dtype(self.dtype), kernels=self.kernels, recompute=self.recompute,
+                            layer_sharding=layer_sharding)
+
     def value_and_grad(self, layer_sharding=None):
-        dtype = jnp.dtype(self.dtype)
         if self.backward == "manual":
-            return model.value_and_grad(self.model, dtype=dtype, kernels=self.kernels, recompute=self.recompute,
-                                        layer_sharding=layer_sharding)
+            return family_of(self.model).value_and_grad(self.model, self.model_options(layer_sharding))
         if self.backward == "autodiff":
-            return reference.value_and_grad(self.model, dtype=dtype)
+            return reference_of(self.model).value_and_grad(self.model, dtype=jnp.dtype(self.dtype))
         raise ValueError(f"backward must be 'manual' or 'autodiff', got {self.backward!r}")
 
 
@@ -83,7 +86,7 @@ def _per_device(value_and_grad, mesh):
     input it would gather the whole batch onto every device. Inside shard_map each device runs the
     kernels on its B/D rows; the mean over devices of the per-device mean loss and gradients is the
     mean over all rows (every device holds as many). check_vma=False: Pallas' interpret mode fails
-    the varying-axes check (jax-facts 2.6)."""
+    the varying-axes check."""
     from llmc_jax.parallel import DATA_AXIS
 
     def local(params, x_BT, y_BT):
@@ -100,7 +103,7 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     constrained to it, so each micro-step's gradient is reduce-scattered into a sharded sum.
     mesh: the device mesh of a sharded step; with Pallas kernels the forward and backward then run
     per device inside shard_map (XLA partitions the xla op set by itself)."""
-    per_device = mesh is not None and mesh.size > 1 and sc.backward == "manual" and model.uses_pallas(sc.kernels)
+    per_device = mesh is not None and mesh.size > 1 and sc.backward == "manual" and sc.kernels.uses_pallas
     # ZeRO-3 (params sharded, so gradients are too): each layer gathered as the scan reaches it
     gather_layers = mesh is not None and grad_shardings is not None and zero_stage >= 3 and not per_device
     value_and_grad = sc.value_and_grad(NamedSharding(mesh, P()) if gather_layers else None)
@@ -167,9 +170,8 @@ def make_train_step(sc: StepConfig, shardings=None):
 
 def make_eval_step(sc: StepConfig):
     """(params, x_BT, y_BT) -> mean loss, the forward pass only."""
-    dtype = jnp.dtype(sc.dtype)
     if sc.backward == "autodiff":
-        fn = lambda p, x, y: reference.loss(p, x, y, sc.model, dtype=dtype)
+        fn = lambda p, x, y: reference_of(sc.model).loss(p, x, y, sc.model, dtype=jnp.dtype(sc.dtype))
     else:
-        fn = lambda p, x, y: model.loss(p, x, y, sc.model, dtype=dtype, kernels=sc.kernels)
+        fn = lambda p, x, y: family_of(sc.model).loss(p, x, y, sc.model, sc.model_options())
     return jax.jit(fn)

@@ -76,10 +76,11 @@ def step_inputs(name: str, cfg, args, dtype: str, params=None):
     import jax.numpy as jnp
     import numpy as np
     from llmc_jax import train_step
+    from llmc_jax.kernels import Kernels
 
     backward, kernels = name.split("-")
-    sc = train_step.StepConfig(model=cfg, dtype=dtype, kernels=kernels, backward=backward,
-                               recompute=args.recompute)
+    sc = train_step.StepConfig(model=cfg, dtype=dtype, kernels=Kernels.resolve(kernels, recompute=args.recompute),
+                               backward=backward, recompute=args.recompute)
     A, B, T = args.grad_accum, args.batch_size, args.seq_len
     if params is None:
         shapes = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in cfg.param_shapes().items()}
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     from llmc_jax import mfu
-    from llmc_jax.gradcheck import load_model
+    from llmc_jax.family import load_model
 
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")

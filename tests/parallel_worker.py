@@ -15,8 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llmc_jax import model, parallel, train_step  # noqa: E402
+from llmc_jax import llmc_init, parallel, train_step  # noqa: E402
+from llmc_jax.kernels import Kernels  # noqa: E402
 from llmc_jax.config import GPTConfig  # noqa: E402
+from llmc_jax.model import LAYER_PARAMS  # noqa: E402
 
 CONFIG = GPTConfig(L=2, NH=4, C=64, maxT=64, V=256, Vp=256)
 STEPS, A, B, T = 5, 2, 8, 16
@@ -44,7 +46,7 @@ def run(sc, params, zero_stage, mesh, n=8):
         step_fn = train_step.make_train_step(sc)
         put = lambda x: x
     else:
-        sh = parallel.make_shardings(state, mesh, zero_stage)
+        sh = parallel.make_shardings(state, mesh, zero_stage, LAYER_PARAMS)
         state = parallel.shard_state(state, sh)
         step_fn = train_step.make_train_step(sc, sh)
         put = lambda x: parallel.shard_batch(x, sh)
@@ -87,7 +89,7 @@ def z3_layer_gathers(n):
     sc = train_step.StepConfig(model=cfg)
     state = jax.eval_shape(lambda: train_step.init_train_state(
         {k: jax.numpy.zeros(s, jax.numpy.float32) for k, s in cfg.param_shapes().items()}, sc))
-    sh = parallel.make_shardings(state, parallel.make_mesh(), 3)
+    sh = parallel.make_shardings(state, parallel.make_mesh(), 3, LAYER_PARAMS)
     x = jax.ShapeDtypeStruct((1, n, 16), np.int32)
     hlo = train_step.make_train_step(sc, sh).lower(state, x, x, 1e-3, 0).compile().as_text()
     gathered = re.findall(r"= f32\[([0-9,]+)\]\{[^}]*\} all-gather(?:-start)?\(", hlo)
@@ -98,7 +100,7 @@ def z3_layer_gathers(n):
 def main():
     n = jax.device_count()
     sc = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0)
-    params = model.init_params(CONFIG)
+    params = llmc_init.init_params(CONFIG)
     ref_losses, ref_params, ref_info = run(sc, params, None, None)
     # how far training moved the params: the scale the sharded runs' differences are judged against
     moved = max(float(np.max(np.abs(ref_params[k] - np.asarray(params[k])))) for k in params)
@@ -114,7 +116,7 @@ def main():
         out["stages"][str(z)] = info
     out["z3_layer_gathers"] = z3_layer_gathers(n)
     # Pallas kernels (interpret mode) under -z 1: run per device inside shard_map
-    sc_pallas = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0, kernels="pallas")
+    sc_pallas = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0, kernels=Kernels.resolve("pallas"))
     losses, final, _ = run(sc_pallas, params, 1, mesh, n)
     out["pallas_z1"] = {"losses": losses,
                         "max_param_diff": max(float(np.max(np.abs(final[k] - ref_params[k]))) for k in final)}

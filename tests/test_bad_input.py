@@ -522,7 +522,7 @@ def test_sigkilled_launcher_takes_its_workers_along(tmp_path):
 
 
 def test_excepthook_chain_still_hears_of_a_failure(monkeypatch):
-    """distributed.py learns that the main thread failed through sys.excepthook; under run_command
+    """peer_watch.py learns that the main thread failed through sys.excepthook; under run_command
     it still does, and the hook it chains to prints nothing more than run's one line."""
     heard = []
     monkeypatch.setattr(errors, "_under_run_command", True)

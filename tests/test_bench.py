@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmc_jax import model, reference
+from llmc_jax import llmc_init, reference
 from llmc_jax.config import from_descriptor
 
 _spec = importlib.util.spec_from_file_location(
@@ -31,7 +31,7 @@ def test_bench_json_has_every_field_and_times_the_trainer_step(tmp_path, capsys)
         assert FIELDS <= set(r) and r["step_ms_median"] > 0 and r["temp_bytes"] is not None
     # the first timed step's loss is the loss of the benchmark's batch under the initial weights
     cfg = from_descriptor("tiny")
-    params = {k: jnp.asarray(v) for k, v in model.init_params(cfg).items()}
+    params = {k: jnp.asarray(v) for k, v in llmc_init.init_params(cfg).items()}
     tok = np.random.default_rng(0).integers(0, cfg.V, size=(1, 2, 17)).astype(np.int32)
     want = float(reference.loss(params, tok[0, :, :-1], tok[0, :, 1:], cfg))
     for r in data["variants"].values():

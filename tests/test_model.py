@@ -8,6 +8,7 @@ import numpy_gpt2
 from conftest import TEST_CONFIG, random_batch, rel_error
 from llmc_jax import model, reference
 from llmc_jax.config import PARAM_NAMES, from_descriptor
+from llmc_jax.kernels import Kernels, ModelOptions
 
 CFG = TEST_CONFIG
 
@@ -21,7 +22,7 @@ def _jnp(params):
 def test_manual_gradients_match_autodiff(tiny_params, dtype, tol, B, T):
     x, y = random_batch(CFG, B, T)
     p = _jnp(tiny_params)
-    loss_m, g_m = jax.jit(model.value_and_grad(CFG, dtype=dtype))(p, x, y)
+    loss_m, g_m = jax.jit(model.value_and_grad(CFG, ModelOptions(dtype=dtype)))(p, x, y)
     loss_a, g_a = jax.jit(reference.value_and_grad(CFG, dtype=dtype))(p, x, y)
     assert abs(float(loss_m) - float(loss_a)) < tol * abs(float(loss_a))
     for name in PARAM_NAMES:
@@ -42,7 +43,7 @@ def test_forward_matches_float64_numpy(tiny_params):
 
 def test_bf16_forward_close_to_float64(tiny_params):
     x, y = random_batch(CFG, 2, 11)
-    loss = jax.jit(lambda p, i, t: model.loss(p, i, t, CFG, dtype=jnp.bfloat16))(_jnp(tiny_params), x, y)
+    loss = jax.jit(lambda p, i, t: model.loss(p, i, t, CFG, ModelOptions(dtype=jnp.bfloat16)))(_jnp(tiny_params), x, y)
     # bf16 activations: ~3 significant digits on a loss of ~5.5
     assert abs(float(loss) - numpy_gpt2.loss(tiny_params, x, y, CFG)) < 2e-2
 
@@ -65,7 +66,7 @@ def test_recompute_gives_same_gradients(tiny_params, recompute):
     x, y = random_batch(CFG, 2, 16)
     p = _jnp(tiny_params)
     l0, g0 = jax.jit(model.value_and_grad(CFG))(p, x, y)
-    l1, g1 = jax.jit(model.value_and_grad(CFG, recompute=recompute))(p, x, y)
+    l1, g1 = jax.jit(model.value_and_grad(CFG, ModelOptions(recompute=recompute)))(p, x, y)
     assert float(l0) == float(l1)
     for name in PARAM_NAMES:
         assert rel_error(g1[name], g0[name]) < 1e-6, name
@@ -86,17 +87,17 @@ def test_sequence_longer_than_maxT_is_refused(tiny_params):
 
 def test_unknown_kernels_name():
     with pytest.raises(ValueError, match="unknown kernels"):
-        model.op_set("cuda")
+        Kernels.resolve("cuda")
 
 
 def test_init_cache_returns_the_same_bits(tmp_path, monkeypatch):
     from llmc_jax import llmc_init
     monkeypatch.setenv("LLMC_JAX_CACHE", str(tmp_path))
-    monkeypatch.setattr(model, "INIT_CACHE_MIN_PARAMS", 0)
-    drawn = model.init_params(CFG)                       # drawn and written to the cache
+    monkeypatch.setattr(llmc_init, "INIT_CACHE_MIN_PARAMS", 0)
+    drawn = llmc_init.init_params(CFG)                       # drawn and written to the cache
     cached = list((tmp_path / "init").iterdir())
     assert len(cached) == 1
-    again = model.init_params(CFG)                       # read back
+    again = llmc_init.init_params(CFG)                       # read back
     want = llmc_init.init_params_llmc(CFG)
     for k in want:
         np.testing.assert_array_equal(drawn[k], want[k])

@@ -1,5 +1,5 @@
 """The model with --kernels pallas (kernels in interpret mode on the CPU) against the xla op set and
-the autodiff oracle; the kernel-spec strings the CLI builds."""
+the autodiff oracle; the kernel choice the CLI resolves."""
 import re
 
 import jax
@@ -10,6 +10,9 @@ import pytest
 from conftest import TEST_CONFIG, random_batch, rel_error
 from llmc_jax import gradcheck, model, reference
 from llmc_jax.config import PARAM_NAMES
+from llmc_jax.kernels import Kernels, ModelOptions
+
+PALLAS = Kernels.resolve("pallas")
 
 CFG = TEST_CONFIG          # NH=4, C=64: HS=16, the smallest head the flash kernel takes
 
@@ -24,12 +27,12 @@ def batch_and_params():
 @pytest.fixture(scope="module")
 def xla_fp32(batch_and_params):
     p, x, y = batch_and_params
-    return jax.jit(model.value_and_grad(CFG, kernels="xla"))(p, x, y)
+    return jax.jit(model.value_and_grad(CFG))(p, x, y)
 
 
 def test_pallas_model_matches_xla_and_autodiff_fp32(batch_and_params, xla_fp32):
     p, x, y = batch_and_params
-    loss_p, g_p = jax.jit(model.value_and_grad(CFG, kernels="pallas"))(p, x, y)
+    loss_p, g_p = jax.jit(model.value_and_grad(CFG, ModelOptions(kernels=PALLAS)))(p, x, y)
     loss_x, g_x = xla_fp32
     loss_a, g_a = jax.jit(reference.value_and_grad(CFG))(p, x, y)
     # fp32 throughout: only summation order differs (flash attention's blocked softmax, row kernels)
@@ -42,7 +45,7 @@ def test_pallas_model_matches_xla_and_autodiff_fp32(batch_and_params, xla_fp32):
 
 def test_pallas_model_bf16_close_to_autodiff(batch_and_params):
     p, x, y = batch_and_params
-    loss_p, g_p = jax.jit(model.value_and_grad(CFG, dtype=jnp.bfloat16, kernels="pallas"))(p, x, y)
+    loss_p, g_p = jax.jit(model.value_and_grad(CFG, ModelOptions(dtype=jnp.bfloat16, kernels=PALLAS)))(p, x, y)
     loss_a, g_a = jax.jit(reference.value_and_grad(CFG, dtype=jnp.bfloat16))(p, x, y)
     # bf16 activations rounded at different places: the same 3e-2 as the xla op set's bf16 test
     assert abs(float(loss_p) - float(loss_a)) < 3e-2 * float(loss_a)
@@ -52,10 +55,11 @@ def test_pallas_model_bf16_close_to_autodiff(batch_and_params):
 
 
 def test_pallas_with_recompute_keeps_gradients(batch_and_params, xla_fp32):
-    """-r 1 keeps only the MLP pre-activation, so the fc layer falls back to matmul + GELU; the
+    """-r 2 keeps only the MLP pre-activation, so the fc layer falls back to matmul + GELU; the
     pallas layernorm and attention are still recomputed/used, and the gradients do not move."""
     p, x, y = batch_and_params
-    loss_r, g_r = jax.jit(model.value_and_grad(CFG, kernels="pallas", recompute=2))(p, x, y)
+    kernels = Kernels.resolve("pallas", recompute=2)
+    loss_r, g_r = jax.jit(model.value_and_grad(CFG, ModelOptions(kernels=kernels, recompute=2)))(p, x, y)
     loss_x, g_x = xla_fp32
     assert abs(float(loss_r) - float(loss_x)) < 1e-5 * float(loss_x)
     for name in PARAM_NAMES:
@@ -68,18 +72,29 @@ def test_gradcheck_with_pallas_kernels(capsys):
     assert "kernels pallas" in out and "all OK" in out and out.count(" OK") >= len(PARAM_NAMES)
 
 
-def test_kernel_spec_strings():
-    assert model.kernel_spec("xla") == "xla"
-    assert model.kernel_spec("pallas", attention=None, layernorm="pallas") == "pallas"
-    assert model.kernel_spec("pallas", attention="cudnn") == "pallas,attention=cudnn"
-    assert model.parse_kernel_spec("xla,attention=pallas") == {
-        "attention": "pallas", "layernorm": "xla", "matmul_gelu": "xla"}
+def test_kernel_choice_is_resolved_once():
+    assert Kernels.resolve("xla") == Kernels() and str(Kernels()) == "xla"
+    assert Kernels.resolve("pallas", attention=None, layernorm="pallas") == PALLAS and str(PALLAS) == "pallas"
+    assert PALLAS.uses_pallas and not Kernels().uses_pallas
+    mixed = Kernels.resolve("pallas", attention="cudnn")
+    assert mixed == Kernels(attention="cudnn", layernorm="pallas", matmul_gelu="pallas")
+    assert str(mixed) == "attention=cudnn, layernorm=pallas, matmul_gelu=pallas"
+    # -r 1/2 keep only the MLP pre-activation: the family choice falls back to xla for the fused MLP ...
+    assert Kernels.resolve("pallas", recompute=1) == Kernels("pallas", "pallas", "xla")
+    # ... and asking for it by name is refused
+    with pytest.raises(ValueError, match="--matmul-gelu pallas needs -r 0"):
+        Kernels.resolve("xla", recompute=2, matmul_gelu="pallas")
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU and --dtype bfloat16"):
+        Kernels.resolve("xla", attention="cudnn", platform="cpu", dtype="bfloat16")
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU and --dtype bfloat16"):
+        Kernels.resolve("xla", attention="cudnn", platform="gpu", dtype="float32")
+    assert Kernels.resolve("xla", attention="cudnn", platform="gpu", dtype="bfloat16").attention == "cudnn"
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        model.kernel_spec("xla", attention="triton")
+        Kernels.resolve("xla", attention="triton")
     with pytest.raises(ValueError, match="no per-op kernel choice"):
-        model.kernel_spec("xla", softmax="pallas")
-    with pytest.raises(ValueError, match="bad kernel override"):
-        model.op_set("xla,layernorm=cudnn")
+        Kernels.resolve("xla", softmax="pallas")
+    with pytest.raises(ValueError, match="unknown layernorm implementation"):
+        Kernels(layernorm="cudnn")
 
 
 def test_cudnn_attention_refused_off_gpu(batch_and_params):
@@ -87,7 +102,7 @@ def test_cudnn_attention_refused_off_gpu(batch_and_params):
         pytest.skip("this host has a GPU")
     p, x, _ = batch_and_params
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
-        model.logits(p, x, CFG, kernels="xla,attention=cudnn")
+        model.logits(p, x, CFG, ModelOptions(kernels=Kernels(attention="cudnn")))
 
 
 def test_train_with_pallas_kernels_reproduces_llmc_losses(tmp_path, capsys):

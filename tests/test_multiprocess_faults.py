@@ -5,6 +5,7 @@ Also the -pn resolution under SLURM / Open MPI and the cluster example scripts.
 Every subprocess runs under a timeout, on a free port, with short LLMC_JAX_* timeouts."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -13,11 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from llmc_jax import cli, distributed
+from llmc_jax.errors import UsageError
 from llmc_jax.launch import free_port
 from test_multiprocess import COMMON, REPO
 
@@ -175,8 +176,10 @@ def test_peer_failing_mid_run_stops_the_other(cache_dir):
     assert elapsed < PEER_TIMEOUT + 10, elapsed
 
 
-def _flags(**kw) -> SimpleNamespace:
-    return SimpleNamespace(**{"num_processes": None, "process_rank": 0, "coordinator": None, **kw})
+def _resolve(**kw) -> distributed.ProcessSpec:
+    """resolve_processes for these flags, the others as not given (-pn None, -pr 0, no --coordinator)."""
+    flags = {"num_processes": None, "process_rank": 0, "coordinator": None, **kw}
+    return distributed.resolve_processes(flags["num_processes"], flags["process_rank"], flags["coordinator"])
 
 
 SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-04]", "SLURM_NTASKS": "4",
@@ -189,28 +192,72 @@ def test_num_processes_resolution(monkeypatch):
     for var in list(os.environ):
         if var.startswith(("SLURM_", "OMPI_")):
             monkeypatch.delenv(var)
-    args = _flags()
-    assert distributed.check_args(args) is None and (args.num_processes, args.cluster) == (1, None)
+    spec = _resolve()
+    assert (spec.num_processes, spec.cluster) == (1, None)
     for var, value in SLURM.items():
         monkeypatch.setenv(var, value)
-    args = _flags()
-    assert distributed.check_args(args) is None
-    assert (args.num_processes, args.process_rank, args.cluster) == (4, 2, "SLURM")
-    args = _flags(num_processes=1)
-    assert distributed.check_args(args) is None and (args.num_processes, args.cluster) == (1, None)
-    args = _flags(coordinator="node01:1234")                        # explicit address: no detection
-    assert distributed.check_args(args) is None and (args.num_processes, args.cluster) == (1, None)
+    spec = _resolve()
+    assert (spec.num_processes, spec.process_rank, spec.cluster) == (4, 2, "SLURM")
+    spec = _resolve(num_processes=1)
+    assert (spec.num_processes, spec.cluster) == (1, None)
+    spec = _resolve(coordinator="node01:1234")                      # explicit address: no detection
+    assert (spec.num_processes, spec.cluster) == (1, None)
     assert cli.parse_args(COMMON).num_processes is None
     for var in SLURM:
         monkeypatch.delenv(var)
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
-    problem = distributed.check_args(_flags())                      # Open MPI 5: no OMPI_MCA_orte_hnp_uri
-    assert problem and "--coordinator HOST:PORT -pn $OMPI_COMM_WORLD_SIZE" in problem
+    with pytest.raises(UsageError) as problem:                      # Open MPI 5: no OMPI_MCA_orte_hnp_uri
+        _resolve()
+    assert "--coordinator HOST:PORT -pn $OMPI_COMM_WORLD_SIZE" in problem.value.message
     monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "123.0;tcp://10.0.0.1:4567")
-    args = _flags()
-    assert distributed.check_args(args) is None
-    assert (args.num_processes, args.process_rank, args.cluster) == (2, 1, "Open MPI")
+    spec = _resolve()
+    assert (spec.num_processes, spec.process_rank, spec.cluster) == (2, 1, "Open MPI")
+
+
+def test_resolve_processes_leaves_the_flags_alone(monkeypatch):
+    """The resolved -pn/-pr/cluster live in the returned (frozen) ProcessSpec only: the parsed flags
+    are not changed, so a checkpoint's record of them says what was given."""
+    for var in list(os.environ):
+        if var.startswith(("SLURM_", "OMPI_")):
+            monkeypatch.delenv(var)
+    for var, value in SLURM.items():
+        monkeypatch.setenv(var, value)
+    args = cli.parse_args(COMMON)
+    before = dict(vars(args))
+    spec = distributed.resolve_processes(args.num_processes, args.process_rank, args.coordinator)
+    assert spec == distributed.ProcessSpec(4, 2, None, "SLURM") and vars(args) == before
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.num_processes = 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(num_processes=0), "-pn 0: the number of processes must be >= 1"),
+    (dict(num_processes=2, process_rank=2, coordinator="h:1"),
+     "-pr 2 is out of range for -pn 2 (need 0 <= rank < num_processes)"),
+    (dict(num_processes=2), "-pn 2 needs --coordinator HOST:PORT (the address process 0 listens on); "
+                            "or start the processes with `python -m llmc_jax.launch --nproc N -- <train args>`"),
+    (dict(num_processes=2, coordinator="nohostport"), "--coordinator 'nohostport': expected HOST:PORT"),
+    (dict(coordinator=":123"), "--coordinator ':123': expected HOST:PORT"),
+])
+def test_resolve_processes_usage_errors(flags, message, monkeypatch):
+    """Every usage problem is a UsageError (exit 2) with one line saying what is wrong."""
+    for var in list(os.environ):
+        if var.startswith(("SLURM_", "OMPI_")):
+            monkeypatch.delenv(var)
+    with pytest.raises(UsageError) as e:
+        _resolve(**flags)
+    assert e.value.message == message
+
+
+def test_train_reports_a_process_flag_problem(monkeypatch, capsys):
+    """train.main stops on such a flag before any work: exit 2 and the one line."""
+    from llmc_jax import errors, train
+    for var in list(os.environ):
+        if var.startswith(("SLURM_", "OMPI_")):
+            monkeypatch.delenv(var)
+    assert errors.run(train.main, COMMON + ["-pn", "2", "-pr", "3", "--coordinator", "h:1"]) == errors.EXIT_USAGE
+    assert capsys.readouterr().err == "error: -pr 3 is out of range for -pn 2 (need 0 <= rank < num_processes)\n"
 
 
 def _recorder(path, name: str) -> str:
@@ -258,4 +305,5 @@ def test_cluster_scripts(script, tmp_path):
         assert all(flag not in argv for flag in absent)
         if script == "run_mpirun.sh":
             assert (args.coordinator, args.num_processes, args.process_rank) == ("node0:12345", 2, 1)
-            assert distributed.check_args(args) is None
+            assert distributed.resolve_processes(args.num_processes, args.process_rank, args.coordinator) == \
+                distributed.ProcessSpec(2, 1, "node0:12345", None)

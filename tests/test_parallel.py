@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from llmc_jax import parallel
+from llmc_jax.model import LAYER_PARAMS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -38,7 +39,7 @@ def test_shard_dim_first_divisible():
 
 def test_bad_stage_and_device_count():
     with pytest.raises(ValueError, match="zero stage"):
-        parallel.make_shardings(None, None, 4)
+        parallel.make_shardings(None, None, 4, ())
     with pytest.raises(ValueError, match="devices"):
         parallel.make_mesh(10_000)
 
@@ -53,7 +54,7 @@ def test_state_shardings_structure_one_device():
     assert mesh.axis_names == ("data",)
     assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
     for z in parallel.ZERO_STAGES:
-        sh = parallel.make_shardings(state, mesh, z)
+        sh = parallel.make_shardings(state, mesh, z, LAYER_PARAMS)
         assert jax.tree.structure(sh.state) == jax.tree.structure(state)
         assert (sh.grads is None) == (z < 2)
         placed = parallel.shard_state(state, sh)

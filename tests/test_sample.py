@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmc_jax import llmc_format, model, sample
+from llmc_jax import generate, llmc_format, model, sample
+from llmc_jax.kernels import ModelOptions
 from llmc_jax.config import GPTConfig
 from conftest import TEST_CONFIG, random_params
 
@@ -23,7 +24,7 @@ def _as_jax(params):
 
 @functools.lru_cache(maxsize=None)
 def _forward(config, dtype=jnp.float32):
-    return jax.jit(lambda p, x: model.logits(p, x, config, dtype=dtype))
+    return jax.jit(lambda p, x: model.logits(p, x, config, ModelOptions(dtype=dtype)))
 
 
 def _full_logits(params, config, idx, dtype=jnp.float32):
@@ -36,13 +37,13 @@ def generate_full_forward(params, config, num_tokens, eot, *, seed=1337, prompt=
     tokens = list(prompt) if prompt else [eot]
     window = min(config.maxT, max(num_tokens, len(tokens)))
     forward = _forward(config)
-    rng = sample.XorShiftRNG(seed)
+    rng = generate.XorShiftRNG(seed)
     while len(tokens) < num_tokens:
         ctx = tokens[-window:]
         buf = np.full((1, window), eot, np.int32)
         buf[0, :len(ctx)] = ctx
         row = np.asarray(forward(params, buf)[0, len(ctx) - 1, :config.V], np.float32)
-        tokens.append(sample.sample_index(row, rng.f32(), temperature, top_k))
+        tokens.append(generate.sample_index(row, rng.f32(), temperature, top_k))
     return tokens
 
 
@@ -65,17 +66,17 @@ def _xorshift_by_hand(seed, n):
 
 def test_xorshift_matches_llmc_algorithm():
     u_ref, f_ref = _xorshift_by_hand(1337, 50)
-    rng = sample.XorShiftRNG(1337)
+    rng = generate.XorShiftRNG(1337)
     assert [rng.u32() for _ in range(50)] == u_ref
-    rng = sample.XorShiftRNG(1337)
+    rng = generate.XorShiftRNG(1337)
     assert [rng.f32() for _ in range(50)] == f_ref
     assert all(0.0 <= f < 1.0 for f in f_ref)
     # the first draw from 1337, by hand: 1337 >> 12 = 0, so s = 1337; 1337 << 25 = 44,862,275,584,
     # s = 44,862,275,584 | 1337 = 44,862,276,921; s >> 27 = 334 and 1337 ^ 334 = 1143 in the low bits,
     # s = 44,862,276,727; out = (s * 0x2545F4914F6CDD1D mod 2^64) >> 32 = 989,205,090
-    rng = sample.XorShiftRNG(1337)
+    rng = generate.XorShiftRNG(1337)
     assert rng.u32() == 989205090 and rng.state == 44862276727
-    assert sample.XorShiftRNG(1337).f32() == (989205090 >> 8) / 16777216 == 0.23031723499298096
+    assert generate.XorShiftRNG(1337).f32() == (989205090 >> 8) / 16777216 == 0.23031723499298096
 
 
 def test_sample_index_is_llmc_inverse_cdf():
@@ -85,26 +86,26 @@ def test_sample_index_is_llmc_inverse_cdf():
     cdf = np.cumsum(p) / p.sum()
     for coin in (0.0, 0.1, 0.5, 0.9, 0.999999):
         # llm.c: the first i with coin < cdf[i]
-        assert sample.sample_index(logits, coin) == int(np.argmax(coin < cdf))
-        assert sample.sample_index(logits, coin, 1.0, None) == sample.sample_index(logits, coin)
+        assert generate.sample_index(logits, coin) == int(np.argmax(coin < cdf))
+        assert generate.sample_index(logits, coin, 1.0, None) == generate.sample_index(logits, coin)
 
 
 def test_sample_index_top_k_and_temperature():
     logits = np.array([0.0, 3.0, 1.0, 2.0, -1.0], np.float32)
-    picks = {sample.sample_index(logits, c, top_k=2) for c in np.linspace(0, 0.999, 200)}
+    picks = {generate.sample_index(logits, c, top_k=2) for c in np.linspace(0, 0.999, 200)}
     assert picks == {1, 3}
-    assert sample.sample_index(logits, 0.7, top_k=1) == 1
-    assert sample.sample_index(logits, 0.3, temperature=0.0) == 1
+    assert generate.sample_index(logits, 0.7, top_k=1) == 1
+    assert generate.sample_index(logits, 0.3, temperature=0.0) == 1
     # low temperature concentrates on the argmax; high temperature flattens toward uniform
-    assert {sample.sample_index(logits, c, temperature=1e-3) for c in np.linspace(0, 0.999, 50)} == {1}
-    hot = [sample.sample_index(logits, c, temperature=1e3) for c in np.linspace(0, 0.999, 100)]
+    assert {generate.sample_index(logits, c, temperature=1e-3) for c in np.linspace(0, 0.999, 50)} == {1}
+    hot = [generate.sample_index(logits, c, temperature=1e3) for c in np.linspace(0, 0.999, 100)]
     assert set(hot) == {0, 1, 2, 3, 4}
     # temperature divides the logits before the softmax
     z = logits / 0.5
     cdf = np.cumsum(np.exp(z - z.max()))
     cdf /= cdf[-1]
     for coin in (0.05, 0.5, 0.95):
-        assert sample.sample_index(logits, coin, temperature=0.5) == int(np.argmax(coin < cdf))
+        assert generate.sample_index(logits, coin, temperature=0.5) == int(np.argmax(coin < cdf))
 
 
 # ------------------------------------------------------------------------------ KV cache
@@ -116,12 +117,12 @@ def test_cached_logits_equal_model_logits(prompt_len):
     T = 40
     idx = np.random.default_rng(1).integers(0, cfg.V, size=(2, T)).astype(np.int32)
     ref = _full_logits(params, cfg, idx)
-    logits, cache = sample.prefill(params, cfg, idx[:, :prompt_len], cache_len=T)
+    logits, cache = generate.prefill(params, cfg, idx[:, :prompt_len], cache_len=T)
     assert cache.k.shape == cache.v.shape == (cfg.L, 2, T, cfg.NH, cfg.HS)
     assert logits.shape == (2, cfg.Vp)
     np.testing.assert_allclose(np.asarray(logits), ref[:, prompt_len - 1], atol=1e-5, rtol=0)
     for pos in range(prompt_len, T):
-        logits, cache = sample.decode_step(params, cfg, cache, idx[:, pos], pos)
+        logits, cache = generate.decode_step(params, cfg, cache, idx[:, pos], pos)
         np.testing.assert_allclose(np.asarray(logits), ref[:, pos], atol=1e-5, rtol=0)
 
 
@@ -131,18 +132,18 @@ def test_prefill_matches_model_at_every_length():
     idx = np.random.default_rng(2).integers(0, cfg.V, size=(1, cfg.maxT)).astype(np.int32)
     ref = _full_logits(params, cfg, idx)
     for P in (1, 2, 17, cfg.maxT):
-        logits, _ = sample.prefill(params, cfg, idx[0, :P])      # cache_len defaults to maxT
+        logits, _ = generate.prefill(params, cfg, idx[0, :P])      # cache_len defaults to maxT
         np.testing.assert_allclose(np.asarray(logits)[0], ref[0, P - 1], atol=1e-5, rtol=0)
 
 
 def test_decode_step_compiles_once():
     cfg = TEST_CONFIG
     params = _as_jax(random_params(cfg, seed=5))
-    _, cache = sample.prefill(params, cfg, [1, 2, 3], cache_len=16)
-    sample._decode_jit.clear_cache()
+    _, cache = generate.prefill(params, cfg, [1, 2, 3], cache_len=16)
+    generate._decode_jit.clear_cache()
     for pos in range(3, 10):
-        _, cache = sample.decode_step(params, cfg, cache, [pos], pos)
-    assert sample._decode_jit._cache_size() == 1
+        _, cache = generate.decode_step(params, cfg, cache, [pos], pos)
+    assert generate._decode_jit._cache_size() == 1
 
 
 def test_cached_logits_bf16_close_to_model():
@@ -150,10 +151,10 @@ def test_cached_logits_bf16_close_to_model():
     params = _as_jax(random_params(cfg, seed=6))
     idx = np.random.default_rng(3).integers(0, cfg.V, size=(1, 24)).astype(np.int32)
     ref = _full_logits(params, cfg, idx, dtype=jnp.bfloat16).astype(np.float32)
-    logits, cache = sample.prefill(params, cfg, idx[:, :4], cache_len=24, dtype=jnp.bfloat16)
+    logits, cache = generate.prefill(params, cfg, idx[:, :4], cache_len=24, dtype=jnp.bfloat16)
     assert cache.k.dtype == jnp.bfloat16 and logits.dtype == jnp.bfloat16
     for pos in range(4, 24):
-        logits, cache = sample.decode_step(params, cfg, cache, idx[:, pos], pos)
+        logits, cache = generate.decode_step(params, cfg, cache, idx[:, pos], pos)
         np.testing.assert_allclose(np.asarray(logits).astype(np.float32), ref[:, pos], atol=2e-2, rtol=0)
 
 
@@ -161,12 +162,12 @@ def test_bad_positions_and_lengths_raise():
     cfg = TEST_CONFIG
     params = _as_jax(random_params(cfg))
     with pytest.raises(ValueError, match="cache_len"):
-        sample.prefill(params, cfg, list(range(10)), cache_len=5)
+        generate.prefill(params, cfg, list(range(10)), cache_len=5)
     with pytest.raises(ValueError, match="maxT"):
-        sample.prefill(params, cfg, [1], cache_len=cfg.maxT + 1)
-    _, cache = sample.prefill(params, cfg, [1], cache_len=8)
+        generate.prefill(params, cfg, [1], cache_len=cfg.maxT + 1)
+    _, cache = generate.prefill(params, cfg, [1], cache_len=8)
     with pytest.raises(ValueError, match="outside the cache"):
-        sample.decode_step(params, cfg, cache, [1], 8)
+        generate.decode_step(params, cfg, cache, [1], 8)
 
 
 # ------------------------------------------------------------------------------ generate
@@ -184,7 +185,7 @@ def test_generate_equals_full_forward_sampling(prompt, num_tokens, temperature, 
     eot = cfg.V - 1
     ref = generate_full_forward(params, cfg, num_tokens, eot, prompt=prompt, temperature=temperature,
                                 top_k=top_k)
-    got = sample.generate(params, cfg, num_tokens, eot, prompt=prompt, temperature=temperature, top_k=top_k)
+    got = generate.generate(params, cfg, num_tokens, eot, prompt=prompt, temperature=temperature, top_k=top_k)
     assert got == ref
     assert len(got) == num_tokens and got[:len(prompt or [eot])] == (prompt or [eot])
     assert all(0 <= t < cfg.V for t in got)
@@ -195,17 +196,17 @@ def test_generate_slides_past_maxT():
     params = _as_jax(random_params(cfg, seed=8))
     for prompt in (None, list(range(1, 21))):          # the second starts longer than maxT
         ref = generate_full_forward(params, cfg, 40, 0, prompt=prompt)
-        assert sample.generate(params, cfg, 40, 0, prompt=prompt) == ref
+        assert generate.generate(params, cfg, 40, 0, prompt=prompt) == ref
 
 
 def test_generate_seed_and_defaults():
     cfg = TEST_CONFIG
     params = random_params(cfg, seed=9)                     # numpy params are accepted too
-    a = sample.generate(params, cfg, 20, 0)
-    assert a == sample.generate(params, cfg, 20, 0, seed=1337, temperature=1.0, top_k=None)
-    assert a != sample.generate(params, cfg, 20, 0, seed=1)
-    assert sample.generate(params, cfg, 3, 0, prompt=[1, 2, 3, 4]) == [1, 2, 3, 4]
-    assert len(set(sample.generate(params, cfg, 20, 0, temperature=0.0)[1:])) >= 1
+    a = generate.generate(params, cfg, 20, 0)
+    assert a == generate.generate(params, cfg, 20, 0, seed=1337, temperature=1.0, top_k=None)
+    assert a != generate.generate(params, cfg, 20, 0, seed=1)
+    assert generate.generate(params, cfg, 3, 0, prompt=[1, 2, 3, 4]) == [1, 2, 3, 4]
+    assert len(set(generate.generate(params, cfg, 20, 0, temperature=0.0)[1:])) >= 1
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -1,0 +1,84 @@
+"""The model-family interface, the registry from config type to family, and the one model loader.
+
+A model family is a module with the functions below; GPT-2 (`llmc_jax.model`) is the first. The
+trainer, sampler, evals, checkpoints and sharding reach a model only through `family_of(config)`,
+so a second family adds a module and a registry entry, not a branch in each of them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from llmc_jax.errors import UsageError, user_files
+
+
+class ModelFamily(Protocol):
+    """What every model family module provides (config: its frozen, hashable config dataclass)."""
+
+    LAYER_PARAMS: tuple[str, ...]   # params stacked on a leading L axis: the layer scan's; never sharded on it
+
+    def forward(self, params: dict, idx_BT: Any, config: Any, opts: Any = ..., *, cache: Any = None,
+                pos: Any = 0) -> tuple[Any, Any]:
+        """(final hidden states (B, T, C), cache): training, eval, prefill and decode alike."""
+
+    def head(self, params: dict, h_BTC: Any) -> Any:
+        """(B, T, Vp) logits of the hidden states."""
+
+    def logits(self, params: dict, idx_BT: Any, config: Any, opts: Any = ...) -> Any: ...
+
+    def loss(self, params: dict, idx_BT: Any, targets_BT: Any, config: Any, opts: Any = ...) -> Any:
+        """Mean cross-entropy over the B*T positions, through the hand-derived backward."""
+
+    def value_and_grad(self, config: Any, opts: Any = ...) -> Callable: ...
+
+    def empty_cache(self, config: Any, B: int, S: int, dtype: Any) -> Any: ...
+
+    def check_params(self, params: dict, config: Any) -> None: ...
+
+
+def family_of(config: Any) -> ModelFamily:
+    """The family module of a model config."""
+    from llmc_jax import model as gpt2
+    from llmc_jax.config import GPTConfig
+    if isinstance(config, GPTConfig):
+        return gpt2
+    raise TypeError(f"no model family for a config of type {type(config).__name__}")
+
+
+def reference_of(config: Any):
+    """The family's autodiff oracle: the same model in plain jnp (value_and_grad, loss)."""
+    from llmc_jax import reference
+    family_of(config)
+    return reference
+
+
+def load_model(init: str, model_table: Any = None, *, check_finite: bool = True) -> tuple[Any, dict[str, np.ndarray]]:
+    """(config, numpy params) from a model table (a TOML [model]: a random init), a descriptor
+    (d12, gpt3:c768, tiny: a random init) or a model file. Every command that takes -e loads here;
+    a missing or bad file, an unknown descriptor or (check_finite) NaN/Inf weights are one UsageError
+    line. The trainer reads without that check: its checkpoints refuse a non-finite state instead."""
+    from llmc_jax import config as cfgmod, llmc_format, llmc_init
+    with user_files():
+        if model_table is not None:
+            return model_table, llmc_init.init_params(model_table)
+        if cfgmod.is_descriptor(init):
+            cfg = cfgmod.from_descriptor(init)
+            return cfg, llmc_init.init_params(cfg)
+        if not os.path.exists(init):
+            raise UsageError(f"-e {init}: no such file, and not a model descriptor (dN, gpt2:dN, gpt3:cN, "
+                             f"{', '.join(cfgmod.PRESETS)})")
+        cfg, params = llmc_format.read_model(init)
+    if check_finite:
+        _check_finite(init, params)
+    return cfg, params
+
+
+def _check_finite(init: str, params: dict[str, np.ndarray]) -> None:
+    """A model file with NaN/Inf weights (a diverged run's, or damaged) is refused, not used."""
+    for name, w in params.items():
+        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+        if bad:
+            raise UsageError(f"-e {init}: tensor {name} holds {bad} NaN/Inf value(s); the file is damaged "
+                             "or comes from a run that diverged")

@@ -1,0 +1,153 @@
+"""Which implementation each swappable op runs: a typed choice, resolved once, and the op set it names.
+
+`Kernels` is resolved from the flags in one place (`Kernels.resolve`: the --kernels family, the
+per-op overrides, the -r fallback for the fused MLP, the cuDNN requirements) and then travels as a
+frozen, hashable value: a jit static argument, an lru_cache key, a row of the config table.
+`op_set(kernels)` turns it into the functions the model families call. `ModelOptions` is the rest
+of what changes a traced forward (compute dtype, recompute level, ZeRO-3 layer sharding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llmc_jax import ops
+
+# The --kernels families, and the implementations each swappable op has.
+FAMILIES = ("xla", "pallas")
+OP_CHOICES = {"attention": ("xla", "pallas", "cudnn"), "layernorm": ("xla", "pallas"),
+              "matmul_gelu": ("xla", "pallas")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """One implementation name per swappable op (see OP_CHOICES)."""
+
+    attention: str = "xla"
+    layernorm: str = "xla"
+    matmul_gelu: str = "xla"
+
+    def __post_init__(self) -> None:
+        for op, choices in OP_CHOICES.items():
+            if getattr(self, op) not in choices:
+                raise ValueError(f"unknown {op} implementation {getattr(self, op)!r}; "
+                                 f"choose one of {', '.join(choices)}")
+
+    @classmethod
+    def resolve(cls, family: str = "xla", *, recompute: int = 0, platform: str | None = None,
+                dtype: str | None = None, **overrides: str | None) -> Kernels:
+        """The flags' choice made concrete: each op follows `family` unless overridden (None = follow).
+
+        Under -r 1/2 the fused Pallas matmul+GELU would recompute its whole matmul in the backward
+        (llm.c's recompute keeps the pre-activation), so the family choice falls back to the op
+        library's matmul and GELU there; asking for it by name with -r 1/2 is an error. cuDNN
+        attention needs a GPU and bfloat16: checked here when platform and dtype are given."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown kernels {family!r}; choose one of {', '.join(FAMILIES)}")
+        for op in overrides:
+            if op not in OP_CHOICES:
+                raise ValueError(f"no per-op kernel choice for {op!r}; ops: {', '.join(OP_CHOICES)}")
+        choice = {op: overrides.get(op) or family for op in OP_CHOICES}
+        if recompute and choice["matmul_gelu"] == "pallas":
+            if overrides.get("matmul_gelu") == "pallas":
+                raise ValueError(f"--matmul-gelu pallas needs -r 0: under -r {recompute} the fused kernel would "
+                                 "recompute its whole matmul in the backward (use -r 0, or --matmul-gelu xla)")
+            choice["matmul_gelu"] = "xla"
+        kernels = cls(**choice)
+        if kernels.attention == "cudnn" and platform is not None and (platform != "gpu" or dtype != "bfloat16"):
+            raise ValueError("--attention cudnn needs an NVIDIA GPU and --dtype bfloat16 (cuDNN's fused "
+                             "attention); use --attention xla or pallas")
+        return kernels
+
+    @property
+    def uses_pallas(self) -> bool:
+        """Whether any op is a Pallas kernel (opaque to XLA's partitioner: runs under shard_map)."""
+        return "pallas" in dataclasses.astuple(self)
+
+    def __str__(self) -> str:
+        names = dataclasses.astuple(self)
+        if len(set(names)) == 1:
+            return names[0]
+        return ", ".join(f"{op}={impl}" for op, impl in dataclasses.asdict(self).items())
+
+
+XLA = Kernels()
+
+
+def default_dtype(platform: str) -> str:
+    """The compute dtype a command uses when none is given: float32 on a CPU, bfloat16 elsewhere."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+class ModelOptions(NamedTuple):
+    """What changes a model's traced forward, besides its config: hashable, a jit static argument.
+
+    layer_sharding (ZeRO-3): where one layer's tensors must be inside the layer scan, e.g.
+    replicated; XLA then all-gathers each layer's shards as the scan reaches it."""
+
+    dtype: Any = jnp.float32
+    kernels: Kernels = XLA
+    recompute: int = 0
+    layer_sharding: Any = None
+
+
+class OpSet(NamedTuple):
+    """The functions a model family's forward calls, with the implementations a Kernels names."""
+
+    encoder: Callable
+    layernorm: Callable
+    residual_layernorm: Callable      # (x, r, w, b) -> (x + r, layernorm(x + r))
+    matmul: Callable
+    matmul_gelu: Callable             # (x, w, b) -> gelu(x @ w.T + b)
+    attention: Callable               # (qkv_BT3C, NH) -> (B, T, C), causal
+    classifier: Callable
+
+
+def _xla_residual_layernorm(x, r, w, b):
+    s = ops.residual(x, r)
+    return s, ops.layernorm(s, w, b)
+
+
+def _xla_matmul_gelu(x, w, b):
+    # the pre-activation is named so that -r 1/2 keep it and recompute only the GELU
+    return ops.gelu(checkpoint_name(ops.matmul(x, w, b), "fch"))
+
+
+def _qkv_attention(attention_BTNH: Callable) -> Callable:
+    """Adapt a (q, k, v) -> out attention on (B, T, NH, HS) to the packed (B, T, 3C) qkv."""
+    def attention(qkv_BT3C, NH: int):
+        B, T, C3 = qkv_BT3C.shape
+        return attention_BTNH(*ops.split_heads(qkv_BT3C, NH)).reshape(B, T, C3 // 3)
+    return attention
+
+
+def _cudnn_attention(q, k, v):
+    if jax.default_backend() != "gpu" or q.dtype != jnp.bfloat16:
+        raise ValueError("--attention cudnn needs an NVIDIA GPU and bfloat16 activations (--dtype bfloat16)")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+@functools.lru_cache(maxsize=None)
+def op_set(kernels: Kernels = XLA) -> OpSet:
+    """The op library's functions, with attention, the residual+layernorm and the MLP's matmul+GELU
+    swapped for the kernels `kernels` names. The plain matmuls stay XLA's (cuBLAS is the fastest)."""
+    attention, layernorm, residual_layernorm = ops.attention, ops.layernorm, _xla_residual_layernorm
+    matmul_gelu = _xla_matmul_gelu
+    if kernels.attention == "pallas":
+        from pallas_kernels.flash_attention import flash_attention
+        attention = _qkv_attention(flash_attention)
+    elif kernels.attention == "cudnn":
+        attention = _qkv_attention(_cudnn_attention)
+    if kernels.layernorm == "pallas":
+        from pallas_kernels import layernorm as pallas_ln
+        layernorm, residual_layernorm = pallas_ln.layernorm, pallas_ln.residual_layernorm
+    if kernels.matmul_gelu == "pallas":
+        from pallas_kernels.matmul_gelu import matmul_gelu
+    return OpSet(encoder=ops.encoder, layernorm=layernorm, residual_layernorm=residual_layernorm,
+                 matmul=ops.matmul, matmul_gelu=matmul_gelu, attention=attention,
+                 classifier=ops.fused_classifier)
