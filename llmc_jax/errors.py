@@ -110,7 +110,7 @@ def _raised_by_us(exc: BaseException) -> bool:
 def _expected(exc: BaseException) -> bool:
     """A failure whose message is meant for the user (not a bug): an OSError, a malformed llm.c
     file, or a ValueError/RuntimeError (the tokenizer's errors among them) raised by our code."""
-    fmt = sys.modules.get("llmc_jax.llmc_format")
+    fmt = sys.modules.get("llmc_jax.formats.llmc_format")
     if isinstance(exc, OSError) or (fmt is not None and isinstance(exc, fmt.LLMCFormatError)):
         return True
     return isinstance(exc, (ValueError, RuntimeError)) and _raised_by_us(exc)

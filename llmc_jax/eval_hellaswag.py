@@ -9,7 +9,8 @@ import argparse
 import sys
 import time
 
-from llmc_jax import cli, hellaswag
+from llmc_jax.training import cli
+from llmc_jax.evals import hellaswag
 from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files
 
 BOUNDS = {"batch_size": cli.Bound(">= 4 (4 rows per example)", lambda v: v >= 4), "seq_len": cli.POSITIVE,
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"-i {args.input}: HellaSwag eval file not found; {hellaswag.HOW_TO_MAKE}")
     import jax
 
-    from llmc_jax.family import load_model
-    from llmc_jax.kernels import default_dtype
+    from llmc_jax.models.family import load_model
+    from llmc_jax.nn.kernels import default_dtype
 
     platform = jax.devices()[0].platform
     dtype = args.dtype or default_dtype(platform)

@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from llmc_jax import cli
+from llmc_jax.training import cli
 from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files
 
 BOUNDS = {"batch_size": cli.POSITIVE, "seq_len": cli.POSITIVE, "val_batches": cli.ALL_OR_POSITIVE}
@@ -41,7 +41,7 @@ def _val_pattern(args, config) -> str:
     if config.V != 256:
         raise UsageError(f"-e {args.init} has V={config.V}, not the built-in corpus' byte vocabulary; "
                          "name its val shards with -j")
-    from llmc_jax.corpus import builtin_corpus
+    from llmc_jax.formats.corpus import builtin_corpus
     return builtin_corpus()[1]
 
 
@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
 
-    from llmc_jax import llmc_format, train_step
-    from llmc_jax.data import DataLoader
-    from llmc_jax.family import load_model
-    from llmc_jax.kernels import default_dtype
+    from llmc_jax.formats import llmc_format
+    from llmc_jax.training import train_step
+    from llmc_jax.formats.data import DataLoader
+    from llmc_jax.models.family import load_model
+    from llmc_jax.nn.kernels import default_dtype
 
     config, params = load_model(args.init)
     T = args.seq_len if args.seq_len is not None else min(128, config.maxT)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from llmc_jax import cli
+from llmc_jax.training import cli
 from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files
 
 # Relative tolerances. fp32: manual and autodiff differ only in summation order (measured ~1e-6
@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(init: str, config_path: str | None = None):
     """(config, numpy params) of -e, or a random init of --config's [model] table."""
-    from llmc_jax import config as cfgmod
-    from llmc_jax.family import load_model as load
+    from llmc_jax.models import config as cfgmod
+    from llmc_jax.models.family import load_model as load
     model_table = None
     if config_path is not None:
         with user_files():
@@ -62,7 +62,7 @@ def load_model(init: str, config_path: str | None = None):
 def _batch(args, cfg) -> tuple[np.ndarray, np.ndarray, object]:
     """(x, y, debug state or None): from --llmc-state, the start of the -i shard, or random tokens;
     a bad file, or one that does not fit the model, is a UsageError."""
-    from llmc_jax import llmc_format
+    from llmc_jax.formats import llmc_format
     B, T = args.batch_size, args.seq_len
     with user_files():
         if args.llmc_state:
@@ -99,11 +99,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
-    from llmc_jax.family import family_of, reference_of
-    from llmc_jax.kernels import ModelOptions
+    from llmc_jax.models.family import family_of, reference_of
+    from llmc_jax.nn.kernels import ModelOptions
     if args.dtype == "float32":        # exact float32 matmuls on GPUs too (no TF32)
         jax.config.update("jax_default_matmul_precision", "highest")
-    from llmc_jax.config import PARAM_NAMES
+    from llmc_jax.models.config import PARAM_NAMES
 
     t0 = time.time()
     cfg, params_np = load_model(args.init, args.config)

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=float, default=5.0,
                     help="seconds between SIGTERM and SIGKILL when stopping the others after a failure")
     a = ap.parse_args(own)
-    from llmc_jax import cli
+    from llmc_jax.training import cli
     cli.check_bounds(ap, a, {"nproc": cli.POSITIVE, "devices_per_proc": cli.POSITIVE, "grace": cli.NONNEG,
                              "port": cli.Bound("in [1, 65535]", lambda v: 1 <= v <= 65535)})
     if not rest:

@@ -11,12 +11,12 @@ import argparse
 import sys
 import time
 
-from llmc_jax import cli
+from llmc_jax.training import cli
 from llmc_jax.errors import ArgumentParser, UsageError, run_command
 
 
 def _get_tokenizer(name: str):
-    from llmc_jax.tokenizer import get_tokenizer
+    from llmc_jax.formats.tokenizer import get_tokenizer
     try:
         return get_tokenizer(name)
     except RuntimeError as e:          # no GPT-2 BPE files offline, or a corrupt one: say what to do
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from llmc_jax.family import load_model
-    from llmc_jax.generate import generate
+    from llmc_jax.models.family import load_model
+    from llmc_jax.evals.generate import generate
     kernels = cli.resolve_kernels(args, platform=jax.devices()[0].platform, dtype=args.dtype)
     config, params = load_model(args.init)
     tok = _get_tokenizer(args.tokenizer or ("byte" if config.V == 256 else "gpt2"))

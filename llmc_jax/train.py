@@ -7,7 +7,7 @@ With no arguments: a small GPT-2 on the source of Python's standard library, off
 """
 from __future__ import annotations
 
-from llmc_jax import cli
+from llmc_jax.training import cli
 from llmc_jax.errors import UsageError, run_command  # noqa: F401  (UsageError: also train.UsageError, its old home)
 
 OOM_HINT = ("lower -b (micro-batch; -d keeps the total batch by accumulating) or -t, or use -r 1/2 "
@@ -15,7 +15,8 @@ OOM_HINT = ("lower -b (micro-batch; -d keeps the total batch by accumulating) or
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmc_jax import distributed, loop, run as run_mod
+    from llmc_jax.multihost import distributed
+    from llmc_jax.training import loop, run as run_mod
     args = cli.parse_args(argv)
     processes = run_mod.check_flags(args)      # what needs no JAX, before jax.distributed starts
     distributed.maybe_initialize(processes)

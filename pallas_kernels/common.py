@@ -1,5 +1,5 @@
 """What every kernel in this package shares: where it runs, how it is compiled, and the numerics
-that more than one kernel (and, later, llmc_jax.ops) uses: the float32-accumulating dot, the GELU
+that more than one kernel (and, later, llmc_jax.nn.ops) uses: the float32-accumulating dot, the GELU
 tanh approximation with its derivative, and the layernorm epsilon. This package never imports
 llmc_jax; the dependency, if any, goes the other way.
 

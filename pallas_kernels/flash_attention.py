@@ -1,6 +1,6 @@
 """Flash attention (FlashAttention-2) as Triton-style Pallas kernels, forward and backward.
 
-Why: `llmc_jax.ops.attention` materializes the (B, NH, T, T) scores; these kernels keep them in
+Why: `llmc_jax.nn.ops.attention` materializes the (B, NH, T, T) scores; these kernels keep them in
 on-chip tiles. The forward runs the online softmax over key blocks and saves only the output and
 the log-sum-exp of each score row; the backward recomputes the probabilities tile by tile from that
 log-sum-exp (p = exp(s - lse)), with one kernel for dk/dv (a program per key block) and one for dq
@@ -302,7 +302,7 @@ def _check(q, k, v, block_sizes: BlockSizes) -> None:
         raise ValueError(f"B, T, NH must be >= 1, got shape {q.shape}")
     if HS < MIN_BLOCK or HS & (HS - 1):
         raise ValueError(f"head size HS={HS} must be a power of two >= {MIN_BLOCK} (Triton tile sizes); "
-                         "pad the head dimension or use llmc_jax.ops.attention")
+                         "pad the head dimension or use llmc_jax.nn.ops.attention")
     for field, b in dataclasses.asdict(block_sizes).items():
         if not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
             raise ValueError(f"BlockSizes.{field}={b!r} must be a power of two >= {MIN_BLOCK}")

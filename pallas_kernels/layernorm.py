@@ -1,6 +1,6 @@
 """LayerNorm and llm.c's fused residual + LayerNorm as Pallas (Triton) kernels, forward and backward.
 
-Same math and dtype policy as `llmc_jax.ops.layernorm`: statistics over the last axis in float32,
+Same math and dtype policy as `llmc_jax.nn.ops.layernorm`: statistics over the last axis in float32,
 biased variance, output in the activation's dtype, parameters cast inside (their gradients come
 back in their own dtypes). As in llm.c the forward saves the float32 mean and rstd per row, so the
 backward never recomputes the statistics.

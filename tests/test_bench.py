@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmc_jax import llmc_init, reference
-from llmc_jax.config import from_descriptor
+from llmc_jax.formats import llmc_init
+from llmc_jax.models import gpt2_reference
+from llmc_jax.models.config import from_descriptor
 
 _spec = importlib.util.spec_from_file_location(
     "bench_train", os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_train.py"))
@@ -33,7 +34,7 @@ def test_bench_json_has_every_field_and_times_the_trainer_step(tmp_path, capsys)
     cfg = from_descriptor("tiny")
     params = {k: jnp.asarray(v) for k, v in llmc_init.init_params(cfg).items()}
     tok = np.random.default_rng(0).integers(0, cfg.V, size=(1, 2, 17)).astype(np.int32)
-    want = float(reference.loss(params, tok[0, :, :-1], tok[0, :, 1:], cfg))
+    want = float(gpt2_reference.loss(params, tok[0, :, :-1], tok[0, :, 1:], cfg))
     for r in data["variants"].values():
         assert abs(r["first_loss"] - want) < 1e-5
 

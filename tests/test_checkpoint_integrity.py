@@ -16,7 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from llmc_jax import checkpoint, errors, llmc_format, train
+from llmc_jax import errors, train
+from llmc_jax.formats import llmc_format
+from llmc_jax.training import checkpoint
 from test_train import FIXTURE, LLMC_CPU_FLAGS, _stdout_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

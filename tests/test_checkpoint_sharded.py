@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from llmc_jax import checkpoint, llmc_format
-from llmc_jax.data import DataLoader
+from llmc_jax.formats import llmc_format
+from llmc_jax.training import checkpoint
+from llmc_jax.formats.data import DataLoader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

@@ -4,10 +4,10 @@ import os
 import numpy as np
 import pytest
 
-from llmc_jax import corpus
-from llmc_jax.corpus import ByteTokenizer, build_corpus, builtin_corpus, stdlib_files
-from llmc_jax.data import DataLoader
-from llmc_jax.llmc_format import read_shard
+from llmc_jax.formats import corpus
+from llmc_jax.formats.corpus import ByteTokenizer, build_corpus, builtin_corpus, stdlib_files
+from llmc_jax.formats.data import DataLoader
+from llmc_jax.formats.llmc_format import read_shard
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from llmc_jax.data import DataLoader
-from llmc_jax.rand import MT19937, random_permutation
-from llmc_jax.llmc_format import LLMCFormatError, write_shard
+from llmc_jax.formats.data import DataLoader
+from llmc_jax.formats.rand import MT19937, random_permutation
+from llmc_jax.formats.llmc_format import LLMCFormatError, write_shard
 
 # The shards of the llm.c reference run below: token i of shard s is s*1000+i, so the first input
 # token of a batch names its shard and offset.

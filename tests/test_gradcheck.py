@@ -7,8 +7,10 @@ import pytest
 
 import numpy_gpt2
 from conftest import TEST_CONFIG, random_batch, random_params
-from llmc_jax import gradcheck, llmc_format, reference
-from llmc_jax.config import PARAM_NAMES
+from llmc_jax import gradcheck
+from llmc_jax.formats import llmc_format
+from llmc_jax.models import gpt2_reference
+from llmc_jax.models.config import PARAM_NAMES
 
 CFG = TEST_CONFIG
 B, T = 2, 13
@@ -24,7 +26,7 @@ def model_and_state(tmp_path_factory):
     logits, _ = numpy_gpt2.forward(params, x, CFG)
     loss = numpy_gpt2.loss(params, x, y, CFG)
     # gradients: autodiff of the plain model (the NumPy GPT-2 has no backward)
-    _, grads = reference.value_and_grad(CFG)({k: jnp.asarray(v) for k, v in params.items()}, x, y)
+    _, grads = gpt2_reference.value_and_grad(CFG)({k: jnp.asarray(v) for k, v in params.items()}, x, y)
     grads = {k: np.asarray(v) for k, v in grads.items()}
     llmc_format.write_debug_state(d / "state.bin", CFG, x, y, logits.astype(np.float32), loss, grads)
     return d, grads

@@ -9,12 +9,15 @@ import optax
 import pytest
 
 from conftest import random_params
-from llmc_jax import eval_hellaswag, hellaswag, llmc_format, model
+from llmc_jax import eval_hellaswag
+from llmc_jax.evals import hellaswag
+from llmc_jax.formats import llmc_format
+from llmc_jax.models import gpt2
 from conftest import gpt2_bpe_folder
-from llmc_jax.config import GPTConfig
+from llmc_jax.models.config import GPTConfig
 from llmc_jax.errors import run
-from llmc_jax.hellaswag import Example
-from llmc_jax.llmc_format import HEADER_BYTES, LLMCFormatError
+from llmc_jax.evals.hellaswag import Example
+from llmc_jax.formats.llmc_format import HEADER_BYTES, LLMCFormatError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = GPTConfig(L=1, NH=2, C=32, maxT=32, V=16, Vp=16)
@@ -208,7 +211,7 @@ def counting_params():
     params = {k: jnp.asarray(v) for k, v in random_params(CFG, seed=3).items()}
     opt = optax.adam(1e-2)
     opt_state = opt.init(params)
-    vg = model.value_and_grad(CFG)
+    vg = gpt2.value_and_grad(CFG)
 
     @jax.jit
     def step(params, opt_state, x, y):
@@ -239,12 +242,12 @@ def _pattern_examples():
 
 def _numpy_losses(params, config, examples):
     """Each completion on its own row starting at position 0 (zero-padded to maxT; attention is
-    causal), one model.logits call, then a float64 log-softmax and mean in numpy."""
+    causal), one gpt2.logits call, then a float64 log-softmax and mean in numpy."""
     rows = np.zeros((4 * len(examples), config.maxT), np.int32)
     for e, ex in enumerate(examples):
         for c, comp in enumerate(ex.completions):
             rows[4 * e + c, :len(ex.context) + len(comp)] = ex.context + comp
-    lg = np.asarray(jax.jit(model.logits, static_argnums=2)(params, jnp.asarray(rows), config), np.float64)
+    lg = np.asarray(jax.jit(gpt2.logits, static_argnums=2)(params, jnp.asarray(rows), config), np.float64)
     out = np.zeros((len(examples), 4))
     for e, ex in enumerate(examples):
         for c, comp in enumerate(ex.completions):

@@ -8,9 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from llmc_jax import llmc_format as lf
-from llmc_jax.config import PARAM_NAMES, GPTConfig
-from llmc_jax.llmc_format import LLMCFormatError
+from llmc_jax.formats import llmc_format as lf
+from llmc_jax.models.config import PARAM_NAMES, GPTConfig
+from llmc_jax.formats.llmc_format import LLMCFormatError
 
 CFG = GPTConfig(L=2, NH=4, C=64, maxT=64, V=250, Vp=256)
 N = CFG.num_parameters

@@ -1,4 +1,4 @@
-"""llm.c-exact random init (llmc_jax.llmc_init) against constants measured from llm.c and PyTorch.
+"""llm.c-exact random init (llmc_jax.formats.llmc_init) against constants measured from llm.c and PyTorch.
 
 How the constants were measured (once, outside CI; neither llm.c nor torch is needed here):
   * "llm.c": a scratch C++ program including llm.c's llmc/rand.h unchanged (karpathy/llm.c @ f1e2ace),
@@ -20,8 +20,8 @@ import os
 import numpy as np
 import pytest
 
-from llmc_jax import llmc_init as li
-from llmc_jax.config import PARAM_NAMES, GPTConfig, from_descriptor
+from llmc_jax.formats import llmc_init as li
+from llmc_jax.models.config import PARAM_NAMES, GPTConfig, from_descriptor
 
 
 def _sha(a: np.ndarray) -> str:

@@ -6,9 +6,9 @@ import pytest
 
 import numpy_gpt2
 from conftest import TEST_CONFIG, random_batch, rel_error
-from llmc_jax import model, reference
-from llmc_jax.config import PARAM_NAMES, from_descriptor
-from llmc_jax.kernels import Kernels, ModelOptions
+from llmc_jax.models import gpt2, gpt2_reference
+from llmc_jax.models.config import PARAM_NAMES, from_descriptor
+from llmc_jax.nn.kernels import Kernels, ModelOptions
 
 CFG = TEST_CONFIG
 
@@ -22,8 +22,8 @@ def _jnp(params):
 def test_manual_gradients_match_autodiff(tiny_params, dtype, tol, B, T):
     x, y = random_batch(CFG, B, T)
     p = _jnp(tiny_params)
-    loss_m, g_m = jax.jit(model.value_and_grad(CFG, ModelOptions(dtype=dtype)))(p, x, y)
-    loss_a, g_a = jax.jit(reference.value_and_grad(CFG, dtype=dtype))(p, x, y)
+    loss_m, g_m = jax.jit(gpt2.value_and_grad(CFG, ModelOptions(dtype=dtype)))(p, x, y)
+    loss_a, g_a = jax.jit(gpt2_reference.value_and_grad(CFG, dtype=dtype))(p, x, y)
     assert abs(float(loss_m) - float(loss_a)) < tol * abs(float(loss_a))
     for name in PARAM_NAMES:
         assert g_m[name].dtype == jnp.float32, name   # fp32 master gradients in both paths
@@ -34,16 +34,16 @@ def test_manual_gradients_match_autodiff(tiny_params, dtype, tol, B, T):
 def test_forward_matches_float64_numpy(tiny_params):
     x, y = random_batch(CFG, 2, 11)
     want_logits, _ = numpy_gpt2.forward(tiny_params, x, CFG)
-    got = jax.jit(lambda p, i: model.logits(p, i, CFG))(_jnp(tiny_params), x)
+    got = jax.jit(lambda p, i: gpt2.logits(p, i, CFG))(_jnp(tiny_params), x)
     assert got.shape == (2, 11, CFG.Vp)
     assert rel_error(got, want_logits) < 1e-5
-    loss = jax.jit(lambda p, i, t: model.loss(p, i, t, CFG))(_jnp(tiny_params), x, y)
+    loss = jax.jit(lambda p, i, t: gpt2.loss(p, i, t, CFG))(_jnp(tiny_params), x, y)
     assert abs(float(loss) - numpy_gpt2.loss(tiny_params, x, y, CFG)) < 1e-5
 
 
 def test_bf16_forward_close_to_float64(tiny_params):
     x, y = random_batch(CFG, 2, 11)
-    loss = jax.jit(lambda p, i, t: model.loss(p, i, t, CFG, ModelOptions(dtype=jnp.bfloat16)))(_jnp(tiny_params), x, y)
+    loss = jax.jit(lambda p, i, t: gpt2.loss(p, i, t, CFG, ModelOptions(dtype=jnp.bfloat16)))(_jnp(tiny_params), x, y)
     # bf16 activations: ~3 significant digits on a loss of ~5.5
     assert abs(float(loss) - numpy_gpt2.loss(tiny_params, x, y, CFG)) < 2e-2
 
@@ -51,7 +51,7 @@ def test_bf16_forward_close_to_float64(tiny_params):
 def test_causality(tiny_params):
     """Changing token t never changes the logits at positions before t."""
     x, _ = random_batch(CFG, 1, 20)
-    f = jax.jit(lambda p, i: model.logits(p, i, CFG))
+    f = jax.jit(lambda p, i: gpt2.logits(p, i, CFG))
     base = np.asarray(f(_jnp(tiny_params), x))
     for t in (0, 7, 19):
         x2 = x.copy()
@@ -65,8 +65,8 @@ def test_causality(tiny_params):
 def test_recompute_gives_same_gradients(tiny_params, recompute):
     x, y = random_batch(CFG, 2, 16)
     p = _jnp(tiny_params)
-    l0, g0 = jax.jit(model.value_and_grad(CFG))(p, x, y)
-    l1, g1 = jax.jit(model.value_and_grad(CFG, ModelOptions(recompute=recompute)))(p, x, y)
+    l0, g0 = jax.jit(gpt2.value_and_grad(CFG))(p, x, y)
+    l1, g1 = jax.jit(gpt2.value_and_grad(CFG, ModelOptions(recompute=recompute)))(p, x, y)
     assert float(l0) == float(l1)
     for name in PARAM_NAMES:
         assert rel_error(g1[name], g0[name]) < 1e-6, name
@@ -82,7 +82,7 @@ def test_parameter_counts():
 def test_sequence_longer_than_maxT_is_refused(tiny_params):
     x = np.zeros((1, CFG.maxT + 1), np.int32)
     with pytest.raises(ValueError, match="exceeds the model's maxT"):
-        model.logits(_jnp(tiny_params), x, CFG)
+        gpt2.logits(_jnp(tiny_params), x, CFG)
 
 
 def test_unknown_kernels_name():
@@ -91,7 +91,7 @@ def test_unknown_kernels_name():
 
 
 def test_init_cache_returns_the_same_bits(tmp_path, monkeypatch):
-    from llmc_jax import llmc_init
+    from llmc_jax.formats import llmc_init
     monkeypatch.setenv("LLMC_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(llmc_init, "INIT_CACHE_MIN_PARAMS", 0)
     drawn = llmc_init.init_params(CFG)                       # drawn and written to the cache

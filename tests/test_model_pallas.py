@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CONFIG, random_batch, rel_error
-from llmc_jax import gradcheck, model, reference
-from llmc_jax.config import PARAM_NAMES
-from llmc_jax.kernels import Kernels, ModelOptions
+from llmc_jax import gradcheck
+from llmc_jax.models import gpt2, gpt2_reference
+from llmc_jax.models.config import PARAM_NAMES
+from llmc_jax.nn.kernels import Kernels, ModelOptions
 
 PALLAS = Kernels.resolve("pallas")
 
@@ -27,14 +28,14 @@ def batch_and_params():
 @pytest.fixture(scope="module")
 def xla_fp32(batch_and_params):
     p, x, y = batch_and_params
-    return jax.jit(model.value_and_grad(CFG))(p, x, y)
+    return jax.jit(gpt2.value_and_grad(CFG))(p, x, y)
 
 
 def test_pallas_model_matches_xla_and_autodiff_fp32(batch_and_params, xla_fp32):
     p, x, y = batch_and_params
-    loss_p, g_p = jax.jit(model.value_and_grad(CFG, ModelOptions(kernels=PALLAS)))(p, x, y)
+    loss_p, g_p = jax.jit(gpt2.value_and_grad(CFG, ModelOptions(kernels=PALLAS)))(p, x, y)
     loss_x, g_x = xla_fp32
-    loss_a, g_a = jax.jit(reference.value_and_grad(CFG))(p, x, y)
+    loss_a, g_a = jax.jit(gpt2_reference.value_and_grad(CFG))(p, x, y)
     # fp32 throughout: only summation order differs (flash attention's blocked softmax, row kernels)
     assert abs(float(loss_p) - float(loss_x)) < 1e-5 * float(loss_x)
     assert abs(float(loss_p) - float(loss_a)) < 1e-5 * float(loss_a)
@@ -45,8 +46,8 @@ def test_pallas_model_matches_xla_and_autodiff_fp32(batch_and_params, xla_fp32):
 
 def test_pallas_model_bf16_close_to_autodiff(batch_and_params):
     p, x, y = batch_and_params
-    loss_p, g_p = jax.jit(model.value_and_grad(CFG, ModelOptions(dtype=jnp.bfloat16, kernels=PALLAS)))(p, x, y)
-    loss_a, g_a = jax.jit(reference.value_and_grad(CFG, dtype=jnp.bfloat16))(p, x, y)
+    loss_p, g_p = jax.jit(gpt2.value_and_grad(CFG, ModelOptions(dtype=jnp.bfloat16, kernels=PALLAS)))(p, x, y)
+    loss_a, g_a = jax.jit(gpt2_reference.value_and_grad(CFG, dtype=jnp.bfloat16))(p, x, y)
     # bf16 activations rounded at different places: the same 3e-2 as the xla op set's bf16 test
     assert abs(float(loss_p) - float(loss_a)) < 3e-2 * float(loss_a)
     for name in PARAM_NAMES:
@@ -59,7 +60,7 @@ def test_pallas_with_recompute_keeps_gradients(batch_and_params, xla_fp32):
     pallas layernorm and attention are still recomputed/used, and the gradients do not move."""
     p, x, y = batch_and_params
     kernels = Kernels.resolve("pallas", recompute=2)
-    loss_r, g_r = jax.jit(model.value_and_grad(CFG, ModelOptions(kernels=kernels, recompute=2)))(p, x, y)
+    loss_r, g_r = jax.jit(gpt2.value_and_grad(CFG, ModelOptions(kernels=kernels, recompute=2)))(p, x, y)
     loss_x, g_x = xla_fp32
     assert abs(float(loss_r) - float(loss_x)) < 1e-5 * float(loss_x)
     for name in PARAM_NAMES:
@@ -102,7 +103,7 @@ def test_cudnn_attention_refused_off_gpu(batch_and_params):
         pytest.skip("this host has a GPU")
     p, x, _ = batch_and_params
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
-        model.logits(p, x, CFG, ModelOptions(kernels=Kernels(attention="cudnn")))
+        gpt2.logits(p, x, CFG, ModelOptions(kernels=Kernels(attention="cudnn")))
 
 
 def test_train_with_pallas_kernels_reproduces_llmc_losses(tmp_path, capsys):

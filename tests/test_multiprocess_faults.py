@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from llmc_jax import cli, distributed
+from llmc_jax.training import cli
+from llmc_jax.multihost import distributed
 from llmc_jax.errors import UsageError
 from llmc_jax.launch import free_port
 from test_multiprocess import COMMON, REPO

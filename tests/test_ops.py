@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_error
-from llmc_jax import ops
+from llmc_jax.nn import ops
 
 # fp32: manual and reference differ only in summation order. bf16: activations are rounded to
 # 8 mantissa bits at different places (e.g. dlogits), so outputs agree to a few bf16 ulps.

@@ -1,4 +1,4 @@
-"""Tests for llmc_jax.optim against hand-written formulas and a float64 numpy AdamW."""
+"""Tests for llmc_jax.training.optim against hand-written formulas and a float64 numpy AdamW."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from llmc_jax import optim
-from llmc_jax.optim import learning_rate
+from llmc_jax.training import optim
+from llmc_jax.training.optim import learning_rate
 
 
 # ---------------------------------------------------------------- LR schedules
@@ -89,7 +89,7 @@ def test_float32_semantics():
 # ---------------------------------------------------------------- weight decay mask
 
 def test_weight_decay_mask():
-    from llmc_jax.config import PARAM_NAMES
+    from llmc_jax.models.config import PARAM_NAMES
     mask = optim.weight_decay_mask({n: None for n in PARAM_NAMES})
     assert [n for n in PARAM_NAMES if mask[n]] == ["wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"]
 

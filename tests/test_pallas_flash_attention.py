@@ -1,5 +1,5 @@
 """Pallas flash attention (interpret mode on the CPU) against its jnp reference, a float64 NumPy
-forward and backward, and llmc_jax.ops.attention_reference on llm.c's packed qkv; plus CUDA
+forward and backward, and llmc_jax.nn.ops.attention_reference on llm.c's packed qkv; plus CUDA
 lowering at GPT-2 sizes and input errors."""
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_error
-from llmc_jax import ops
+from llmc_jax.nn import ops
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
 from tests.cuda_lowering import triton_calls
 

@@ -1,5 +1,5 @@
 """Pallas layernorm / residual_layernorm (interpret mode on the CPU) against their jnp references,
-a float64 NumPy computation and llmc_jax.ops; plus CUDA lowering at GPT-2 sizes and input errors."""
+a float64 NumPy computation and llmc_jax.nn.ops; plus CUDA lowering at GPT-2 sizes and input errors."""
 import functools
 
 import jax
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_error
-from llmc_jax import ops
+from llmc_jax.nn import ops
 from pallas_kernels.layernorm import (layernorm, layernorm_reference, residual_layernorm,
                                       residual_layernorm_reference)
 from tests.cuda_lowering import triton_calls

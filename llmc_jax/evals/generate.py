@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from llmc_jax.family import family_of
-from llmc_jax.kernels import XLA, Kernels, ModelOptions
-from llmc_jax.kv_cache import KVCache
+from llmc_jax.models.family import family_of
+from llmc_jax.nn.kernels import XLA, Kernels, ModelOptions
+from llmc_jax.nn.kv_cache import KVCache
 
 _MASK64 = (1 << 64) - 1
 

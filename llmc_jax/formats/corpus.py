@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llmc_jax.llmc_format import LLMCFormatError, read_shard_header, write_shard
+from llmc_jax.formats.llmc_format import LLMCFormatError, read_shard_header, write_shard
 from llmc_jax.paths import cache_root
 
 CORPUS_FORMAT = 2  # bump when the text selection or the tokenization changes

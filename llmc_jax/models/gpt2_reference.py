@@ -8,9 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llmc_jax import ops
-from llmc_jax.config import GPTConfig
-from llmc_jax.model import LAYER_PARAMS
+from llmc_jax.nn import ops
+from llmc_jax.models.config import GPTConfig
+from llmc_jax.models.gpt2 import LAYER_PARAMS
 
 
 def hidden_states(params, idx_BT, config: GPTConfig, *, dtype=jnp.float32):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from llmc_jax import ops
+from llmc_jax.nn import ops
 
 F32 = jnp.float32
 

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llmc_jax import llmc_format, parallel
-from llmc_jax.config import GPTConfig
+from llmc_jax.formats import llmc_format
+from llmc_jax.training import parallel
+from llmc_jax.models.config import GPTConfig
 from llmc_jax.errors import describe
 
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from llmc_jax.llmc_format import LLMCFormatError, read_shard, read_shard_header
-from llmc_jax.rand import MT19937, random_permutation
+from llmc_jax.formats.llmc_format import LLMCFormatError, read_shard, read_shard_header
+from llmc_jax.formats.rand import MT19937, random_permutation
 
 STATE_VERSION = 1
 LLMC_SHUFFLE_SEED = 42  # llm.c seeds its shuffling generator with 42 + process_rank

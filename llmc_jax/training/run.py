@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 from llmc_jax.errors import UsageError, describe
-from llmc_jax.kernels import Kernels
+from llmc_jax.nn.kernels import Kernels
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,7 +58,7 @@ class Run:
         return "float32" if (self.flags.master_weights or self.dtype == "float32") else "bfloat16"
 
     def step_config(self):
-        from llmc_jax import train_step
+        from llmc_jax.training import train_step
         f = self.flags
         return train_step.StepConfig(model=self.model, dtype=self.dtype, kernels=self.kernels, backward=f.backward,
                                      recompute=f.recompute, grad_clip=f.grad_clip, skip_loss_z=f.skip_loss_z,
@@ -66,7 +66,7 @@ class Run:
                                      weight_decay=f.weight_decay)
 
     def learning_rate(self, step: int) -> float:
-        from llmc_jax import optim
+        from llmc_jax.training import optim
         f = self.flags
         return optim.learning_rate(step, schedule=f.lr_scheduler, max_lr=f.learning_rate, warmup=f.warmup_steps,
                                    total_steps=self.max_steps, final_frac=f.final_lr_frac)
@@ -75,7 +75,7 @@ class Run:
 def check_flags(args: argparse.Namespace):
     """The checks that need no JAX (so they come before jax.distributed starts): -o, -y, -n, -pn/-pr.
     Returns the resolved process spec."""
-    from llmc_jax import distributed
+    from llmc_jax.multihost import distributed
     if args.resume and not args.output_dir:
         raise UsageError("-y 1 (resume) needs the output dir with the checkpoints: add -o DIR")
     if args.checkpoint_every > 0 and not args.output_dir:
@@ -89,14 +89,15 @@ def resolve(args: argparse.Namespace) -> Run:
     """The Run the flags describe (jax.distributed already started)."""
     import jax
 
-    from llmc_jax import cli, parallel
+    from llmc_jax.training import cli
+    from llmc_jax.training import parallel
     platform = jax.devices()[0].platform
-    from llmc_jax.kernels import default_dtype
+    from llmc_jax.nn.kernels import default_dtype
     dtype = args.dtype or default_dtype(platform)
     kernels = cli.resolve_kernels(args, recompute=args.recompute, platform=platform, dtype=dtype)
     train_data, val_data = args.train_data, args.val_data
     if args.builtin_corpus:
-        from llmc_jax.corpus import builtin_corpus
+        from llmc_jax.formats.corpus import builtin_corpus
         train_data, builtin_val = builtin_corpus()
         val_data = val_data or builtin_val
     val_data = val_data or train_data
@@ -113,12 +114,12 @@ def resolve(args: argparse.Namespace) -> Run:
     resume_step, manifest = _find_checkpoint(args) if args.resume else (None, None)
     init = args.init
     if resume_step is not None:
-        from llmc_jax import checkpoint
+        from llmc_jax.training import checkpoint
         init = checkpoint.paths(args.output_dir, resume_step)["model"]
     train_pattern = val_data if args.overfit else train_data
     try:
         model = _model_config(args, init)
-        from llmc_jax import llmc_format
+        from llmc_jax.formats import llmc_format
         llmc_format.check_seq_len(model, T, init)
         train_tokens, val_per_epoch = _measure_data(train_pattern, val_data, B, T, D, model.V)
         hellaswag = _load_hellaswag(args, B, T, model) if args.hellaswag else None
@@ -150,7 +151,8 @@ def _frozen(args: argparse.Namespace):
 
 def _model_config(args: argparse.Namespace, init: str):
     """The config of the model the run starts from (its weights are read later, by start)."""
-    from llmc_jax import config as cfgmod, llmc_format
+    from llmc_jax.formats import llmc_format
+    from llmc_jax.models import config as cfgmod
     if args.model_config is not None and not args.resume:
         return args.model_config
     if cfgmod.is_descriptor(init):
@@ -163,7 +165,7 @@ def _model_config(args: argparse.Namespace, init: str):
 
 def _measure_data(train_pattern: str, val_pattern: str, B: int, T: int, D: int, V: int) -> tuple[int, int]:
     """(train tokens, val batches per epoch), every shard's header and token ids checked (once)."""
-    from llmc_jax.data import DataLoader
+    from llmc_jax.formats.data import DataLoader
     train = DataLoader(train_pattern, B, T, 0, D, shuffle=False, vocab_size=V)
     val = DataLoader(val_pattern, B, T, 0, D, shuffle=False, vocab_size=V)
     return train.num_tokens, val.batches_per_epoch
@@ -171,7 +173,7 @@ def _measure_data(train_pattern: str, val_pattern: str, B: int, T: int, D: int, 
 
 def _load_hellaswag(args: argparse.Namespace, B: int, T: int, model) -> tuple:
     """The eval examples for -h 1, checked before any work (B >= 4, every example fits T)."""
-    from llmc_jax import hellaswag
+    from llmc_jax.evals import hellaswag
     path = args.hellaswag_file
     if not os.path.exists(path):
         raise UsageError(f"-h 1: no HellaSwag file at {path}; make it with "
@@ -202,7 +204,7 @@ def _prepare_output_dir(args: argparse.Namespace) -> None:
 def _find_checkpoint(args: argparse.Namespace) -> tuple[int, dict]:
     """The newest marked step of -o and its manifest, verified file by file before anything is
     read from it (a collective where there are several processes)."""
-    from llmc_jax import checkpoint
+    from llmc_jax.training import checkpoint
     try:
         step = checkpoint.latest_step(args.output_dir)     # the same on every process
     except ValueError as e:

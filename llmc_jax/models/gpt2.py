@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llmc_jax import kv_cache, ops
-from llmc_jax.config import PARAM_NAMES, GPTConfig
-from llmc_jax.kernels import ModelOptions, OpSet, op_set
-from llmc_jax.kv_cache import KVCache
+from llmc_jax.nn import kv_cache, ops
+from llmc_jax.models.config import PARAM_NAMES, GPTConfig
+from llmc_jax.nn.kernels import ModelOptions, OpSet, op_set
+from llmc_jax.nn.kv_cache import KVCache
 
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from llmc_jax.config import PARAM_NAMES, GPTConfig
+from llmc_jax.models.config import PARAM_NAMES, GPTConfig
 
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llmc_jax import optim
-from llmc_jax.family import family_of, reference_of
-from llmc_jax.kernels import XLA, Kernels, ModelOptions
+from llmc_jax.training import optim
+from llmc_jax.models.family import family_of, reference_of
+from llmc_jax.nn.kernels import XLA, Kernels, ModelOptions
 
 
 class TrainState(NamedTuple):
@@ -87,7 +87,7 @@ def _per_device(value_and_grad, mesh):
     kernels on its B/D rows; the mean over devices of the per-device mean loss and gradients is the
     mean over all rows (every device holds as many). check_vma=False: Pallas' interpret mode fails
     the varying-axes check."""
-    from llmc_jax.parallel import DATA_AXIS
+    from llmc_jax.training.parallel import DATA_AXIS
 
     def local(params, x_BT, y_BT):
         loss, grads = value_and_grad(params, x_BT, y_BT)

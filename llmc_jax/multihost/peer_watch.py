@@ -1,16 +1,16 @@
 """What stops a multi-process run whose processes fall apart while it trains (after start-up, which
-llmc_jax.distributed bounds).
+llmc_jax.multihost.distributed bounds).
 
 During the run (LLMC_JAX_PEER_TIMEOUT seconds, default 60; 0 turns this off): a thread in every
 process writes a heartbeat to jax.distributed's key-value store and reads the others'. A process
 that stops beating that long (killed, hung, cut off) or that failed with an exception makes every
 other one print "llmc_jax: process rank R ..." and exit with status 1, even from inside a collective
 that would otherwise wait forever. JAX's own heartbeat timeout is set to twice as long (at least
-100 s; llmc_jax.distributed.maybe_initialize does that), so ours comes first. Rank 0 hosts the
+100 s; llmc_jax.multihost.distributed.maybe_initialize does that), so ours comes first. Rank 0 hosts the
 coordination service: where it dies, JAX itself aborts the others at once (its message says the
 coordination service's socket closed).
 
-llmc_jax.distributed.maybe_initialize starts a PeerWatch once jax.distributed is up; its start-up
+llmc_jax.multihost.distributed.maybe_initialize starts a PeerWatch once jax.distributed is up; its start-up
 code uses die and env_seconds from here too.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ register. Past the timeout the process prints which rank (or the coordinator) is
 check, and exits with status 1. JAX's own abort (SIGABRT, a page of C++ log) is given 30 s more, so
 it never comes first.
 
-Once they have joined, maybe_initialize starts llmc_jax.peer_watch's heartbeat watch
+Once they have joined, maybe_initialize starts llmc_jax.multihost.peer_watch's heartbeat watch
 (LLMC_JAX_PEER_TIMEOUT), which stops every process when one dies, hangs or fails during the run;
 its module doc says how.
 """
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from llmc_jax.errors import UsageError
-from llmc_jax.peer_watch import PeerWatch, die, env_seconds, peer_timeout
+from llmc_jax.multihost.peer_watch import PeerWatch, die, env_seconds, peer_timeout
 
 INIT_TIMEOUT_ENV = "LLMC_JAX_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT = 300

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llmc_jax.llmc_format import HEADER_BYTES, LLMCFormatError, _atomic_write, _header, _read_header
+from llmc_jax.formats.llmc_format import HEADER_BYTES, LLMCFormatError, _atomic_write, _header, _read_header
 
 EVAL_MAGIC = 20240522
 EVAL_VERSION = 1
@@ -276,8 +276,8 @@ def _row_loss_fn(config, B: int, T: int, dtype_name: str, kernels):
     import jax
     import jax.numpy as jnp
 
-    from llmc_jax.family import family_of
-    from llmc_jax.kernels import XLA, ModelOptions
+    from llmc_jax.models.family import family_of
+    from llmc_jax.nn.kernels import XLA, ModelOptions
 
     opts = ModelOptions(dtype=jnp.dtype(dtype_name), kernels=kernels or XLA)   # None: the xla ops
 

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-from llmc_jax import config as cfgmod, kernels
+from llmc_jax.models import config as cfgmod
+from llmc_jax.nn import kernels
 from llmc_jax.errors import ArgumentParser, UsageError, user_files
 
 # (short, long, type, default, help). A default of None is resolved later: for the built-in

@@ -54,9 +54,9 @@ import warnings
 
 import numpy as np
 
-from llmc_jax.config import GPTConfig
+from llmc_jax.models.config import GPTConfig
 from llmc_jax.paths import cache_root
-from llmc_jax.rand import MT19937
+from llmc_jax.formats.rand import MT19937
 
 INIT_SEED = 42
 _N24 = 1 << 24
@@ -319,7 +319,7 @@ def init_params(config: GPTConfig) -> dict[str, np.ndarray]:
 
     Drawing it bit-exactly costs seconds for GPT-2 sizes, so mid-sized inits are kept as llm.c
     model files under the llmc_jax cache root and read back on the next start."""
-    from llmc_jax import llmc_format
+    from llmc_jax.formats import llmc_format
     if not INIT_CACHE_MIN_PARAMS <= config.num_parameters <= INIT_CACHE_MAX_PARAMS:
         return init_params_llmc(config)
     c = config

@@ -40,8 +40,8 @@ class ModelFamily(Protocol):
 
 def family_of(config: Any) -> ModelFamily:
     """The family module of a model config."""
-    from llmc_jax import model as gpt2
-    from llmc_jax.config import GPTConfig
+    from llmc_jax.models import gpt2
+    from llmc_jax.models.config import GPTConfig
     if isinstance(config, GPTConfig):
         return gpt2
     raise TypeError(f"no model family for a config of type {type(config).__name__}")
@@ -49,9 +49,9 @@ def family_of(config: Any) -> ModelFamily:
 
 def reference_of(config: Any):
     """The family's autodiff oracle: the same model in plain jnp (value_and_grad, loss)."""
-    from llmc_jax import reference
-    family_of(config)
-    return reference
+    from llmc_jax.models import gpt2, gpt2_reference
+    references = {gpt2: gpt2_reference}
+    return references[family_of(config)]
 
 
 def load_model(init: str, model_table: Any = None, *, check_finite: bool = True) -> tuple[Any, dict[str, np.ndarray]]:
@@ -59,7 +59,8 @@ def load_model(init: str, model_table: Any = None, *, check_finite: bool = True)
     (d12, gpt3:c768, tiny: a random init) or a model file. Every command that takes -e loads here;
     a missing or bad file, an unknown descriptor or (check_finite) NaN/Inf weights are one UsageError
     line. The trainer reads without that check: its checkpoints refuse a non-finite state instead."""
-    from llmc_jax import config as cfgmod, llmc_format, llmc_init
+    from llmc_jax.formats import llmc_format, llmc_init
+    from llmc_jax.models import config as cfgmod
     with user_files():
         if model_table is not None:
             return model_table, llmc_init.init_params(model_table)

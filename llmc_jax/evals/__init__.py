@@ -1,0 +1,1 @@
+"""Evaluation: KV-cache generation (generate) and HellaSwag scoring (hellaswag)."""

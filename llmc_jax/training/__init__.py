@@ -1,0 +1,1 @@
+"""Training: flags to a frozen Run (run), the loop (loop), the jitted step, AdamW, sharding, checkpoints, main.log."""
