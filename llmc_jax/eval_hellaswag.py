@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_examples is not None:
         examples = examples[:args.max_examples]
     Tf = T if args.no_trim else hellaswag.forward_seq_len(examples, T)
-    print(f"{len(examples)} examples from {args.input}; model {args.init} (L={config.L}, C={config.C}); "
+    print(f"{len(examples)} examples from {args.input}; model {args.init} ({config.describe()}); "
           f"B={args.batch_size} T={T} (forward T={Tf}), {dtype} on {platform}", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     opts = ModelOptions(dtype=dtype, kernels=kernels)
     family, reference = family_of(cfg), reference_of(cfg)
     tol = args.tol if args.tol is not None else TOLERANCE[args.dtype]
-    print(f"model L={cfg.L} NH={cfg.NH} C={cfg.C} maxT={cfg.maxT} V={cfg.V} Vp={cfg.Vp} "
+    print(f"model {cfg.describe()} "
           f"({cfg.num_parameters:,} params), batch B={B} T={T}, dtype {args.dtype}, kernels {kernels}")
 
     params = {k: jnp.asarray(v) for k, v in params_np.items()}

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if bad:
         raise UsageError(f"the prompt has token ids outside the model's vocabulary V={config.V} "
                          f"(e.g. {bad[0]}); choose the model's tokenizer with --tokenizer")
-    print(f"model {args.init}: L={config.L} NH={config.NH} C={config.C} maxT={config.maxT} V={config.V}; "
+    print(f"model {args.init}: {config.describe()}; "
           f"prompt {len(prompt)} tokens, generating {args.gen_tokens}", file=sys.stderr)
     t0 = time.perf_counter()
     out = generate(params, config, len(prompt) + args.gen_tokens, tok.eot, dtype=jnp.dtype(args.dtype),

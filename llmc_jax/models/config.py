@@ -58,6 +58,9 @@ class GPTConfig:
             total += n
         return total
 
+    def describe(self) -> str:
+        return f"L={self.L} NH={self.NH} C={self.C} maxT={self.maxT} V={self.V} Vp={self.Vp}"
+
     def flops_per_token(self, T: int) -> int:
         """llm.c's MFU convention: 6N + 6*L*C*T (attention causal-halved, N with padding)."""
         return 6 * self.num_parameters + 6 * self.L * self.C * T

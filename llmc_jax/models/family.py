@@ -1,6 +1,6 @@
 """The model-family interface, the registry from config type to family, and the one model loader.
 
-A model family is a module with the functions below; GPT-2 (`llmc_jax.model`) is the first. The
+A model family is a module with the functions below; GPT-2 (`llmc_jax.models.gpt2`) is the first. The
 trainer, sampler, evals, checkpoints and sharding reach a model only through `family_of(config)`,
 so a second family adds a module and a registry entry, not a branch in each of them.
 """
@@ -12,6 +12,20 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from llmc_jax.errors import UsageError, user_files
+
+
+class ModelConfig(Protocol):
+    """What the shared code reads from a family's config (a frozen, hashable dataclass)."""
+
+    L: int
+    maxT: int
+    V: int                 # the vocabulary; V..Vp-1 are padding rows
+    Vp: int
+    num_parameters: int
+
+    def describe(self) -> str: ...
+
+    def flops_per_token(self, T: int) -> int: ...
 
 
 class ModelFamily(Protocol):
@@ -37,6 +51,16 @@ class ModelFamily(Protocol):
 
     def check_params(self, params: dict, config: Any) -> None: ...
 
+    def init_params(self, config: Any) -> dict[str, np.ndarray]:
+        """A from-scratch init (numpy, float32)."""
+
+    def read_model(self, path: str) -> tuple[Any, dict[str, np.ndarray]]: ...
+
+    def write_model(self, path: str, config: Any, params: dict, version: int) -> None: ...
+
+    def config_record(self, config: Any) -> dict:
+        """The config as JSON, as the checkpoint manifest records and compares it."""
+
 
 def family_of(config: Any) -> ModelFamily:
     """The family module of a model config."""
@@ -54,23 +78,50 @@ def reference_of(config: Any):
     return references[family_of(config)]
 
 
+def model_config(init: str) -> Any:
+    """The config of `-e`: a descriptor's, or a model file's header (the weights are not read)."""
+    from llmc_jax.models import config as cfgmod
+    with user_files():
+        if cfgmod.is_descriptor(init):
+            return cfgmod.from_descriptor(init)
+        _check_exists(init)
+        return read_model_header(init)[0]
+
+
+# The model files a family can be read from, recognized by their header: llm.c's GPT-2 .bin today.
+def read_model_header(path: str) -> tuple[Any, int]:
+    """(config, format version) of a model file, the weights unread."""
+    from llmc_jax.formats import llmc_format
+    return llmc_format.read_model_header(path)
+
+
+def read_model(path: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """(config, numpy params) of a model file."""
+    from llmc_jax.formats import llmc_format
+    return llmc_format.read_model(path)
+
+
+def _check_exists(init: str) -> None:
+    from llmc_jax.models import config as cfgmod
+    if not os.path.exists(init):
+        raise UsageError(f"-e {init}: no such file, and not a model descriptor (dN, gpt2:dN, gpt3:cN, "
+                         f"{', '.join(cfgmod.PRESETS)})")
+
+
 def load_model(init: str, model_table: Any = None, *, check_finite: bool = True) -> tuple[Any, dict[str, np.ndarray]]:
     """(config, numpy params) from a model table (a TOML [model]: a random init), a descriptor
     (d12, gpt3:c768, tiny: a random init) or a model file. Every command that takes -e loads here;
     a missing or bad file, an unknown descriptor or (check_finite) NaN/Inf weights are one UsageError
     line. The trainer reads without that check: its checkpoints refuse a non-finite state instead."""
-    from llmc_jax.formats import llmc_format, llmc_init
     from llmc_jax.models import config as cfgmod
     with user_files():
         if model_table is not None:
-            return model_table, llmc_init.init_params(model_table)
+            return model_table, family_of(model_table).init_params(model_table)
         if cfgmod.is_descriptor(init):
             cfg = cfgmod.from_descriptor(init)
-            return cfg, llmc_init.init_params(cfg)
-        if not os.path.exists(init):
-            raise UsageError(f"-e {init}: no such file, and not a model descriptor (dN, gpt2:dN, gpt3:cN, "
-                             f"{', '.join(cfgmod.PRESETS)})")
-        cfg, params = llmc_format.read_model(init)
+            return cfg, family_of(cfg).init_params(cfg)
+        _check_exists(init)
+        cfg, params = read_model(init)
     if check_finite:
         _check_finite(init, params)
     return cfg, params

@@ -7,6 +7,7 @@ hand-derived one in ops.py; `jax.grad` of `loss` only strings those custom VJPs 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -14,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llmc_jax.nn import kv_cache, ops
+from llmc_jax.formats.llmc_format import read_model, read_model_header, write_model  # noqa: F401  (the family's files)
+from llmc_jax.formats.llmc_init import init_params  # noqa: F401  (llm.c's init, bit for bit)
 from llmc_jax.models.config import PARAM_NAMES, GPTConfig
+from llmc_jax.nn import kv_cache, ops
 from llmc_jax.nn.kernels import ModelOptions, OpSet, op_set
 from llmc_jax.nn.kv_cache import KVCache
 
@@ -112,3 +115,8 @@ def check_params(params: dict, config: GPTConfig) -> None:
     for name, shape in config.param_shapes().items():
         if tuple(params[name].shape) != shape:
             raise ValueError(f"param {name} has shape {tuple(params[name].shape)}, expected {shape}")
+
+
+def config_record(config: GPTConfig) -> dict:
+    """The config as the checkpoint manifest records it (JSON)."""
+    return dataclasses.asdict(config)

@@ -33,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llmc_jax.formats import llmc_format
 from llmc_jax.training import parallel
-from llmc_jax.models.config import GPTConfig
+from llmc_jax.models import family
 from llmc_jax.errors import describe
 
 
@@ -200,7 +199,7 @@ def _release_orbax_threads() -> None:
         pass
 
 
-def save(out_dir: str, step: int, config: GPTConfig, train_state: Any, loader_states: dict[int, dict],
+def save(out_dir: str, step: int, config: Any, train_state: Any, loader_states: dict[int, dict],
          meta: dict, model_version: int = 3, data: dict[str, list[dict]] | None = None) -> None:
     """Write one complete checkpoint for `step`. Every process calls it (it is a collective) with the
     loader states of its own device ranks ({rank: state_dict}); `meta` must be JSON-able; `data`:
@@ -227,7 +226,7 @@ def save(out_dir: str, step: int, config: GPTConfig, train_state: Any, loader_st
     loaders = [loaders[r] for r in sorted(loaders)]
     problem = None
     if main:
-        problem = (_attempt(llmc_format.write_model, p["model"], config, params, model_version)
+        problem = (_attempt(family.family_of(config).write_model, p["model"], config, params, model_version)
                    or _attempt(_write_json_atomic, p["meta"], dict(meta, train_loaders=loaders)))
     check(problem)
     if jax.process_count() > 1:
@@ -247,9 +246,8 @@ def _write_done(out_dir: str, step: int, manifest: dict) -> None:
     _write_json_atomic(paths(out_dir, step)["done"], dict(manifest, files=files))
 
 
-def _config_record(config: GPTConfig, model_version: int) -> dict:
-    return {"L": config.L, "NH": config.NH, "C": config.C, "maxT": config.maxT, "V": config.V,
-            "Vp": config.Vp, "version": model_version}
+def _config_record(config: Any, model_version: int) -> dict:
+    return {**family.family_of(config).config_record(config), "version": model_version}
 
 
 def done_steps(out_dir: str) -> list[int]:
@@ -318,7 +316,7 @@ def _check_file_set(out_dir: str, step: int, manifest: dict) -> None:
 def _check_model_header(out_dir: str, step: int, manifest: dict) -> None:
     path = paths(out_dir, step)["model"]
     try:
-        config, version = llmc_format.read_model_header(path)
+        config, version = family.read_model_header(path)
     except ValueError as e:          # LLMCFormatError: truncated, bad magic; it names the file
         raise CheckpointError(describe(e, 300).replace(path, os.path.basename(path))) from None
     have = _config_record(config, version)
@@ -417,7 +415,7 @@ def _problem_with_files(out_dir: str, step: int, manifest: dict) -> str | None:
     return None
 
 
-def check_run(manifest: dict, config: GPTConfig, data: dict[str, list[dict]]) -> None:
+def check_run(manifest: dict, config: Any, data: dict[str, list[dict]]) -> None:
     """This run's model config and data shards (data_files of its train and val loaders) against the
     checkpoint's: a changed or replaced shard would continue on other tokens than the run trained on."""
     have = _config_record(config, manifest["model"]["version"])

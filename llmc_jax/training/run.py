@@ -151,16 +151,10 @@ def _frozen(args: argparse.Namespace):
 
 def _model_config(args: argparse.Namespace, init: str):
     """The config of the model the run starts from (its weights are read later, by start)."""
-    from llmc_jax.formats import llmc_format
-    from llmc_jax.models import config as cfgmod
+    from llmc_jax.models.family import model_config
     if args.model_config is not None and not args.resume:
         return args.model_config
-    if cfgmod.is_descriptor(init):
-        return cfgmod.from_descriptor(init)
-    if not os.path.exists(init):
-        raise UsageError(f"-e {init}: no such file, and not a descriptor (dN, gpt2:dN, gpt3:cN, "
-                         f"{', '.join(cfgmod.PRESETS)})")
-    return llmc_format.read_model_header(init)[0]
+    return model_config(init)
 
 
 def _measure_data(train_pattern: str, val_pattern: str, B: int, T: int, D: int, V: int) -> tuple[int, int]:
@@ -235,7 +229,7 @@ def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, obj
         ("dtype", run.dtype), ("kernels", str(run.kernels)), ("backward", f.backward),
         ("device", f"{device.platform} {device.device_kind} x{run.num_devices}"),
         ("jax", jax_version),
-        ("model", f"{run.init} L={m.L} NH={m.NH} C={m.C} maxT={m.maxT} V={m.V} Vp={m.Vp}"),
+        ("model", f"{run.init} {m.describe()}"),
         ("num_parameters", f"{m.num_parameters:,}"),
         ("train_num_batches", run.max_steps), ("val_num_batches", run.val_batches),
         ("num_processes", run.num_processes), ("num_devices", run.num_devices), ("zero_stage", f.zero_stage),
