@@ -79,7 +79,9 @@ def test_kernel_choice_is_resolved_once():
     assert PALLAS.uses_pallas and not Kernels().uses_pallas
     mixed = Kernels.resolve("pallas", attention="cudnn")
     assert mixed == Kernels(attention="cudnn", layernorm="pallas", matmul_gelu="pallas")
-    assert str(mixed) == "attention=cudnn, layernorm=pallas, matmul_gelu=pallas"
+    assert str(mixed) == "pallas (attention=cudnn)"
+    assert str(Kernels.resolve("pallas", recompute=1)) == "pallas (matmul_gelu=xla)"
+    assert str(Kernels(attention="pallas")) == "xla (attention=pallas)"
     # -r 1/2 keep only the MLP pre-activation: the family choice falls back to xla for the fused MLP ...
     assert Kernels.resolve("pallas", recompute=1) == Kernels("pallas", "pallas", "xla")
     # ... and asking for it by name is refused

@@ -70,10 +70,12 @@ class Kernels:
         return "pallas" in dataclasses.astuple(self)
 
     def __str__(self) -> str:
-        names = dataclasses.astuple(self)
-        if len(set(names)) == 1:
-            return names[0]
-        return ", ".join(f"{op}={impl}" for op, impl in dataclasses.asdict(self).items())
+        """The family most ops use, then the ops that differ: "pallas", "pallas (matmul_gelu=xla)"."""
+        choice = dataclasses.asdict(self)
+        names = list(choice.values())
+        base = max(FAMILIES, key=names.count)
+        others = [f"{op}={impl}" for op, impl in choice.items() if impl != base]
+        return f"{base} ({', '.join(others)})" if others else base
 
 
 XLA = Kernels()
