@@ -21,6 +21,7 @@ is re-parented.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import shutil
@@ -134,8 +135,8 @@ def _tail(path: str, n: int = 4000) -> str:
         return ""
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(the launcher's own flags, the train arguments after --)."""
     if "--" in argv:
         i = argv.index("--")
         own, rest = argv[:i], argv[i + 1:]
@@ -158,6 +159,52 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--coordinator", "-pn", "--num-processes", "-pr", "--process-rank"):
         if flag in rest:
             ap.error(f"{flag} is set by the launcher; leave it out of the train arguments")
+    return a, rest
+
+
+def _start_ranks(base: list[str], env: dict, nproc: int, tmpdir: str,
+                 procs: list[subprocess.Popen], logs: list[str | None]) -> None:
+    """Spawn every rank into `procs`: rank 0 on this terminal, the others' stderr into `tmpdir` (`logs`)."""
+    for rank in range(nproc):
+        if rank == 0:
+            out, err, logs_path = None, None, None
+        else:
+            logs_path = os.path.join(tmpdir, f"rank{rank}.stderr")
+            out, err = subprocess.DEVNULL, open(logs_path, "wb")
+        procs.append(spawn(base + ["-pr", str(rank)], env, stdout=out, stderr=err))
+        if err is not None:
+            err.close()
+        logs.append(logs_path)
+
+
+def _wait(procs: list[subprocess.Popen], failed: list[tuple[int, int]]) -> None:
+    """Until every process has ended, or one has failed: (rank, status) of those found failed go to `failed`."""
+    while True:
+        running = False
+        for rank, p in enumerate(procs):
+            rc = p.poll()
+            if rc is None:
+                running = True
+            elif rc != 0:
+                failed.append((rank, rc))
+        if failed or not running:
+            return
+        time.sleep(0.1)
+
+
+def _report(failed: list[tuple[int, int]], tails: dict[int, str], nproc: int) -> int:
+    for rank, rc in failed:
+        if tails.get(rank):
+            print(f"launch: last stderr of rank {rank}:\n{tails[rank]}", file=sys.stderr)
+    for rank, rc in failed:
+        print(f"launch: rank {rank} of {nproc} {_status(rc)}", file=sys.stderr)
+    print(f"launch: stopped the other processes after rank {failed[0][0]} failed", file=sys.stderr, flush=True)
+    rc = failed[0][1]
+    return rc if rc > 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, rest = _parse(sys.argv[1:] if argv is None else list(argv))
     port = a.port or free_port()
     base = _command(rest) + ["--coordinator", f"127.0.0.1:{port}", "-pn", str(a.nproc)]
     env = dict(os.environ)
@@ -172,27 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     failed: list[tuple[int, int]] = []     # (rank, status) of those found failed at one poll
     try:
-        for rank in range(a.nproc):
-            if rank == 0:
-                out, err, logs_path = None, None, None
-            else:
-                logs_path = os.path.join(tmpdir, f"rank{rank}.stderr")
-                out, err = subprocess.DEVNULL, open(logs_path, "wb")
-            procs.append(spawn(base + ["-pr", str(rank)], env, stdout=out, stderr=err))
-            if err is not None:
-                err.close()
-            logs.append(logs_path)
-        while True:
-            running = False
-            for rank, p in enumerate(procs):
-                rc = p.poll()
-                if rc is None:
-                    running = True
-                elif rc != 0:
-                    failed.append((rank, rc))
-            if failed or not running:
-                break
-            time.sleep(0.1)
+        _start_ranks(base, env, a.nproc, tmpdir, procs, logs)
+        _wait(procs, failed)
     except KeyboardInterrupt:
         print("launch: interrupted; stopping all processes", file=sys.stderr, flush=True)
         _stop(procs, a.grace)
@@ -204,17 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmpdir, ignore_errors=True)
         if main_thread:
             signal.signal(signal.SIGTERM, old_sigterm)
-    if not failed:
-        return 0
-    for rank, rc in failed:
-        if tails.get(rank):
-            print(f"launch: last stderr of rank {rank}:\n{tails[rank]}", file=sys.stderr)
-    for rank, rc in failed:
-        print(f"launch: rank {rank} of {a.nproc} {_status(rc)}", file=sys.stderr)
-    print(f"launch: stopped the other processes after rank {failed[0][0]} failed", file=sys.stderr, flush=True)
-    rc = failed[0][1]
-    return rc if rc > 0 else 1
-
+    return _report(failed, tails, a.nproc) if failed else 0
 
 if __name__ == "__main__":
     run_command(main)
