@@ -102,3 +102,38 @@ def test_init_cache_returns_the_same_bits(tmp_path, monkeypatch):
     for k in want:
         np.testing.assert_array_equal(drawn[k], want[k])
         np.testing.assert_array_equal(again[k], want[k])
+
+
+def test_gpt2_is_a_model_family():
+    """Every member of the family interface is there, and the registry finds it from the config."""
+    from llmc_jax.models import family
+    members = [n for n in vars(family.ModelFamily) if not n.startswith("_")]
+    assert {"forward", "head", "loss", "value_and_grad", "empty_cache", "init_params", "write_model",
+            "config_record"} <= set(members)
+    for name in members:
+        assert hasattr(gpt2, name), name
+    assert family.family_of(CFG) is gpt2 and family.reference_of(CFG) is gpt2_reference
+    assert gpt2.config_record(CFG) == {"L": CFG.L, "NH": CFG.NH, "C": CFG.C, "maxT": CFG.maxT, "V": CFG.V,
+                                       "Vp": CFG.Vp}
+    with pytest.raises(TypeError, match="no model family"):
+        family.family_of(object())
+
+
+def test_one_forward_serves_prefill_and_decode(tiny_params):
+    """forward with a cache: a prompt's hidden states equal the cache-free forward's, and a decoded
+    token's equal the cache-free forward's last position (the same block, attending through the cache)."""
+    from llmc_jax.nn.kv_cache import KVCache
+    p = _jnp(tiny_params)
+    x = np.random.default_rng(1).integers(0, CFG.V, size=(2, 9)).astype(np.int32)
+    h_full, none = jax.jit(lambda p, i: gpt2.forward(p, i, CFG))(p, x)
+    assert none is None
+    cache = gpt2.empty_cache(CFG, 2, 16, jnp.float32)
+    h_prompt, cache = jax.jit(lambda p, i, c: gpt2.forward(p, i, CFG, cache=c))(p, x[:, :8], cache)
+    assert isinstance(cache, KVCache) and cache.length == 16
+    np.testing.assert_array_equal(np.asarray(h_prompt), np.asarray(jax.jit(
+        lambda p, i: gpt2.forward(p, i, CFG)[0])(p, x[:, :8])))
+    h_next, cache = jax.jit(lambda p, i, c, pos: gpt2.forward(p, i, CFG, cache=c, pos=pos))(
+        p, x[:, 8:9], cache, jnp.int32(8))
+    np.testing.assert_allclose(np.asarray(h_next[:, 0]), np.asarray(h_full[:, 8]), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="from position 0 only"):
+        gpt2.forward(p, x[:, :4], CFG, cache=gpt2.empty_cache(CFG, 2, 16, jnp.float32), pos=3)

@@ -243,3 +243,27 @@ def test_exported_checkpoint_model_is_an_llmc_model(tmp_path, capsys):
     assert cfg == llmc_format.read_model_header(f"{FIXTURE}/model.bin")[0]
     _, start = llmc_format.read_model(f"{FIXTURE}/model.bin")
     assert not np.array_equal(params["fcw"], start["fcw"])   # trained weights, not the init
+
+
+def test_resolve_gives_a_frozen_run_and_leaves_the_flags_alone(tmp_path):
+    """The train command's first phase: the Run holds every resolved value (here the -r fallback of
+    the fused MLP kernel and the platform's dtype), and the parsed flags stay as parsed."""
+    import dataclasses
+
+    from llmc_jax.nn.kernels import Kernels
+    from llmc_jax.training import cli, run as run_mod
+    argv = LLMC_CPU_FLAGS + ["-x", "7", "-o", str(tmp_path), "--kernels", "pallas", "-r", "1"]
+    args = cli.parse_args([a for a in argv if a not in ("--dtype", "float32")])
+    parsed = dict(vars(args))
+    run_mod.check_flags(args)
+    run = run_mod.resolve(args)
+    assert vars(args) == parsed
+    assert run.flags._asdict() == parsed
+    assert run.kernels == Kernels("pallas", "pallas", "xla")          # -r 1: the fused MLP falls back
+    assert run.dtype == "float32" and args.dtype is None                # the CPU's default, resolved
+    assert (run.B, run.T, run.grad_accum, run.max_steps, run.val_batches) == (4, 64, 1, 7, 5)
+    assert run.step_config().kernels == run.kernels
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.max_steps = 8
+    rows = dict(run_mod.describe_run(run, jax.devices()[0], jax.__version__))
+    assert rows["kernels"] == "pallas (matmul_gelu=xla)" and rows["max_steps"] == 7
