@@ -18,7 +18,7 @@ import pytest
 
 from llmc_jax import errors, train
 from llmc_jax.formats import llmc_format
-from llmc_jax.training import checkpoint
+from llmc_jax.training import checkpoint, checkpoint_manifest
 from test_train import FIXTURE, LLMC_CPU_FLAGS, _stdout_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,12 +187,12 @@ def test_changed_shard_is_refused(run_dir, tmp_path, capsys):
 
 def test_model_config_of_another_run_is_refused(base):
     """A run whose model (a --config [model] table) is not the checkpoint's."""
-    manifest = checkpoint.verify(str(base), STEP)
+    manifest = checkpoint_manifest.verify(str(base), STEP)
     cfg, _ = llmc_format.read_model_header(f"{FIXTURE}/model.bin")
     data = manifest["data"]
-    checkpoint.check_run(manifest, cfg, data)           # the run's own: fine
+    checkpoint_manifest.check_run(manifest, cfg, data)  # the run's own: fine
     with pytest.raises(checkpoint.CheckpointError, match="model"):
-        checkpoint.check_run(manifest, dataclasses.replace(cfg, NH=8), data)
+        checkpoint_manifest.check_run(manifest, dataclasses.replace(cfg, NH=8), data)
 
 
 @pytest.mark.parametrize("max_steps", [2, 4])

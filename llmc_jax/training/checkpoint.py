@@ -5,20 +5,17 @@
                      checkpoint: every process writes its own shards; restored onto the shardings of
                      the resuming run, so another device count, process count or ZeRO stage can resume
     meta_%08d.json   every device rank's data loader state and the run's flags, written by process 0
-    DONE_%08d        written last by process 0, once every process has finished its part: a JSON
-                     manifest of what the checkpoint must agree with (model config, step, AdamW count,
-                     loader states, the data shards' sizes) and the size and sha256 of every file above
+    DONE_%08d        written last by process 0, once every process has finished its part: the
+                     manifest that a resume verifies the step against (checkpoint_manifest)
 
 A step without its DONE file is incomplete and never resumed from, so a run killed while writing
-loses nothing that was already checkpointed. A step with one is verified against its manifest
-before a resume uses it (`verify`), and refused with one line where anything disagrees: never a
-silent fall-back to an older step. A train state holding NaN/Inf is never written. The output dir
-must be one every process sees (a shared filesystem where the processes run on several hosts).
+loses nothing that was already checkpointed. A train state holding NaN/Inf is never written. The
+output dir must be one every process sees (a shared filesystem where the processes run on several
+hosts).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -45,17 +42,8 @@ def paths(out_dir: str, step: int) -> dict[str, str]:
             "done": os.path.join(out_dir, f"DONE_{step:08d}")}
 
 
-MANIFEST_FORMAT = 1
-_FILE_KEYS = ("model", "meta")      # with every file under state_N/
-_MANIFEST_KEYS = {"model", "opt_count", "train_loaders", "data", "files"}
-
-
 class CheckpointError(ValueError):
     """A checkpoint that disagrees with its manifest or with this run: one line naming the file."""
-
-
-class PredatesVerification(CheckpointError):
-    """A DONE marker without a manifest: written before checkpoints recorded what they hold."""
 
 
 class CheckpointWriteError(OSError):
@@ -95,7 +83,7 @@ def _gather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(every[i, :sizes[i]])) for i in range(len(sizes))]
 
 
-def _first_problem(problem: str | None) -> str | None:
+def first_problem(problem: str | None) -> str | None:
     """The first process's problem (None: none has one), so every process stops together (a collective)."""
     return next((p for p in _gather_json(problem) if p), None)
 
@@ -123,35 +111,12 @@ def state_is_finite(train_state: Any) -> bool:
     return bool(_all_finite(jax.tree.leaves((train_state.params, opt.mu, opt.nu))))
 
 
-def _scalar(x: Any) -> int:
+def scalar(x: Any) -> int:
     """A replicated scalar as an int, also where other processes hold copies of it."""
     return int(np.asarray(x.addressable_data(0) if hasattr(x, "addressable_data") else x))
 
 
-def file_record(path: str) -> dict:
-    """{"size", "sha256"} of a file, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            digest.update(chunk)
-    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
-
-
-def checkpoint_files(out_dir: str, step: int) -> list[str]:
-    """The files of `step` (paths relative to out_dir): the model, the meta, every file of the state dir."""
-    p = paths(out_dir, step)
-    names = [os.path.basename(p[k]) for k in _FILE_KEYS]
-    for root, _, files in os.walk(p["state"]):
-        names += [os.path.relpath(os.path.join(root, f), out_dir) for f in files]
-    return sorted(names)
-
-
-def data_files(pattern_paths: list[str]) -> list[dict]:
-    """[{"path", "size"}] of the data shards a run reads, in the loader's order."""
-    return [{"path": path, "size": os.path.getsize(path)} for path in pattern_paths]
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
+def write_json_atomic(path: str, obj: Any) -> None:
     """tmp + fsync + os.replace + fsync of the dir: `path` holds all of `obj` or is absent."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f)
@@ -203,15 +168,17 @@ def save(out_dir: str, step: int, config: Any, train_state: Any, loader_states: 
          meta: dict, model_version: int = 3, data: dict[str, list[dict]] | None = None) -> None:
     """Write one complete checkpoint for `step`. Every process calls it (it is a collective) with the
     loader states of its own device ranks ({rank: state_dict}); `meta` must be JSON-able; `data`:
-    {"train": data_files(...), "val": ...}. Raises NonFiniteStateError (nothing written) or
-    CheckpointWriteError (no DONE written), the same on every process."""
+    {"train": checkpoint_manifest.data_files(...), "val": ...}. Raises NonFiniteStateError (nothing
+    written) or CheckpointWriteError (no DONE written), the same on every process."""
+    # here, not at the top: checkpoint_manifest builds on this module (paths, CheckpointError, ...)
+    from llmc_jax.training.checkpoint_manifest import MANIFEST_FORMAT, config_record, write_done
     if not state_is_finite(train_state):
         raise NonFiniteStateError(f"step {step}: the train state holds NaN or Inf (params or AdamW moments)")
     p = paths(out_dir, step)
     main = jax.process_index() == 0
 
     def check(problem: str | None) -> None:
-        problem = _first_problem(problem)
+        problem = first_problem(problem)
         if problem:
             raise CheckpointWriteError(problem)
 
@@ -227,32 +194,21 @@ def save(out_dir: str, step: int, config: Any, train_state: Any, loader_states: 
     problem = None
     if main:
         problem = (_attempt(family.family_of(config).write_model, p["model"], config, params, model_version)
-                   or _attempt(_write_json_atomic, p["meta"], dict(meta, train_loaders=loaders)))
+                   or _attempt(write_json_atomic, p["meta"], dict(meta, train_loaders=loaders)))
     check(problem)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"llmc_jax checkpoint {step}")
-    opt_count = _scalar(train_state.opt_state.count)
+    opt_count = scalar(train_state.opt_state.count)
     if main:
-        manifest = {"format": MANIFEST_FORMAT, "step": step, "model": _config_record(config, model_version),
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "model": config_record(config, model_version),
                     "opt_count": opt_count, "train_loaders": loaders, "data": data or {}}
-        problem = _attempt(_write_done, out_dir, step, manifest)
+        problem = _attempt(write_done, out_dir, step, manifest)
     check(problem)
-
-
-def _write_done(out_dir: str, step: int, manifest: dict) -> None:
-    """The DONE marker with the manifest and every file's size and sha256 (the state dir is shared,
-    so process 0 sees every process's shards once the barrier has passed)."""
-    files = {name: file_record(os.path.join(out_dir, name)) for name in checkpoint_files(out_dir, step)}
-    _write_json_atomic(paths(out_dir, step)["done"], dict(manifest, files=files))
-
-
-def _config_record(config: Any, model_version: int) -> dict:
-    return {**family.family_of(config).config_record(config), "version": model_version}
 
 
 def done_steps(out_dir: str) -> list[int]:
     """Steps with a DONE marker, ascending. Their files are not looked at here: a marked step with
-    a file missing is refused by `verify`, not skipped for an older one."""
+    a file missing is refused by `checkpoint_manifest.verify`, not skipped for an older one."""
     if not os.path.isdir(out_dir):
         return []
     return sorted(int(m.group(1)) for m in map(re.compile(r"DONE_(\d{8})").fullmatch, os.listdir(out_dir)) if m)
@@ -274,175 +230,6 @@ def load_meta(out_dir: str, step: int) -> dict:
     """The JSON meta of `step`: every device rank's loader state, the flags of the run that wrote it."""
     with open(paths(out_dir, step)["meta"]) as f:
         return json.load(f)
-
-
-def _read_manifest(out_dir: str, step: int) -> dict:
-    done = paths(out_dir, step)["done"]
-    name = os.path.basename(done)
-    try:
-        with open(done) as f:
-            text = f.read()
-    except OSError as e:
-        raise CheckpointError(f"{name}: cannot read it ({describe(e, 300)})") from None
-    if not text.strip():
-        raise PredatesVerification(f"{name} is empty: the checkpoint predates verification (written before "
-                                   "checkpoints recorded their sizes and hashes), so it cannot be checked")
-    try:
-        manifest = json.loads(text)
-    except ValueError:
-        manifest = None
-    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
-            or manifest.get("step") != step or not _MANIFEST_KEYS <= set(manifest)):
-        raise CheckpointError(f"{name}: not a format-{MANIFEST_FORMAT} manifest of step {step} "
-                              "(damaged or edited)")
-    return manifest
-
-
-def _check_file_set(out_dir: str, step: int, manifest: dict) -> None:
-    recorded = set(manifest["files"])
-    present = {n for n in checkpoint_files(out_dir, step) if os.path.isfile(os.path.join(out_dir, n))}
-    missing, extra = sorted(recorded - present), sorted(present - recorded)
-    if missing and extra:
-        raise CheckpointError(f"{missing[0].split(os.sep)[0]}/: not the files the checkpoint wrote ({len(missing)} "
-                              f"missing, such as {missing[0]}; {len(extra)} it did not write, such as {extra[0]}): "
-                              "another step's state dir?")
-    if missing:
-        raise CheckpointError(f"{missing[0]}: missing (the checkpoint recorded "
-                              f"{manifest['files'][missing[0]]['size']} bytes there)")
-    if extra:
-        raise CheckpointError(f"{extra[0]}: a file the checkpoint did not write (another step's state dir?)")
-
-
-def _check_model_header(out_dir: str, step: int, manifest: dict) -> None:
-    path = paths(out_dir, step)["model"]
-    try:
-        config, version = family.read_model_header(path)
-    except ValueError as e:          # LLMCFormatError: truncated, bad magic; it names the file
-        raise CheckpointError(describe(e, 300).replace(path, os.path.basename(path))) from None
-    have = _config_record(config, version)
-    for key, want in manifest["model"].items():
-        if have.get(key) != want:
-            raise CheckpointError(f"{os.path.basename(path)}: header has {key}={have.get(key)}, "
-                                  f"the checkpoint recorded {key}={want}")
-
-
-def _loader_difference(have: list[dict], want: list[dict]) -> str | None:
-    """The first way the meta's loader states differ from the recorded ones (None: they agree)."""
-    if len(have) != len(want):
-        return f"has loader states of {len(have)} device ranks, the checkpoint recorded {len(want)}"
-    for rank, (h, w) in enumerate(zip(have, want)):
-        for key in sorted(set(h) | set(w)):
-            if h.get(key) != w.get(key) and key == "rng":
-                return f"train loader of device rank {rank} has another generator state than the checkpoint recorded"
-            if h.get(key) != w.get(key):
-                return (f"train loader of device rank {rank} has {key}={h.get(key)!r}, "
-                        f"the checkpoint recorded {key}={w.get(key)!r}")
-    return None
-
-
-def _check_meta(out_dir: str, step: int, manifest: dict) -> None:
-    name = os.path.basename(paths(out_dir, step)["meta"])
-    try:
-        meta = load_meta(out_dir, step)
-    except ValueError as e:
-        raise CheckpointError(f"{name}: not valid JSON (damaged or edited: {describe(e, 300)})") from None
-    loaders = meta.get("train_loaders") if isinstance(meta, dict) else None
-    if not isinstance(loaders, list) or not all(isinstance(s, dict) for s in loaders):
-        raise CheckpointError(f"{name}: holds no train loader states (damaged or edited)")
-    if meta.get("step") != step:
-        raise CheckpointError(f"{name}: says step {meta.get('step')!r}, its name and DONE say step {step}")
-    problem = _loader_difference(loaders, manifest["train_loaders"])
-    if problem:
-        raise CheckpointError(f"{name}: {problem}")
-
-
-def _check_contents(out_dir: str, manifest: dict) -> None:
-    """Size and sha256 of every recorded file: what the header and meta checks cannot see."""
-    for name, want in sorted(manifest["files"].items()):
-        path = os.path.join(out_dir, name)
-        size = os.path.getsize(path)
-        if size != want["size"]:
-            raise CheckpointError(f"{name}: {size} bytes, the checkpoint recorded {want['size']}")
-        if file_record(path)["sha256"] != want["sha256"]:
-            raise CheckpointError(f"{name}: its sha256 differs from the one recorded (changed on disk "
-                                  "since it was written)")
-
-
-def _damage_advice(out_dir: str, step: int) -> str:
-    older = [s for s in done_steps(out_dir) if s < step]
-    done = os.path.basename(paths(out_dir, step)["done"])
-    if older:
-        return f"delete {done} to resume from the previous checkpoint (step {older[-1]}), or start without -y"
-    return "it is the only checkpoint: start without -y, or restore its files from a copy"
-
-
-def verify(out_dir: str, step: int) -> dict:
-    """The manifest of `step` once every file checks out against it (sizes, sha256, model header,
-    meta step and loader states); raises CheckpointError naming the file and the mismatch, with
-    what to do. Process 0 checks, every process gets its verdict (a collective)."""
-    problem = None
-    if jax.process_index() == 0:
-        try:
-            manifest = _read_manifest(out_dir, step)
-        except PredatesVerification as e:     # older steps predate verification too
-            problem = f"{e}; start without -y, or start afresh from its model with -e {paths(out_dir, step)['model']}"
-        except CheckpointError as e:
-            problem = f"{e}; {_damage_advice(out_dir, step)}"
-        else:
-            problem = _problem_with_files(out_dir, step, manifest)
-    problem = _first_problem(problem)
-    if problem:
-        raise CheckpointError(f"step {step} in {out_dir}: {problem}")
-    return _read_manifest(out_dir, step)
-
-
-def _problem_with_files(out_dir: str, step: int, manifest: dict) -> str | None:
-    """The first file that disagrees with the manifest, with what to do (None: all agree)."""
-    try:
-        _check_file_set(out_dir, step, manifest)
-        _check_model_header(out_dir, step, manifest)
-        _check_meta(out_dir, step, manifest)
-        _check_contents(out_dir, manifest)
-    except CheckpointError as e:
-        return f"{e}; {_damage_advice(out_dir, step)}"
-    except OSError as e:         # a file that vanished or cannot be read while checking
-        name = os.path.basename(getattr(e, "filename", None) or out_dir)
-        return f"{name}: cannot read it ({describe(e, 300)}); {_damage_advice(out_dir, step)}"
-    except (KeyError, TypeError, AttributeError):     # a manifest edited inside its format
-        name = os.path.basename(paths(out_dir, step)["done"])
-        return (f"{name}: a damaged manifest (its entries are not what a checkpoint writes); "
-                f"{_damage_advice(out_dir, step)}")
-    return None
-
-
-def check_run(manifest: dict, config: Any, data: dict[str, list[dict]]) -> None:
-    """This run's model config and data shards (data_files of its train and val loaders) against the
-    checkpoint's: a changed or replaced shard would continue on other tokens than the run trained on."""
-    have = _config_record(config, manifest["model"]["version"])
-    if have != manifest["model"]:
-        raise CheckpointError(f"this run's model ({have}) is not the checkpoint's ({manifest['model']}); "
-                              "resume with the model config of the run that wrote it")
-    for split, recorded in manifest["data"].items():
-        current = data.get(split, [])
-        if len(current) != len(recorded):
-            raise CheckpointError(f"the {split} data now has {len(current)} shards, the checkpoint was trained on "
-                                  f"{len(recorded)} ({recorded[0]['path'] if recorded else 'none'}, ...); "
-                                  "resume with the same data")
-        for now, then in zip(current, recorded):
-            if now["size"] != then["size"]:
-                raise CheckpointError(f"{now['path']}: {now['size']} bytes, but the checkpoint was trained on "
-                                      f"{then['path']} of {then['size']} bytes (a changed or replaced {split} "
-                                      "shard); resume with the data the run trained on")
-
-
-def check_restored(manifest: dict, train_state: Any, out_dir: str) -> None:
-    """The restored AdamW step count against the recorded one: Orbax's own view of the state dir."""
-    count = _scalar(train_state.opt_state.count)
-    if count != manifest["opt_count"]:
-        name = os.path.basename(paths(out_dir, manifest["step"])["state"])
-        raise CheckpointError(f"{name}: its AdamW step count is {count}, the checkpoint recorded "
-                              f"{manifest['opt_count']} (another step's train state?); "
-                              f"{_damage_advice(out_dir, manifest['step'])}")
 
 
 def load_state(out_dir: str, step: int, template: Any, shardings: Any = None) -> Any:

@@ -162,22 +162,22 @@ def _config_table(rows: list[tuple[str, object]]) -> str:
 
 def _data_record(train_loaders: list, val_loaders: list) -> dict:
     """Path and size of every shard the run reads, as the checkpoint manifest records them."""
-    from llmc_jax.training import checkpoint
-    return {"train": checkpoint.data_files(train_loaders[0].shard_paths),
-            "val": checkpoint.data_files(val_loaders[0].shard_paths)}
+    from llmc_jax.training import checkpoint_manifest
+    return {"train": checkpoint_manifest.data_files(train_loaders[0].shard_paths),
+            "val": checkpoint_manifest.data_files(val_loaders[0].shard_paths)}
 
 
 def _resume_state(run: Run, state, shardings, train_loaders: list, val_loaders: list):
     """The checkpoint's train state, with this run's -x, model, data and loaders checked against it
     first. Every refusal is one UsageError line."""
-    from llmc_jax.training import checkpoint
+    from llmc_jax.training import checkpoint, checkpoint_manifest
     step, out_dir = run.resume_step, run.flags.output_dir
     if run.max_steps <= step:
         raise UsageError(f"-y 1: the checkpoint in {out_dir} is already at step {step}, and this run ends at "
                          f"step {run.max_steps} (-x); give -x above {step} to train on from it")
     where = f"-y 1: cannot resume from step {step} of {out_dir}"
     try:
-        checkpoint.check_run(run.manifest, run.model, _data_record(train_loaders, val_loaders))
+        checkpoint_manifest.check_run(run.manifest, run.model, _data_record(train_loaders, val_loaders))
     except checkpoint.CheckpointError as e:
         raise UsageError(f"{where}: {e}") from None
     try:     # loader states first (cheap checks), then the state straight onto this run's shardings
@@ -191,7 +191,7 @@ def _resume_state(run: Run, state, shardings, train_loaders: list, val_loaders: 
         print0(run, note)
     try:
         state = checkpoint.load_state(out_dir, step, state, shardings.state if shardings is not None else None)
-        checkpoint.check_restored(run.manifest, state, out_dir)
+        checkpoint_manifest.check_restored(run.manifest, state, out_dir)
     except checkpoint.CheckpointError as e:
         raise UsageError(f"{where}: {e}") from None
     return state

@@ -198,7 +198,7 @@ def _prepare_output_dir(args: argparse.Namespace) -> None:
 def _find_checkpoint(args: argparse.Namespace) -> tuple[int, dict]:
     """The newest marked step of -o and its manifest, verified file by file before anything is
     read from it (a collective where there are several processes)."""
-    from llmc_jax.training import checkpoint
+    from llmc_jax.training import checkpoint, checkpoint_manifest
     try:
         step = checkpoint.latest_step(args.output_dir)     # the same on every process
     except ValueError as e:
@@ -207,7 +207,7 @@ def _find_checkpoint(args: argparse.Namespace) -> tuple[int, dict]:
         raise UsageError(f"-y 1: no complete checkpoint (DONE_*) in {args.output_dir}; start without -y or point -o "
                          "at the run's output dir")
     try:
-        return step, checkpoint.verify(args.output_dir, step)
+        return step, checkpoint_manifest.verify(args.output_dir, step)
     except checkpoint.CheckpointError as e:
         raise UsageError(f"-y 1: refusing checkpoint {e}") from None
 
