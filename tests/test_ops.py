@@ -21,10 +21,15 @@ def _inputs(name, B, T, dtype, seed=0):
     if name == "encoder":
         idx = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
         return (f(VP, C, scale=0.02), f(64, C, scale=0.02), idx, jnp.zeros((), dtype)), (0, 1)
+    if name == "token_embedding":
+        idx = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+        return (f(VP, C, scale=0.02), idx, jnp.zeros((), dtype)), (0,)
     if name == "layernorm":
         return (act(B, T, C) * 3 + 1, 1 + f(C, scale=0.1), f(C, scale=0.1)), (0, 1, 2)
     if name == "matmul":
         return (act(B, T, C), f(3 * C, C, scale=0.05), f(3 * C, scale=0.1)), (0, 1, 2)
+    if name == "matmul_nobias":
+        return (act(B, T, C), f(3 * C, C, scale=0.05), None), (0, 1)
     if name == "gelu":
         return (act(B, T, 4 * C) * 2,), (0,)
     if name == "residual":
@@ -43,6 +48,8 @@ OPS = {
     "encoder": (ops.encoder, ops.encoder_reference),
     "layernorm": (ops.layernorm, ops.layernorm_reference),
     "matmul": (ops.matmul, ops.matmul_reference),
+    "matmul_nobias": (ops.matmul, ops.matmul_reference),
+    "token_embedding": (ops.token_embedding, ops.token_embedding_reference),
     "gelu": (ops.gelu, ops.gelu_reference),
     "residual": (ops.residual, ops.residual_reference),
     "attention": (ops.attention, ops.attention_reference),

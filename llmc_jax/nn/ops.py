@@ -59,12 +59,16 @@ def _encoder_fwd(wte, wpe, idx_BT, dtype_like):
     return x.astype(dtype_like.dtype), (idx_BT, wte.shape, wpe.shape, dtypes)
 
 
+def _scatter_rows(shape, idx_BT, dx_BTC):
+    """The table gradient: scatter-add into the rows that were used; every other row's is exactly zero."""
+    return jnp.zeros(shape, F32).at[idx_BT.reshape(-1)].add(dx_BTC.astype(F32).reshape(-1, shape[1]))
+
+
 def _encoder_bwd(res, dx_BTC):
     idx_BT, wte_shape, wpe_shape, (wte_dtype, wpe_dtype) = res
     T = idx_BT.shape[1]
     dx = dx_BTC.astype(F32)
-    # Scatter-add into the rows that were used; every other row's gradient is exactly zero.
-    dwte = jnp.zeros(wte_shape, F32).at[idx_BT.reshape(-1)].add(dx.reshape(-1, wte_shape[1]))
+    dwte = _scatter_rows(wte_shape, idx_BT, dx)
     dwpe = jnp.zeros(wpe_shape, F32).at[:T].set(dx.sum(axis=0))
     return dwte.astype(wte_dtype.dtype), dwpe.astype(wpe_dtype.dtype), None, None
 
@@ -75,6 +79,30 @@ encoder.defvjp(_encoder_fwd, _encoder_bwd)
 def encoder_reference(wte, wpe, idx_BT, dtype_like):
     T = idx_BT.shape[1]
     return (wte[idx_BT] + wpe[:T][None]).astype(dtype_like.dtype)
+
+
+# token embedding only (Llama: positions enter through RoPE): x = wte[idx]
+
+@jax.custom_vjp
+def token_embedding(wte, idx_BT, dtype_like):
+    return _token_embedding_fwd(wte, idx_BT, dtype_like)[0]
+
+
+def _token_embedding_fwd(wte, idx_BT, dtype_like):
+    x = jnp.take(wte, idx_BT, axis=0).astype(dtype_like.dtype)
+    return x, (idx_BT, wte.shape, jnp.zeros((0,), wte.dtype))
+
+
+def _token_embedding_bwd(res, dx_BTC):
+    idx_BT, wte_shape, wte_dtype = res
+    return _scatter_rows(wte_shape, idx_BT, dx_BTC).astype(wte_dtype.dtype), None, None
+
+
+token_embedding.defvjp(_token_embedding_fwd, _token_embedding_bwd)
+
+
+def token_embedding_reference(wte, idx_BT, dtype_like):
+    return wte[idx_BT].astype(dtype_like.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +149,7 @@ def layernorm_reference(x, w, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# matmul with bias: out = x @ w.T + b, w in llm.c's (OC, C) layout
+# matmul with bias: out = x @ w.T + b, w in llm.c's (OC, C) layout; b None: no bias (Llama)
 
 @jax.custom_vjp
 def matmul(x, w, b):
@@ -129,7 +157,8 @@ def matmul(x, w, b):
 
 
 def _matmul_fwd(x, w, b):
-    out = (_dot(x, w.astype(x.dtype), ((x.ndim - 1,), (1,))) + b).astype(x.dtype)
+    out = _dot(x, w.astype(x.dtype), ((x.ndim - 1,), (1,)))
+    out = (out if b is None else out + b).astype(x.dtype)
     return out, (x, w, b)
 
 
@@ -138,7 +167,7 @@ def _matmul_bwd(res, dout):
     OC, C = w.shape
     dx = _dot(dout, w.astype(x.dtype), ((dout.ndim - 1,), (0,)), x.dtype)
     dw = _dot(dout.reshape(-1, OC), x.reshape(-1, C), ((0,), (0,)))
-    return dx, dw.astype(w.dtype), _sum_leading(dout).astype(b.dtype)
+    return dx, dw.astype(w.dtype), None if b is None else _sum_leading(dout).astype(b.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -147,7 +176,7 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul_reference(x, w, b):
     y = jnp.einsum("...c,oc->...o", x, w.astype(x.dtype), precision=MATMUL_PRECISION,
                    preferred_element_type=F32)
-    return (y + b).astype(x.dtype)
+    return (y if b is None else y + b).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
