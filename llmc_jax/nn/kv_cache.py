@@ -24,7 +24,8 @@ F32 = jnp.float32
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, (L, B, S, NH, HS) each, in the compute dtype."""
+    """Keys and values of every layer, (L, B, S, NKV, HS) each, in the compute dtype (NKV: the
+    model's key/value heads; NKV == NH for GPT-2, fewer for grouped-query attention)."""
 
     k: jax.Array
     v: jax.Array
@@ -51,16 +52,18 @@ class KVCache(NamedTuple):
     def attend(self, layer, q_BHD: jax.Array, pos) -> jax.Array:
         """One query per sequence against layer `layer`'s keys 0..pos, as ops.attention computes a
         row: fp32 scores scaled by 1/sqrt(HS), softmax through the log-sum-exp, fp32-accumulated
-        output. (B, 1, NH*HS) in the query's dtype."""
-        k_BSHD = lax.dynamic_index_in_dim(self.k, layer, keepdims=False)
-        v_BSHD = lax.dynamic_index_in_dim(self.v, layer, keepdims=False)
+        output. Query head h reads kv head h // (NH/NKV). (B, 1, NH*HS) in the query's dtype."""
+        k_BSKD = lax.dynamic_index_in_dim(self.k, layer, keepdims=False)
+        v_BSKD = lax.dynamic_index_in_dim(self.v, layer, keepdims=False)
         B, NH, HS = q_BHD.shape
-        s = jnp.einsum("bhd,bkhd->bhk", q_BHD, k_BSHD, precision=ops.MATMUL_PRECISION,
+        NKV = k_BSKD.shape[2]
+        q = q_BHD.reshape(B, NKV, NH // NKV, HS)                           # (B, NKV, n_rep, HS)
+        s = jnp.einsum("bgrd,bkgd->bgrk", q, k_BSKD, precision=ops.MATMUL_PRECISION,
                        preferred_element_type=F32) * (1.0 / math.sqrt(HS))
         s = jnp.where(jnp.arange(self.length) <= pos, s, -jnp.inf)
         lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
-        p = jnp.exp(s - lse).astype(v_BSHD.dtype)
-        out = jnp.einsum("bhk,bkhd->bhd", p, v_BSHD, precision=ops.MATMUL_PRECISION, preferred_element_type=F32)
+        p = jnp.exp(s - lse).astype(v_BSKD.dtype)
+        out = jnp.einsum("bgrk,bkgd->bgrd", p, v_BSKD, precision=ops.MATMUL_PRECISION, preferred_element_type=F32)
         return out.reshape(B, 1, NH * HS).astype(q_BHD.dtype)
 
 
