@@ -1,9 +1,11 @@
-"""llm.c's distributed data loader over GPT-2 token shards (numpy only, no JAX).
+"""llm.c's distributed data loader over token shards, GPT-2's uint16 or Llama 3's uint32 (numpy only, no JAX).
 
 Semantics follow llm.c's `llmc/dataloader.h` exactly:
 
 * The shards are the sorted matches of a glob (or an explicit list of paths), all validated up front:
-  header, length against the header's token count and, given vocab_size, every token id (a numpy
+  header, length against the header's token count, one token width for all of them (llm.c fixes the
+  width by the first shard; a glob mixing uint16 and uint32 shards is refused, as is a vocab_size
+  the width cannot hold) and, given vocab_size, every token id (a numpy
   max over a memmap, once per shard per process; progress on stderr for many or large shards), so
   a bad shard late in a glob stops the run before step 0, not hours into it.
 * A *sample* is one global batch of P*B*T tokens (P processes). A shard of n tokens holds
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from llmc_jax.formats.llmc_format import LLMCFormatError, read_shard, read_shard_header
+from llmc_jax.formats.llmc_format import HEADER_BYTES, SHARD_FORMATS, LLMCFormatError, read_shard, shard_info
 from llmc_jax.formats.rand import MT19937, random_permutation
 
 STATE_VERSION = 1
@@ -54,7 +56,7 @@ def check_token_ids(paths: Sequence[str], num_tokens: Sequence[int], vocab_size:
     """Every token id of every shard < vocab_size, else LLMCFormatError naming the shard, the id and
     its position. progress None: a stderr line for more than PROGRESS_SHARDS shards or PROGRESS_BYTES."""
     todo = [(p, n) for p, n in zip(paths, num_tokens) if _scan_key(p, vocab_size) not in _SCANNED]
-    nbytes = 2 * sum(n for _, n in todo)
+    nbytes = sum(os.path.getsize(p) - HEADER_BYTES for p, _ in todo)
     show = progress if progress is not None else len(todo) > PROGRESS_SHARDS or nbytes > PROGRESS_BYTES
     def report(done: int) -> None:
         if show:
@@ -99,8 +101,8 @@ class DataLoader:
             raise ValueError(f"batch size B={B} and sequence length T={T} must both be positive")
         if P <= 0 or not 0 <= rank < P:
             raise ValueError(f"process rank {rank} is out of range for {P} processes (need 0 <= rank < num_processes)")
-        if vocab_size is not None and not 0 < int(vocab_size) <= 65536:
-            raise ValueError(f"vocab_size={vocab_size} must be in [1, 65536] for uint16 shards")
+        if vocab_size is not None and not 0 < int(vocab_size):
+            raise ValueError(f"vocab_size={vocab_size} must be positive")
         self.pattern = pattern if isinstance(pattern, str) else None
         self.B, self.T = B, T
         self.process_rank, self.num_processes = rank, P
@@ -112,7 +114,20 @@ class DataLoader:
 
         # Validate every shard now: headers and sizes (as llm.c does), then the token ids.
         need = self.global_batch_tokens + 1
-        ntoks = [read_shard_header(path) for path in self.shard_paths]
+        infos = [shard_info(path) for path in self.shard_paths]
+        ntoks = [n for n, _ in infos]
+        self.token_bytes = infos[0][1]     # llm.c: the first shard fixes the token width
+        for path, (_, width) in zip(self.shard_paths, infos):
+            if width != self.token_bytes:
+                raise LLMCFormatError(
+                    f"{path}: shard holds {SHARD_FORMATS[width][3]} tokens but the first shard "
+                    f"{self.shard_paths[0]} holds {SHARD_FORMATS[self.token_bytes][3]}; one data set must "
+                    f"use one token width (re-tokenize the shards into one format)")
+        top = 1 << (8 * self.token_bytes)
+        if vocab_size is not None and int(vocab_size) > top:
+            raise ValueError(
+                f"vocab_size={vocab_size} must be in [1, {top}] for {SHARD_FORMATS[self.token_bytes][3]} shards "
+                f"({self.shard_paths[0]}); a larger vocabulary needs uint32 shards (llm.c's LLaMA-3 format)")
         for path, ntok in zip(self.shard_paths, ntoks):
             if ntok < need:
                 raise LLMCFormatError(
@@ -178,7 +193,7 @@ class DataLoader:
         self._load_shard()
 
     def next_window(self) -> np.ndarray:
-        """The next B*T+1 contiguous tokens of this rank (uint16, a copy): x = w[:-1], y = w[1:]."""
+        """The next B*T+1 contiguous tokens of this rank (the shards' uint16/uint32, a copy): x = w[:-1], y = w[1:]."""
         if self.current_sample_idx >= self.shard_num_samples:
             self._advance()
         k = self.current_sample_idx
@@ -190,7 +205,12 @@ class DataLoader:
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """The next (inputs, targets), each int32 (B, T); targets are the inputs shifted by one token."""
-        w = self.next_window().astype(np.int32)
+        w = self.next_window()
+        if w.dtype.itemsize == 4 and int(w.max()) >= 2**31:   # only unchecked uint32 shards (no vocab_size)
+            pos = int(np.argmax(w >= 2**31))
+            raise LLMCFormatError(f"{self.current_shard}: token id {int(w[pos])} does not fit int32; the shard "
+                                  f"is corrupt or not tokenized (give vocab_size to check every id up front)")
+        w = w.astype(np.int32)
         return w[:-1].reshape(self.B, self.T), w[1:].reshape(self.B, self.T)
 
     def __iter__(self):

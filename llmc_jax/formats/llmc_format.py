@@ -1,9 +1,12 @@
-"""Read and write llm.c's binary files: model .bin, debug state, GPT-2 token shards.
+"""Read and write llm.c's binary files: model .bin, debug state, token shards (GPT-2 and Llama 3).
 
 All three share one layout: a 1024-byte header of 256 little-endian int32 (slot 0 magic, slot 1
-version), then a raw little-endian body. Everything here is numpy only, so the data loader and the
-conversion tools can use it without importing JAX. Every bad input raises LLMCFormatError naming
-the file, what is wrong with it, and what to do about it.
+version), then a raw little-endian body. Token shards come in two widths, as llm.c's dataloader.h
+reads them: GPT-2's (magic 20240520, version 1, uint16 tokens) and Llama 3's (magic 20240801,
+version 7, uint32 tokens); the Llama 3 model and debug-state files are in llama3_format.
+Everything here is numpy only, so the data loader and the conversion tools can use it without
+importing JAX. Every bad input raises LLMCFormatError naming the file, what is wrong with it, and
+what to do about it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,13 @@ SHARD_MAGIC = 20240520
 MODEL_VERSIONS = {3: "fp32", 5: "bf16"}
 DEBUG_STATE_VERSION = 2
 SHARD_VERSION = 1
+SHARD32_MAGIC = 20240801     # llm.c's Llama 3 shards (dev/data/data_common.py, model_desc "llama-3")
+SHARD32_VERSION = 7
+# token width in bytes -> (magic, version, numpy dtype, format name)
+SHARD_FORMATS: dict[int, tuple[int, int, str, str]] = {
+    2: (SHARD_MAGIC, SHARD_VERSION, "<u2", "uint16 (GPT-2 format, magic 20240520)"),
+    4: (SHARD32_MAGIC, SHARD32_VERSION, "<u4", "uint32 (LLaMA-3 format, magic 20240801)"),
+}
 
 # Every llm.c file type we know, so a file given in the wrong place gets a useful message.
 _KNOWN_MAGICS: dict[int, tuple[str, str]] = {
@@ -33,8 +43,9 @@ _KNOWN_MAGICS: dict[int, tuple[str, str]] = {
                "it is only read by the parity tests"),
     20240328: ("an llm.c tokenizer file", "it is only used by llm.c's C sampler; llmc-jax decodes with tiktoken"),
     20240520: ("a GPT-2 token data shard", "give it as training/validation data (-i/-j)"),
-    20240801: ("a LLaMA-3 token data shard (uint32 tokens)",
-               "llmc-jax trains GPT-2 only; re-tokenize the data with the GPT-2 tokenizer"),
+    20240801: ("a LLaMA-3 token data shard (uint32 tokens)", "give it as training/validation data (-i/-j)"),
+    20240803: ("an llm.c Llama 3 model checkpoint or debug state (train_llama3.py)",
+               "give it as the model (-e) of a Llama 3 run"),
     20240522: ("an llm.c multiple-choice eval file (HellaSwag)", "it is used by the HellaSwag eval (-h 1)"),
     20240527: ("an llm.c training state (optimizer state, state_*.bin)",
                "to resume give the output dir with -o and -y 1; the weights are in model_*.bin"),
@@ -50,13 +61,19 @@ def _what(magic: int) -> str:
 
 
 def _read_header(path: str | os.PathLike, magic: int, versions: Iterable[int],
-                 version_hint: str = "") -> tuple[np.ndarray, int]:
-    """Check existence, length, magic and version of any llm.c file; return (header, file size)."""
+                 version_hint: str = "", *, what: str | None = None,
+                 also: Mapping[int, tuple[Iterable[int], str]] | None = None) -> tuple[np.ndarray, int]:
+    """Check existence, length, magic and version of any llm.c file; return (header, file size).
+
+    what overrides the file kind named in messages; also accepts more magics, {magic: (versions, hint)}."""
     path = os.fspath(path)
+    accepted = {magic: (tuple(versions), version_hint), **{m: (tuple(v), h) for m, (v, h) in (also or {}).items()}}
+    if what is None:
+        what = " or ".join(_what(m) for m in accepted)
     if not os.path.exists(path):
-        raise LLMCFormatError(f"{path}: file not found; expected {_what(magic)} here (check the path)")
+        raise LLMCFormatError(f"{path}: file not found; expected {what} here (check the path)")
     if not os.path.isfile(path):
-        raise LLMCFormatError(f"{path}: not a regular file; expected {_what(magic)}")
+        raise LLMCFormatError(f"{path}: not a regular file; expected {what}")
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
         raise LLMCFormatError(
@@ -64,17 +81,22 @@ def _read_header(path: str | os.PathLike, magic: int, versions: Iterable[int],
             f"truncated or not an llm.c file (re-download or re-generate it)")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS).astype(np.int64)
     got = int(header[0])
-    if got != magic:
+    if got not in accepted:
+        if len(accepted) == 1:
+            wanted, expected = f"{what} (magic {magic})", f"{magic} ({what})"
+        else:
+            wanted = " or ".join(f"{_what(m)} (magic {m})" for m in accepted)
+            expected = " or ".join(f"{m} ({_what(m)})" for m in accepted)
         if got in _KNOWN_MAGICS:
-            what, todo = _KNOWN_MAGICS[got]
-            raise LLMCFormatError(f"{path}: wrong magic {got}: this is {what}, not {_what(magic)} "
-                                  f"(magic {magic}); {todo}")
-        raise LLMCFormatError(f"{path}: bad magic number {got}, expected {magic} ({_what(magic)}); "
+            got_what, todo = _KNOWN_MAGICS[got]
+            raise LLMCFormatError(f"{path}: wrong magic {got}: this is {got_what}, not {wanted}; {todo}")
+        raise LLMCFormatError(f"{path}: bad magic number {got}, expected {expected}; "
                               f"the file is corrupt or not an llm.c file")
-    versions = tuple(versions)
+    versions, version_hint = accepted[got]
     if int(header[1]) not in versions:
+        got_what = what if len(accepted) == 1 else _what(got)
         raise LLMCFormatError(
-            f"{path}: unsupported version {int(header[1])} of {_what(magic)}; supported: "
+            f"{path}: unsupported version {int(header[1])} of {got_what}; supported: "
             f"{', '.join(map(str, versions))}. {version_hint}".rstrip())
     return header, size
 
@@ -248,26 +270,37 @@ def write_debug_state(path: str | os.PathLike, config: GPTConfig, x: Any, y: Any
                          *(np.asarray(g, dtype="<f4") for g in arrays)])
 
 
-def read_shard_header(path: str | os.PathLike) -> int:
-    """Token count of a GPT-2 data shard, checked against the file length."""
+def shard_info(path: str | os.PathLike) -> tuple[int, int]:
+    """(token count, bytes per token) of a token shard: 2 for GPT-2's uint16 shards (magic 20240520,
+    version 1), 4 for Llama 3's uint32 ones (magic 20240801, version 7); the length is checked."""
     header, size = _read_header(path, SHARD_MAGIC, (SHARD_VERSION,),
-                                "Re-generate it with llm.c's dev/data scripts (GPT-2 shards are version 1)")
+                                "Re-generate it with llm.c's dev/data scripts (GPT-2 shards are version 1)",
+                                also={SHARD32_MAGIC: ((SHARD32_VERSION,), "Re-generate it with llm.c's dev/data "
+                                                      "scripts (-m llama-3; LLaMA-3 shards are version 7)")})
+    width = 2 if int(header[0]) == SHARD_MAGIC else 4
     ntok = int(header[2])
     if ntok < 0:
         raise LLMCFormatError(f"{os.fspath(path)}: shard header has a negative token count {ntok}; "
                               f"the file is corrupt")
-    _check_size(path, size, HEADER_BYTES + 2 * ntok, f"{ntok} uint16 tokens")
-    return ntok
+    _check_size(path, size, HEADER_BYTES + width * ntok, f"{ntok} {'uint16' if width == 2 else 'uint32'} tokens")
+    return ntok, width
+
+
+def read_shard_header(path: str | os.PathLike) -> int:
+    """Token count of a data shard (uint16 GPT-2 or uint32 Llama 3), checked against the file length."""
+    return shard_info(path)[0]
 
 
 def read_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
-    """Tokens of a GPT-2 shard as a read-only uint16 memmap; optionally check every id < vocab_size."""
-    ntok = read_shard_header(path)
+    """Tokens of a shard as a read-only memmap, uint16 (GPT-2 shards) or uint32 (Llama 3 shards);
+    optionally check every id < vocab_size."""
+    ntok, width = shard_info(path)
+    dtype = SHARD_FORMATS[width][2]
     if ntok == 0:  # mmap cannot map zero bytes
-        tokens = np.zeros(0, dtype=np.uint16)
+        tokens = np.zeros(0, dtype=dtype)
         tokens.flags.writeable = False
     else:
-        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+        tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(ntok,))
     if vocab_size is not None and ntok and int(tokens.max()) >= vocab_size:
         pos = int(np.argmax(tokens >= vocab_size))
         raise LLMCFormatError(
@@ -276,8 +309,13 @@ def read_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.nda
     return tokens
 
 
-def write_shard(path: str | os.PathLike, tokens: Any) -> None:
-    """Write a GPT-2 data shard (uint16 tokens) atomically, refusing ids that do not fit in uint16."""
+def write_shard(path: str | os.PathLike, tokens: Any, token_bytes: int = 2) -> None:
+    """Write a data shard atomically: token_bytes=2 GPT-2's format (uint16, magic 20240520 v1),
+    token_bytes=4 Llama 3's (uint32, magic 20240801 v7); refuses ids that do not fit the width."""
+    if token_bytes not in SHARD_FORMATS:
+        raise LLMCFormatError(f"{os.fspath(path)}: token_bytes={token_bytes!r}; use 2 (uint16, GPT-2 shards) "
+                              f"or 4 (uint32, LLaMA-3 shards)")
+    magic, version, dtype, _ = SHARD_FORMATS[token_bytes]
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or not (np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0):
         raise LLMCFormatError(f"{os.fspath(path)}: tokens must be a 1-D integer array, got "
@@ -285,12 +323,15 @@ def write_shard(path: str | os.PathLike, tokens: Any) -> None:
     if tokens.size >= 2**31:
         raise LLMCFormatError(f"{os.fspath(path)}: {tokens.size} tokens do not fit one shard (< 2**31); split them")
     if tokens.size:
-        bad = (tokens < 0) | (tokens > 65535)
+        top = 2 ** (8 * token_bytes) - 1
+        bad = (tokens < 0) | (tokens > top)
         if bad.any():
             pos = int(np.argmax(bad))
+            hint = "; ids of a vocabulary over 65536 need uint32 shards (token_bytes=4)" if token_bytes == 2 else ""
             raise LLMCFormatError(f"{os.fspath(path)}: token id {int(tokens[pos])} at position {pos} is "
-                                  f"outside [0, 65535] and cannot be stored as uint16")
-    _atomic_write(path, [_header(SHARD_MAGIC, SHARD_VERSION, tokens.size), tokens.astype("<u2")])
+                                  f"outside [0, {top}] and cannot be stored as "
+                                  f"{'uint16' if token_bytes == 2 else 'uint32'}{hint}")
+    _atomic_write(path, [_header(magic, version, tokens.size), tokens.astype(dtype)])
 
 
 def check_seq_len(config: GPTConfig, T: int, path: str | os.PathLike = "<model>") -> None:
