@@ -64,48 +64,71 @@ class ModelFamily(Protocol):
 
 def family_of(config: Any) -> ModelFamily:
     """The family module of a model config."""
-    from llmc_jax.models import gpt2
     from llmc_jax.models.config import GPTConfig
+    from llmc_jax.models.llama_config import LlamaConfig
     if isinstance(config, GPTConfig):
+        from llmc_jax.models import gpt2
         return gpt2
+    if isinstance(config, LlamaConfig):
+        from llmc_jax.models import llama
+        return llama
     raise TypeError(f"no model family for a config of type {type(config).__name__}")
 
 
 def reference_of(config: Any):
     """The family's autodiff oracle: the same model in plain jnp (value_and_grad, loss)."""
-    from llmc_jax.models import gpt2, gpt2_reference
-    references = {gpt2: gpt2_reference}
-    return references[family_of(config)]
+    import importlib
+    family = family_of(config)
+    return importlib.import_module(f"{family.__name__}_reference")     # models/gpt2_reference.py, ...
+
+
+def is_descriptor(init: str) -> bool:
+    from llmc_jax.models import config as cfgmod, llama_config
+    return cfgmod.is_descriptor(init) or llama_config.is_descriptor(init)
+
+
+def from_descriptor(init: str) -> Any:
+    """The config a descriptor names: GPT-2's (d12, gpt2:d24, gpt3:c768, tiny) or Llama 3's (llama3.2:1B)."""
+    from llmc_jax.models import config as cfgmod, llama_config
+    return (llama_config if llama_config.is_descriptor(init) else cfgmod).from_descriptor(init)
 
 
 def model_config(init: str) -> Any:
     """The config of `-e`: a descriptor's, or a model file's header (the weights are not read)."""
-    from llmc_jax.models import config as cfgmod
     with user_files():
-        if cfgmod.is_descriptor(init):
-            return cfgmod.from_descriptor(init)
+        if is_descriptor(init):
+            return from_descriptor(init)
         _check_exists(init)
         return read_model_header(init)[0]
 
 
-# The model files a family can be read from, recognized by their header: llm.c's GPT-2 .bin today.
+def _file_format(path: str):
+    """The reader module of a model file, by the magic number it starts with: llm.c's Llama 3 .bin
+    (20240803) or anything else for GPT-2's reader, whose errors name what the file is."""
+    from llmc_jax.formats import llama3_format, llmc_format
+    try:
+        with open(path, "rb") as f:
+            magic = int.from_bytes(f.read(4), "little")
+    except OSError:
+        magic = None                     # the GPT-2 reader reports the problem with the file
+    return llama3_format if magic == llama3_format.MAGIC else llmc_format
+
+
 def read_model_header(path: str) -> tuple[Any, int]:
     """(config, format version) of a model file, the weights unread."""
-    from llmc_jax.formats import llmc_format
-    return llmc_format.read_model_header(path)
+    return _file_format(path).read_model_header(path)
 
 
 def read_model(path: str) -> tuple[Any, dict[str, np.ndarray]]:
     """(config, numpy params) of a model file."""
-    from llmc_jax.formats import llmc_format
-    return llmc_format.read_model(path)
+    return _file_format(path).read_model(path)
 
 
 def _check_exists(init: str) -> None:
     from llmc_jax.models import config as cfgmod
     if not os.path.exists(init):
         raise UsageError(f"-e {init}: no such file, and not a model descriptor (dN, gpt2:dN, gpt3:cN, "
-                         f"{', '.join(cfgmod.PRESETS)})")
+                         f"{', '.join(cfgmod.PRESETS)}, llama3.2:1B, llama3:tiny, ...)")
 
 
 def load_model(init: str, model_table: Any = None, *, check_finite: bool = True) -> tuple[Any, dict[str, np.ndarray]]:
@@ -113,12 +136,11 @@ def load_model(init: str, model_table: Any = None, *, check_finite: bool = True)
     (d12, gpt3:c768, tiny: a random init) or a model file. Every command that takes -e loads here;
     a missing or bad file, an unknown descriptor or (check_finite) NaN/Inf weights are one UsageError
     line. The trainer reads without that check: its checkpoints refuse a non-finite state instead."""
-    from llmc_jax.models import config as cfgmod
     with user_files():
         if model_table is not None:
             return model_table, family_of(model_table).init_params(model_table)
-        if cfgmod.is_descriptor(init):
-            cfg = cfgmod.from_descriptor(init)
+        if is_descriptor(init):
+            cfg = from_descriptor(init)
             return cfg, family_of(cfg).init_params(cfg)
         _check_exists(init)
         cfg, params = read_model(init)

@@ -1,0 +1,165 @@
+"""Llama 3, the second model family (llm.c's llama3 branch): pure functions over a params dict.
+
+The same spine as GPT-2 (models/gpt2.py): one forward for training, evaluation, prefill and
+decode, the layer loop a `lax.scan` over tensors stacked on L, every op a hand-derived custom_vjp.
+What differs is the block: RMSNorm (eps from the file) fused with the residual add, one bias-free
+qkv matmul split [q (NH heads) | k (NKV) | v (NKV)], RoPE on q and k (interleaved pairs, Llama 3.1
+scaling), grouped-query attention that never replicates K/V, SwiGLU on the fused [up | gate] fc
+output; no position table and a separate lm_head (tied as an option).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from llmc_jax.formats.llama3_format import read_model, read_model_header, write_model  # noqa: F401  (the family's files)
+from llmc_jax.models.llama_config import LlamaConfig
+from llmc_jax.nn import ops
+from llmc_jax.nn.gqa_attention import gqa_attention
+from llmc_jax.nn.kernels import XLA, ModelOptions
+from llmc_jax.nn.kv_cache import KVCache
+from llmc_jax.nn.rmsnorm import residual_rmsnorm
+from llmc_jax.nn.rope import rope, rope_frequencies
+from llmc_jax.nn.swiglu import swiglu
+
+Params = dict[str, jax.Array]
+LAYER_PARAMS = ("ln1w", "qkvw", "attprojw", "ln2w", "fcw", "fcprojw")
+RECOMPUTE = (0, 1, 2)
+# llm.c's -r: 1 recomputes SwiGLU from the kept fc output, 2 also both RMSNorms
+_SAVED = {1: ("n1", "qkv", "atty", "n2", "fch"), 2: ("qkv", "atty", "fch")}
+
+
+@functools.lru_cache(maxsize=8)
+def freqs(config: LlamaConfig) -> np.ndarray:
+    """The RoPE table (maxT, HS/2, 2) [cos, sin], float32, computed once on the host."""
+    return rope_frequencies(config.HS, config.maxT, config.rope_theta, config.use_scaled_rope)
+
+
+def split_qkv(qkv_BTQ: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The fused qkv output as q (B, T, NH, HS), k and v (B, T, NKV, HS)."""
+    B, T, _ = qkv_BTQ.shape
+    NH, NKV, HS = config.NH, config.NKV, config.HS
+    q = qkv_BTQ[..., :NH * HS].reshape(B, T, NH, HS)
+    k = qkv_BTQ[..., NH * HS:(NH + NKV) * HS].reshape(B, T, NKV, HS)
+    v = qkv_BTQ[..., (NH + NKV) * HS:].reshape(B, T, NKV, HS)
+    return q, k, v
+
+
+def _attend(q, k, v, cache: KVCache | None, layer, pos):
+    """Causal grouped-query attention, through the cache when there is one (see kv_cache)."""
+    if cache is None:
+        return gqa_attention(q, k, v), None
+    cache = cache.write(layer, k, v, pos)
+    if q.shape[1] > 1:                 # a prompt from position 0: the training attention over itself
+        return gqa_attention(q, k, v), cache
+    return cache.attend(layer, q[:, 0], pos), cache
+
+
+def make_block(config: LlamaConfig, recompute: int, pos) -> Callable:
+    """The transformer block as a scan body: ((x, delta), cache), (lp, layer) -> same carry; delta
+    is the previous block's branch output, added by this block's fused residual+RMSNorm."""
+    eps, table = config.norm_eps, jnp.asarray(freqs(config))
+
+    def block(carry, xs):
+        (x, delta), cache = carry
+        lp, layer = xs
+        x, n1 = residual_rmsnorm(x, delta, lp["ln1w"], eps)
+        n1 = checkpoint_name(n1, "n1")
+        qkv = checkpoint_name(ops.matmul(n1, lp["qkvw"], None), "qkv")
+        q, k, v = split_qkv(qkv, config)
+        q, k = rope(q, table, pos), rope(k, table, pos)
+        atty, cache = _attend(q, k, v, cache, layer, pos)
+        atty = checkpoint_name(atty, "atty")
+        x, n2 = residual_rmsnorm(x, ops.matmul(atty, lp["attprojw"], None), lp["ln2w"], eps)
+        n2 = checkpoint_name(n2, "n2")
+        fch = checkpoint_name(ops.matmul(n2, lp["fcw"], None), "fch")
+        return ((x, ops.matmul(swiglu(fch), lp["fcprojw"], None)), cache), None
+    if recompute == 0:
+        return block
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute}")
+    return jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED[recompute]))
+
+
+def forward(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelOptions = ModelOptions(), *,
+            cache: KVCache | None = None, pos=0) -> tuple[jax.Array, KVCache | None]:
+    """(final-RMSNorm output (B, T, C) in the compute dtype, the cache or None); as gpt2.forward."""
+    if opts.kernels != XLA:
+        raise ValueError(f"Llama 3 runs the op library's xla ops only (no Pallas kernels for its layers "
+                         f"yet); got --kernels {opts.kernels}")
+    T = idx_BT.shape[1]
+    if cache is None and T > config.maxT:
+        raise ValueError(f"sequence length T={T} exceeds the model's maxT={config.maxT}")
+    if cache is not None and T > 1 and not (isinstance(pos, int) and pos == 0):
+        raise ValueError("a prompt of several tokens is written into the cache from position 0 only")
+    x = ops.token_embedding(params["wte"], idx_BT, jnp.zeros((), opts.dtype))
+    block = make_block(config, opts.recompute, pos)
+    if opts.layer_sharding is not None:
+        inner = block
+        block = lambda carry, xs: inner(carry, (jax.lax.with_sharding_constraint(xs[0], opts.layer_sharding), xs[1]))
+    xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L))
+    ((x, delta), cache), _ = jax.lax.scan(block, ((x, jnp.zeros_like(x)), cache), xs)
+    return residual_rmsnorm(x, delta, params["lnfw"], config.norm_eps)[1], cache
+
+
+def _lm_head(params: Params) -> jax.Array:
+    return params["lm_head"] if "lm_head" in params else params["wte"]      # tied: no lm_head tensor
+
+
+def head(params: Params, h_BTC: jax.Array) -> jax.Array:
+    """(B, T, V) logits of the lm_head (V = Vp: no padded columns)."""
+    return ops.logits(h_BTC, _lm_head(params))
+
+
+def logits(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelOptions = ModelOptions()) -> jax.Array:
+    return head(params, forward(params, idx_BT, config, opts)[0])
+
+
+def loss(params: Params, idx_BT: jax.Array, targets_BT: jax.Array, config: LlamaConfig,
+         opts: ModelOptions = ModelOptions()) -> jax.Array:
+    """Mean cross-entropy over B*T tokens through the fused classifier."""
+    h = forward(params, idx_BT, config, opts)[0]
+    return ops.fused_classifier(h, _lm_head(params), targets_BT, config.V)
+
+
+def value_and_grad(config: LlamaConfig, opts: ModelOptions = ModelOptions()) -> Callable:
+    """(params, idx, targets) -> (loss, grads) through the hand-written backward."""
+    return jax.value_and_grad(lambda params, idx_BT, targets_BT: loss(params, idx_BT, targets_BT, config, opts))
+
+
+def empty_cache(config: LlamaConfig, B: int, S: int, dtype) -> KVCache:
+    return KVCache.empty(config.L, B, S, config.NKV, config.HS, dtype)
+
+
+def check_params(params: dict, config: LlamaConfig) -> None:
+    """Raise with the tensor's name if a params dict does not match the config."""
+    for name, shape in config.param_shapes().items():
+        if name not in params:
+            raise ValueError(f"params are missing tensor {name}")
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"param {name} has shape {tuple(params[name].shape)}, expected {shape}")
+
+
+def init_params(config: LlamaConfig, seed: int = 42) -> dict[str, np.ndarray]:
+    """A from-scratch init (llm.c has none for Llama): Hugging Face's LlamaPreTrainedModel._init_weights,
+    N(0, 0.02) for the embedding and every linear weight (initializer_range 0.02), RMSNorm weights 1;
+    drawn with numpy's PCG64 from `seed`, tensor by tensor in param_shapes() order."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in config.param_shapes().items():
+        if name in ("ln1w", "ln2w", "lnfw"):
+            params[name] = np.ones(shape, np.float32)
+        else:
+            params[name] = rng.normal(0.0, 0.02, shape).astype(np.float32)
+    return params
+
+
+def config_record(config: LlamaConfig) -> dict:
+    """The config as the checkpoint manifest records it (JSON)."""
+    return dataclasses.asdict(config)
