@@ -66,7 +66,8 @@ def _batch(args, cfg) -> tuple[np.ndarray, np.ndarray, object]:
     B, T = args.batch_size, args.seq_len
     with user_files():
         if args.llmc_state:
-            state = llmc_format.read_debug_state(args.llmc_state, cfg)
+            from llmc_jax.models.family import family_of
+            state = family_of(cfg).read_debug_state(args.llmc_state, cfg)
             llmc_format.check_seq_len(cfg, state.x.shape[1], args.llmc_state)
             return state.x, state.y, state
         if args.input:
@@ -95,6 +96,17 @@ def _row(name: str, diff: float, rel: float, tol: float, failed: list[str]) -> N
         failed.append(name)
 
 
+def _against_state(args, cfg, state, logits, loss_m, grads_m: dict, failed: list[str]) -> None:
+    """Logits, loss and every gradient against the llm.c debug state (its own tolerance)."""
+    ltol = args.tol if args.tol is not None else LLMC_TOLERANCE[args.dtype]
+    print(f"\nmanual vs llm.c debug state {args.llmc_state}, relative tolerance {ltol:g}")
+    print(f"{'tensor':>10s} | {'max abs diff':>12s} | {'rel error':>12s} | status")
+    _row("logits", *relative_error(np.asarray(logits, np.float32)[..., :cfg.V], state.logits), ltol, failed)
+    _row("loss", *relative_error(np.float32(loss_m), np.float32(state.loss)), ltol, failed)
+    for name in cfg.param_shapes():
+        _row(name, *relative_error(grads_m[name], state.grads[name]), ltol, failed)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
@@ -103,7 +115,6 @@ def main(argv=None) -> int:
     from llmc_jax.nn.kernels import ModelOptions
     if args.dtype == "float32":        # exact float32 matmuls on GPUs too (no TF32)
         jax.config.update("jax_default_matmul_precision", "highest")
-    from llmc_jax.models.config import PARAM_NAMES
 
     t0 = time.time()
     cfg, params_np = load_model(args.init, args.config)
@@ -129,17 +140,10 @@ def main(argv=None) -> int:
     failed: list[str] = []
     print(f"\nmanual vs autodiff gradients, relative tolerance {tol:g}")
     print(f"{'tensor':>10s} | {'max abs diff':>12s} | {'rel error':>12s} | status")
-    for name in PARAM_NAMES:
+    for name in cfg.param_shapes():              # the family's tensors, in its file order
         _row(name, *relative_error(grads_m[name], grads_a[name]), tol, failed)
-
     if state is not None:
-        ltol = args.tol if args.tol is not None else LLMC_TOLERANCE[args.dtype]
-        print(f"\nmanual vs llm.c debug state {args.llmc_state}, relative tolerance {ltol:g}")
-        print(f"{'tensor':>10s} | {'max abs diff':>12s} | {'rel error':>12s} | status")
-        _row("logits", *relative_error(np.asarray(logits, np.float32)[..., :cfg.V], state.logits), ltol, failed)
-        _row("loss", *relative_error(np.float32(loss_m), np.float32(state.loss)), ltol, failed)
-        for name in PARAM_NAMES:
-            _row(name, *relative_error(grads_m[name], state.grads[name]), ltol, failed)
+        _against_state(args, cfg, state, logits, loss_m, grads_m, failed)
 
     if args.dump:
         arrays = {"loss": np.float32(loss_m), "logits": np.asarray(logits, np.float32)}

@@ -58,6 +58,9 @@ class ModelFamily(Protocol):
 
     def write_model(self, path: str, config: Any, params: dict, version: int) -> None: ...
 
+    def read_debug_state(self, path: str, config: Any) -> Any:
+        """llm.c's debug state (x, y, logits, loss, grads) for gradcheck."""
+
     def config_record(self, config: Any) -> dict:
         """The config as JSON, as the checkpoint manifest records and compares it."""
 

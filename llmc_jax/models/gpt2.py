@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llmc_jax.formats.llmc_format import read_model, read_model_header, write_model  # noqa: F401  (the family's files)
+from llmc_jax.formats.llmc_format import read_debug_state, read_model, read_model_header, write_model  # noqa: F401  (the family's files)
 from llmc_jax.formats.llmc_init import init_params  # noqa: F401  (llm.c's init, bit for bit)
 from llmc_jax.models.config import PARAM_NAMES, GPTConfig
 from llmc_jax.nn import kv_cache, ops

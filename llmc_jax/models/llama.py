@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llmc_jax.formats.llama3_format import read_model, read_model_header, write_model  # noqa: F401  (the family's files)
+from llmc_jax.formats.llama3_format import read_debug_state, read_model, read_model_header, write_model  # noqa: F401  (the family's files)
 from llmc_jax.models.llama_config import LlamaConfig
 from llmc_jax.nn import ops
 from llmc_jax.nn.gqa_attention import gqa_attention
