@@ -50,13 +50,7 @@ class GPTConfig:
 
     @property
     def num_parameters(self) -> int:
-        total = 0
-        for shape in self.param_shapes().values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return count_parameters(self.param_shapes())
 
     def describe(self) -> str:
         return f"L={self.L} NH={self.NH} C={self.C} maxT={self.maxT} V={self.V} Vp={self.Vp}"
@@ -64,6 +58,17 @@ class GPTConfig:
     def flops_per_token(self, T: int) -> int:
         """llm.c's MFU convention: 6N + 6*L*C*T (attention causal-halved, N with padding)."""
         return 6 * self.num_parameters + 6 * self.L * self.C * T
+
+
+def count_parameters(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The number of values in tensors of these shapes (every model family's num_parameters)."""
+    total = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
 
 
 PARAM_NAMES: tuple[str, ...] = (

@@ -19,13 +19,12 @@ from llmc_jax.formats.llmc_format import read_debug_state, read_model, read_mode
 from llmc_jax.formats.llmc_init import init_params  # noqa: F401  (llm.c's init, bit for bit)
 from llmc_jax.models.config import PARAM_NAMES, GPTConfig
 from llmc_jax.nn import kv_cache, ops
-from llmc_jax.nn.kernels import ModelOptions, OpSet, op_set
+from llmc_jax.nn.kernels import ModelOptions, OpSet, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
 
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                 "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
-RECOMPUTE = (0, 1, 2)
 # what llm.c's -r keeps for the backward; everything else in the block is recomputed
 _SAVED = {1: ("ln1", "qkv", "atty", "ln2", "fch"), 2: ("qkv", "atty", "fch")}
 
@@ -50,11 +49,7 @@ def make_block(opset: OpSet, NH: int, recompute: int, pos) -> Callable:
         ln2 = checkpoint_name(ln2, "ln2")
         delta = opset.matmul(opset.matmul_gelu(ln2, lp["fcw"], lp["fcb"]), lp["fcprojw"], lp["fcprojb"])
         return ((x, delta), cache), None
-    if recompute == 0:
-        return block
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute}")
-    return jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED[recompute]))
+    return rematerialize(block, recompute, _SAVED)
 
 
 def forward(params: Params, idx_BT: jax.Array, config: GPTConfig, opts: ModelOptions = ModelOptions(), *,

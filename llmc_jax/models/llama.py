@@ -22,7 +22,7 @@ from llmc_jax.formats.llama3_format import read_debug_state, read_model, read_mo
 from llmc_jax.models.llama_config import LlamaConfig
 from llmc_jax.nn import ops
 from llmc_jax.nn.gqa_attention import gqa_attention
-from llmc_jax.nn.kernels import XLA, ModelOptions
+from llmc_jax.nn.kernels import XLA, ModelOptions, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
 from llmc_jax.nn.rmsnorm import residual_rmsnorm
 from llmc_jax.nn.rope import rope, rope_frequencies
@@ -30,7 +30,6 @@ from llmc_jax.nn.swiglu import swiglu
 
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "qkvw", "attprojw", "ln2w", "fcw", "fcprojw")
-RECOMPUTE = (0, 1, 2)
 # llm.c's -r: 1 recomputes SwiGLU from the kept fc output, 2 also both RMSNorms
 _SAVED = {1: ("n1", "qkv", "atty", "n2", "fch"), 2: ("qkv", "atty", "fch")}
 
@@ -80,11 +79,7 @@ def make_block(config: LlamaConfig, recompute: int, pos) -> Callable:
         n2 = checkpoint_name(n2, "n2")
         fch = checkpoint_name(ops.matmul(n2, lp["fcw"], None), "fch")
         return ((x, ops.matmul(swiglu(fch), lp["fcprojw"], None)), cache), None
-    if recompute == 0:
-        return block
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute}")
-    return jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED[recompute]))
+    return rematerialize(block, recompute, _SAVED)
 
 
 def forward(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelOptions = ModelOptions(), *,

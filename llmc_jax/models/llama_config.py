@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from llmc_jax.models.config import count_parameters
+
 LLAMA3_V = 128256     # 128000 BPE ranks + 256 special tokens
 
 
@@ -83,13 +85,7 @@ class LlamaConfig:
 
     @property
     def num_parameters(self) -> int:
-        total = 0
-        for shape in self.param_shapes().values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return count_parameters(self.param_shapes())
 
     def flops_per_token(self, T: int) -> int:
         """llm.c's MFU convention: 6N + 6*L*C*T (attention causal-halved)."""

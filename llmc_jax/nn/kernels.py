@@ -98,6 +98,19 @@ class ModelOptions(NamedTuple):
     layer_sharding: Any = None
 
 
+RECOMPUTE = (0, 1, 2)
+
+
+def rematerialize(block: Callable, recompute: int, saved: dict[int, tuple[str, ...]]) -> Callable:
+    """llm.c's -r on a block: level 0 keeps everything; level 1/2 keep only the activations named
+    (checkpoint_name) in saved[level] and recompute the rest in the backward."""
+    if recompute == 0:
+        return block
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute}")
+    return jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(*saved[recompute]))
+
+
 class OpSet(NamedTuple):
     """The functions a model family's forward calls, with the implementations a Kernels names."""
 
