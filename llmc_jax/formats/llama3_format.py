@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from llmc_jax.formats.llmc_format import (HEADER_BYTES, HEADER_INTS, LLMCFormatError, _atomic_write,
-                                          _check_size, _read_header, _to_bf16_bits)
+                                          _check_size, _read_header, _to_bf16_bits, debug_state_body)
 from llmc_jax.models.llama_config import LlamaConfig
 
 MAGIC = 20240803
@@ -266,13 +266,7 @@ def read_debug_state(path: str | os.PathLike, config: LlamaConfig) -> LlamaDebug
     _check_size(path, size, HEADER_BYTES + 4 * (2 * BT + BT * V + 1 + N + 2 * steps),
                 f"B={B}, T={T}, {steps} history steps from its header, V={V} and {N} file values from the model; "
                 f"a debug state of another model, or a corrupt file")
-    body = np.fromfile(path, dtype="<i4", offset=HEADER_BYTES)
-    bad = (body[:2 * BT] < 0) | (body[:2 * BT] >= V)
-    if bad.any():
-        pos = int(np.argmax(bad))
-        raise LLMCFormatError(f"{path}: debug state {'xy'[pos // BT]} holds token id {int(body[pos])} at position "
-                              f"{pos % BT}, outside the model's vocabulary [0, {V}); a debug state of another "
-                              f"model, or a corrupt file")
+    body = debug_state_body(path, BT, V)
     floats = body[2 * BT:].view("<f4")
     g0 = BT * V + 1
     grads = _split_checked(path, floats[g0:g0 + N], config, "debug state gradient")

@@ -227,6 +227,19 @@ class DebugState:
     grads: dict[str, np.ndarray]
 
 
+def debug_state_body(path: str | os.PathLike, BT: int, V: int) -> np.ndarray:
+    """A debug state's body after the header as int32 (x, y, then the float32 words), its x and y
+    token ids checked against the vocabulary (GPT-2's and Llama 3's debug states share this)."""
+    body = np.fromfile(path, dtype="<i4", offset=HEADER_BYTES)
+    bad = (body[:2 * BT] < 0) | (body[:2 * BT] >= V)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise LLMCFormatError(f"{os.fspath(path)}: debug state {'xy'[pos // BT]} holds token id {int(body[pos])} "
+                              f"at position {pos % BT}, outside the model's vocabulary [0, {V}); a debug state "
+                              f"of another model, or a corrupt file")
+    return body
+
+
 def read_debug_state(path: str | os.PathLike, config: GPTConfig) -> DebugState:
     """Read a debug state written by train_gpt2.py for the model `config` (grads in padded layout)."""
     header, size = _read_header(path, DEBUG_STATE_MAGIC, (DEBUG_STATE_VERSION,),
@@ -239,13 +252,7 @@ def read_debug_state(path: str | os.PathLike, config: GPTConfig) -> DebugState:
     _check_size(path, size, HEADER_BYTES + 4 * (2 * BT + BT * V + 1 + N),
                 f"B={B}, T={T} from its header, V={V} and {N} parameters from the model; a debug state of "
                 f"another model, or a corrupt file")
-    body = np.fromfile(path, dtype="<i4", offset=HEADER_BYTES)
-    bad = (body[:2 * BT] < 0) | (body[:2 * BT] >= V)
-    if bad.any():
-        pos = int(np.argmax(bad))
-        raise LLMCFormatError(f"{os.fspath(path)}: debug state {'xy'[pos // BT]} holds token id {int(body[pos])} "
-                              f"at position {pos % BT}, outside the model's vocabulary [0, {V}); a debug state "
-                              f"of another model, or a corrupt file")
+    body = debug_state_body(path, BT, V)
     floats = body[2 * BT:].view("<f4")
     return DebugState(x=body[:BT].reshape(B, T), y=body[BT:2 * BT].reshape(B, T),
                       logits=floats[:BT * V].reshape(B, T, V), loss=float(floats[BT * V]),
