@@ -30,9 +30,9 @@ BOUNDS = {"gen_tokens": cli.POSITIVE, "temperature": cli.NONNEG, "top_k": cli.PO
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m llmc_jax.sample",
-                       description="Sample from a GPT-2 model (llm.c's xorshift sampler, KV cache).")
+                       description="Sample from a GPT-2 or Llama 3 model (llm.c's xorshift sampler, KV cache).")
     p.add_argument("-e", "--init", required=True,
-                   help="model: an llm.c .bin file or a descriptor (d12, gpt2:d24, tiny: random init)")
+                   help="model: an llm.c .bin file (GPT-2 or llama3) or a descriptor (d12, gpt2:d24, tiny, llama3:tiny: random init)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from EOT alone)")
     p.add_argument("-g", "--gen-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1; 0 = greedy)")

@@ -1,6 +1,6 @@
 """Run by tests/test_parallel.py in a subprocess with 8 fake CPU devices (XLA_FLAGS must be set
-before JAX starts): trains a tiny GPT-2 for a few fp32 steps unsharded and at -z 0..3 on an
-8-device mesh, and prints one JSON object with the losses, param differences, per-device shard
+before JAX starts): trains a tiny GPT-2, and a tiny Llama 3 (NKV < NH), for a few fp32 steps
+unsharded and at -z 0..3 on an 8-device mesh, and prints one JSON object with the losses, param differences, per-device shard
 shapes and collective counts of the compiled steps."""
 from __future__ import annotations
 
@@ -19,18 +19,23 @@ from llmc_jax.formats import llmc_init  # noqa: E402
 from llmc_jax.training import parallel, train_step  # noqa: E402
 from llmc_jax.nn.kernels import Kernels  # noqa: E402
 from llmc_jax.models.config import GPTConfig  # noqa: E402
-from llmc_jax.models.gpt2 import LAYER_PARAMS  # noqa: E402
+from llmc_jax.models import llama  # noqa: E402
+from llmc_jax.models.family import family_of  # noqa: E402
+from llmc_jax.models.llama_config import LlamaConfig  # noqa: E402
+
+# n_rep 2, an FFN hidden size that rounds up to multiple_of, an untied lm_head; V = 256 splits 8 ways
+LLAMA_CONFIG = LlamaConfig(L=2, NH=4, NKV=2, C=64, maxT=64, V=256, multiple_of=32, ffn_dim_multiplier=1.0)
 
 CONFIG = GPTConfig(L=2, NH=4, C=64, maxT=64, V=256, Vp=256)
 STEPS, A, B, T = 5, 2, 8, 16
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 
 
-def batches():
+def batches(V=CONFIG.V):
     rng = np.random.default_rng(0)
     out = []
     for _ in range(STEPS):
-        tok = rng.integers(0, CONFIG.V, size=(A, B, T + 1)).astype(np.int32)
+        tok = rng.integers(0, V, size=(A, B, T + 1)).astype(np.int32)
         out.append((tok[..., :-1], tok[..., 1:]))
     return out
 
@@ -42,16 +47,17 @@ def lr_at(step):
 def run(sc, params, zero_stage, mesh, n=8):
     """(losses, final params as numpy, info) for one configuration; zero_stage None: unsharded."""
     state = train_step.init_train_state(params, sc)
+    layer_params = family_of(sc.model).LAYER_PARAMS
     info = {}
     if zero_stage is None:
         step_fn = train_step.make_train_step(sc)
         put = lambda x: x
     else:
-        sh = parallel.make_shardings(state, mesh, zero_stage, LAYER_PARAMS)
+        sh = parallel.make_shardings(state, mesh, zero_stage, layer_params)
         state = parallel.shard_state(state, sh)
         step_fn = train_step.make_train_step(sc, sh)
         put = lambda x: parallel.shard_batch(x, sh)
-        x0, y0 = batches()[0]
+        x0, y0 = batches(sc.model.V)[0]
         compiled = step_fn.lower(state, put(x0), put(y0), lr_at(0), 0).compile()
         hlo = compiled.as_text()   # the jit call below reuses this executable
         info["collectives"] = {c: len(re.findall(rf" {c}(?:-start)?\(", hlo)) for c in COLLECTIVES}
@@ -72,7 +78,7 @@ def run(sc, params, zero_stage, mesh, n=8):
         info["params"] = shards(state.params)
     losses = []
     t0 = time.perf_counter()
-    for step, (x, y) in enumerate(batches()):
+    for step, (x, y) in enumerate(batches(sc.model.V)):
         state, m = step_fn(state, put(x), put(y), lr_at(step), step)
         losses.append(float(m.loss))
     info["seconds"] = round(time.perf_counter() - t0, 2)
@@ -90,12 +96,27 @@ def z3_layer_gathers(n):
     sc = train_step.StepConfig(model=cfg)
     state = jax.eval_shape(lambda: train_step.init_train_state(
         {k: jax.numpy.zeros(s, jax.numpy.float32) for k, s in cfg.param_shapes().items()}, sc))
-    sh = parallel.make_shardings(state, parallel.make_mesh(), 3, LAYER_PARAMS)
+    sh = parallel.make_shardings(state, parallel.make_mesh(), 3, family_of(cfg).LAYER_PARAMS)
     x = jax.ShapeDtypeStruct((1, n, 16), np.int32)
     hlo = train_step.make_train_step(sc, sh).lower(state, x, x, 1e-3, 0).compile().as_text()
     gathered = re.findall(r"= f32\[([0-9,]+)\]\{[^}]*\} all-gather(?:-start)?\(", hlo)
     return {"qkvw_spec": str(sh.state.params["qkvw"].spec),
             "full_stack": f"{n},192,64" in gathered, "one_layer": bool({"192,64", "1,192,64"} & set(gathered))}
+
+
+def llama_stages(mesh, n):
+    """The Llama 3 family through the same sharded step: losses and final params at -z 0..3 against
+    its unsharded run."""
+    sc = train_step.StepConfig(model=LLAMA_CONFIG, weight_decay=0.1, grad_clip=1.0)
+    params = llama.init_params(LLAMA_CONFIG)
+    ref_losses, ref_params, _ = run(sc, params, None, None)
+    out = {"ref_losses": ref_losses, "stages": {},
+           "max_param_update": max(float(np.max(np.abs(ref_params[k] - params[k]))) for k in params)}
+    for z in (0, 1, 2, 3):
+        losses, final, info = run(sc, params, z, mesh, n)
+        out["stages"][str(z)] = {"losses": losses, "params": info["params"], "mu": info["mu"],
+                                 "param_diff": {k: float(np.max(np.abs(final[k] - ref_params[k]))) for k in final}}
+    return out
 
 
 def main():
@@ -116,6 +137,7 @@ def main():
         info["max_param_diff"] = max(info["param_diff"].values())
         out["stages"][str(z)] = info
     out["z3_layer_gathers"] = z3_layer_gathers(n)
+    out["llama"] = llama_stages(mesh, n)
     # Pallas kernels (interpret mode) under -z 1: run per device inside shard_map
     sc_pallas = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0, kernels=Kernels.resolve("pallas"))
     losses, final, _ = run(sc_pallas, params, 1, mesh, n)

@@ -182,6 +182,11 @@ CONFIG_CASES = [
     ("[model]\nL = 2\nNH = 3\nC = 64\n", r"C=64 is not divisible by NH=3"),
     ("[model]\nL = 2\nNH = 4\n", r"bad \[model\] table"),
     ("[model]\nL = 2\nNH = 4\nC = 64\nheads = 4\n", r"bad \[model\] table"),
+    ('[model]\nfamily = "llama2"\nL = 2\n', r"\[model\] family = 'llama2' must be one of 'gpt2', 'llama3'"),
+    ('[model]\nfamily = "llama3"\nL = 2\nNH = 4\nNKV = 3\nC = 64\n', r"multiple of NKV=3"),
+    ('[model]\nfamily = "llama3"\nL = 2\nNH = 4\nNKV = 2\nC = 64\nrope_theta = "x"\n',
+     r"\[model\] rope_theta = 'x' must be a number"),
+    ('[model]\nfamily = "llama3"\nL = 2\nNH = 4\nNKV = 2\nC = 64\ntied = 1\n', r"\[model\] tied = 1 must be true or false"),
 ]
 
 

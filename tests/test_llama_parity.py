@@ -59,3 +59,22 @@ def test_bf16_file_holds_the_rounded_fp32_weights():
     for name in p32:
         want = np.asarray(jnp.asarray(p32[name]).astype(jnp.bfloat16).astype(jnp.float32))
         np.testing.assert_array_equal(p16[name], want, err_msg=name)
+
+
+def test_resume_gives_the_same_main_log_and_model(tmp_path, capsys):
+    """Llama 3 checkpoints (llm.c llama3 model files + the optimizer and loader state): 4 steps, then
+    -y 1 to 8, equals 8 straight, main.log and the final model file byte for byte; shuffled, so the
+    loader state matters."""
+    flags = TRAIN_FLAGS[:TRAIN_FLAGS.index("-b")] + [
+        "-b", "2", "-t", "32", "-d", "64", "-l", "1e-3", "-u", "2", "-c", "0.1", "--dtype", "float32",
+        "--shuffle", "1", "-v", "4", "-n", "4", "-s", "0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for extra in (["-x", "8", "-o", str(straight)], ["-x", "4", "-o", str(split)],
+                  ["-x", "8", "-o", str(split), "-y", "1"]):
+        assert train.main(flags + extra) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 4 of" in out
+    assert open(split / "main.log").read() == open(straight / "main.log").read()
+    assert open(split / "model_00000008.bin", "rb").read() == open(straight / "model_00000008.bin", "rb").read()
+    assert llama3_format.read_model_header(split / "model_00000008.bin")[0] == llama3_format.read_model(
+        f"{FIXTURE}/model.bin")[0]

@@ -119,7 +119,7 @@ def from_descriptor(spec: str) -> GPTConfig:
 
 
 def load_toml(path: str | Path) -> dict:
-    """Read a TOML file; a `[model]` table with L, NH, C, ... keys becomes a GPTConfig under 'model'.
+    """Read a TOML file; a `[model]` table becomes a GPTConfig or LlamaConfig (its `family`) under 'model'.
 
     Raises FileNotFoundError, or ValueError naming the file for a directory, bad UTF-8, a TOML
     syntax error or a bad [model] table (so a command can report any of them in one line)."""
@@ -138,14 +138,30 @@ def load_toml(path: str | Path) -> dict:
     return data
 
 
-def _model_table(path: Path, table: object) -> GPTConfig:
-    """A [model] table as a GPTConfig: integer L, NH, C (and maxT, V, Vp), nothing else."""
+def _model_table(path: Path, table: object):
+    """A [model] table as a model config: `family = "gpt2"` (the default; integer L, NH, C, maxT, V, Vp)
+    or `family = "llama3"` (LlamaConfig's fields, each of its type), nothing else."""
+    from llmc_jax.models.llama_config import LlamaConfig
     if not isinstance(table, dict):
         raise ValueError(f"{path}: model must be a table ([model] with L, NH, C, maxT, V, Vp)")
+    table = dict(table)
+    family = table.pop("family", "gpt2")
+    classes = {"gpt2": GPTConfig, "llama3": LlamaConfig}
+    if family not in classes:
+        raise ValueError(f"{path}: [model] family = {family!r} must be one of {', '.join(map(repr, classes))}")
+    cls = classes[family]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, value in table.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path}: [model] {key} = {value!r} must be an integer")
+        want = types.get(key, "int")
+        if "bool" in want:
+            ok, words = isinstance(value, bool), "true or false"
+        elif "float" in want:
+            ok, words = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            ok, words = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        if not ok:
+            raise ValueError(f"{path}: [model] {key} = {value!r} must be {words}")
     try:
-        return GPTConfig(**table)
+        return cls(**table)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad [model] table: {e}") from None

@@ -104,6 +104,9 @@ PRESETS: dict[str, LlamaConfig] = {
     # from-scratch sizes on byte data (the built-in corpus): grouped heads, a width that rounds up
     "llama3:tiny": LlamaConfig(L=2, NH=4, NKV=2, C=64, maxT=64, V=256, multiple_of=32, ffn_dim_multiplier=1.3),
     "llama3:small": LlamaConfig(L=4, NH=4, NKV=2, C=128, maxT=64, V=256, multiple_of=64, ffn_dim_multiplier=1.3),
+    # GPT-2 d12's depth, width and heads (3 query heads per kv head) on GPT-2's padded vocabulary: the
+    # size the CPU benchmarks compare the two families at
+    "llama3:d12": LlamaConfig(L=12, NH=12, NKV=4, C=768, maxT=1024, V=50304, multiple_of=256, ffn_dim_multiplier=1.3),
 }
 
 
