@@ -73,8 +73,8 @@ def test_bf16_rounding_matches_ml_dtypes(tmp_path):
     rng = np.random.default_rng(2)
     x = np.concatenate([edge, rng.standard_normal(5000).astype(f32) * f32(10.0) ** rng.integers(-30, 30, 5000)])
     want = x.astype(ml_dtypes.bfloat16)
-    np.testing.assert_array_equal(lf._to_bf16_bits(x), want.view(np.uint16))
-    nan_bits = lf._to_bf16_bits(np.array([np.nan, -np.nan], dtype=f32))
+    np.testing.assert_array_equal(lf.to_bf16_bits(x), want.view(np.uint16))
+    nan_bits = lf.to_bf16_bits(np.array([np.nan, -np.nan], dtype=f32))
     assert np.isnan(nan_bits.view(ml_dtypes.bfloat16).astype(f32)).all()
     # and through the file: a non-representable value comes back as ml_dtypes rounds it
     params = rand_params(3)

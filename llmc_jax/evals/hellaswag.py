@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llmc_jax.formats.llmc_format import HEADER_BYTES, LLMCFormatError, _atomic_write, _header, _read_header
+from llmc_jax.formats.llmc_format import HEADER_BYTES, LLMCFormatError, atomic_write, _header, read_header
 
 EVAL_MAGIC = 20240522
 EVAL_VERSION = 1
@@ -62,7 +62,7 @@ class Example:
 def read_eval_file(path: str | os.PathLike) -> list[Example]:
     """Every example of an llm.c multiple-choice eval file, each field checked; LLMCFormatError if bad."""
     path = os.fspath(path)
-    header, size = _read_header(path, EVAL_MAGIC, (EVAL_VERSION,),
+    header, size = read_header(path, EVAL_MAGIC, (EVAL_VERSION,),
                                 f"Re-generate it: {HOW_TO_MAKE}")
     n, longest = int(header[2]), int(header[3])
     if n < 0:
@@ -161,7 +161,7 @@ def write_eval_file(path: str | os.PathLike, examples: Sequence[Example]) -> Non
     except LLMCFormatError as e:
         raise LLMCFormatError(f"{os.fspath(path)}: {e}") from None
     longest = max((2 * s.size for s in streams), default=0)
-    _atomic_write(path, [_header(EVAL_MAGIC, EVAL_VERSION, len(examples), longest), *streams])
+    atomic_write(path, [_header(EVAL_MAGIC, EVAL_VERSION, len(examples), longest), *streams])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from llmc_jax.formats.llmc_format import (HEADER_BYTES, HEADER_INTS, LLMCFormatError, _atomic_write,
-                                          _check_size, _read_header, _to_bf16_bits, debug_state_body)
+from llmc_jax.formats.llmc_format import (HEADER_BYTES, HEADER_INTS, LLMCFormatError, atomic_write,
+                                          check_size, read_header, to_bf16_bits, debug_state_body)
 from llmc_jax.models.llama_config import LlamaConfig
 
 MAGIC = 20240803
@@ -149,7 +149,7 @@ def _refuse_other_headers(path: str, h: np.ndarray) -> None:
 
 def read_model_header(path: str | os.PathLike) -> tuple[LlamaConfig, int]:
     """Config and version (3 fp32, 5 bf16) of a Llama 3 model .bin, with its length checked, no weights."""
-    header, size = _read_header(path, MAGIC, MODEL_VERSIONS,
+    header, size = read_header(path, MAGIC, MODEL_VERSIONS,
                                 "Use 3 (fp32) or 5 (bf16), as written by the llama3 branch's train_llama3.py",
                                 what=_WHAT_MODEL)
     path = os.fspath(path)
@@ -178,7 +178,7 @@ def read_model_header(path: str | os.PathLike) -> tuple[LlamaConfig, int]:
                               f"NKV={NKV}, C={C}, multiple_of={multiple_of}, use_scaled_rope={scaled}): {e}; "
                               f"the file is corrupt") from None
     n = file_num_parameters(config)
-    _check_size(path, size, MODEL_HEADER_BYTES + (4 if version == 3 else 2) * n,
+    check_size(path, size, MODEL_HEADER_BYTES + (4 if version == 3 else 2) * n,
                 f"{n} {MODEL_VERSIONS[version]} values: {config.num_parameters} parameters and the zero bias slots")
     return config, version
 
@@ -218,11 +218,11 @@ def write_model(path: str | os.PathLike, config: LlamaConfig, params: Mapping[st
     if config.tied:
         arrays["lm_head"] = arrays["wte"]
     dtype = "<f4" if version == 3 else "<u2"
-    convert = (lambda a: np.asarray(a, dtype="<f4")) if version == 3 else _to_bf16_bits
+    convert = (lambda a: np.asarray(a, dtype="<f4")) if version == 3 else to_bf16_bits
     chunks: list[Any] = list(_model_headers(config, version))
     for _, ours, shape in file_shapes(config):
         chunks.append(np.zeros(shape, dtype=dtype) if ours is None else convert(arrays[ours]))
-    _atomic_write(path, chunks)
+    atomic_write(path, chunks)
 
 
 # ---------------------------------------------------------------- debug state
@@ -247,7 +247,7 @@ def read_debug_state(path: str | os.PathLike, config: LlamaConfig) -> LlamaDebug
     hint = ("llm.c master's write_state had no version (slot 1 held B); re-generate it with the llama3 branch's "
             "train_llama3.py (--write_tensors 1)")
     # version 5 too, so that a bf16 model given here gets the message below, not "unsupported version 5"
-    header, size = _read_header(path, MAGIC, (DEBUG_STATE_VERSION, 5), hint, what=_WHAT_STATE)
+    header, size = read_header(path, MAGIC, (DEBUG_STATE_VERSION, 5), hint, what=_WHAT_STATE)
     path = os.fspath(path)
     if header[5:].any():
         k = 5 + int(np.flatnonzero(header[5:])[0])
@@ -263,7 +263,7 @@ def read_debug_state(path: str | os.PathLike, config: LlamaConfig) -> LlamaDebug
                               f"the file is corrupt")
     config = dataclasses.replace(config, tied=False)
     BT, V, N = B * T, config.V, file_num_parameters(config)
-    _check_size(path, size, HEADER_BYTES + 4 * (2 * BT + BT * V + 1 + N + 2 * steps),
+    check_size(path, size, HEADER_BYTES + 4 * (2 * BT + BT * V + 1 + N + 2 * steps),
                 f"B={B}, T={T}, {steps} history steps from its header, V={V} and {N} file values from the model; "
                 f"a debug state of another model, or a corrupt file")
     body = debug_state_body(path, BT, V)
@@ -299,4 +299,4 @@ def write_debug_state(path: str | os.PathLike, config: LlamaConfig, x: Any, y: A
                          np.asarray([float(loss)], dtype="<f4")]
     for _, ours, shape in file_shapes(untied):
         chunks.append(np.zeros(shape, dtype="<f4") if ours is None else np.asarray(arrays[ours], dtype="<f4"))
-    _atomic_write(path, [*chunks, losses, grad_norms])
+    atomic_write(path, [*chunks, losses, grad_norms])

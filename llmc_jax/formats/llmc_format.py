@@ -60,7 +60,7 @@ def _what(magic: int) -> str:
     return _KNOWN_MAGICS[magic][0]
 
 
-def _read_header(path: str | os.PathLike, magic: int, versions: Iterable[int],
+def read_header(path: str | os.PathLike, magic: int, versions: Iterable[int],
                  version_hint: str = "", *, what: str | None = None,
                  also: Mapping[int, tuple[Iterable[int], str]] | None = None) -> tuple[np.ndarray, int]:
     """Check existence, length, magic and version of any llm.c file; return (header, file size).
@@ -101,7 +101,7 @@ def _read_header(path: str | os.PathLike, magic: int, versions: Iterable[int],
     return header, size
 
 
-def _check_size(path: str | os.PathLike, actual: int, expected: int, what: str) -> None:
+def check_size(path: str | os.PathLike, actual: int, expected: int, what: str) -> None:
     """The header fixes the file length exactly; say whether bytes are missing or extra."""
     if actual == expected:
         return
@@ -115,7 +115,7 @@ def _check_size(path: str | os.PathLike, actual: int, expected: int, what: str) 
         f"file is corrupt)")
 
 
-def _atomic_write(path: str | os.PathLike, chunks: Iterable[Any]) -> None:
+def atomic_write(path: str | os.PathLike, chunks: Iterable[Any]) -> None:
     """Write to path.tmp, fsync, then rename, so a crash never leaves a half-written file at path."""
     path = os.fspath(path)
     tmp = path + ".tmp"
@@ -164,7 +164,7 @@ def _checked_params(path: str | os.PathLike, config: GPTConfig, params: Mapping[
     return arrays
 
 
-def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bit patterns with round-to-nearest-even (NaN stays a quiet NaN)."""
     bits = np.ascontiguousarray(a, dtype="<f4").view("<u4")
     rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
@@ -175,7 +175,7 @@ def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
 
 def read_model_header(path: str | os.PathLike) -> tuple[GPTConfig, int]:
     """Config and version (3 fp32, 5 bf16) of a model .bin, with its length checked, without the weights."""
-    header, size = _read_header(path, MODEL_MAGIC, MODEL_VERSIONS,
+    header, size = read_header(path, MODEL_MAGIC, MODEL_VERSIONS,
                                 "Use 3 (fp32) or 5 (bf16), as written by llm.c's train_gpt2.py/.cu")
     version = int(header[1])
     maxT, V, L, NH, C, Vp = (int(v) for v in header[2:8])
@@ -185,7 +185,7 @@ def read_model_header(path: str | os.PathLike) -> tuple[GPTConfig, int]:
         raise LLMCFormatError(f"{os.fspath(path)}: model header has nonsense sizes (maxT={maxT}, V={V}, "
                               f"L={L}, NH={NH}, C={C}, Vp={Vp}): {e}; the file is corrupt") from None
     nbytes = 4 if version == 3 else 2
-    _check_size(path, size, HEADER_BYTES + nbytes * config.num_parameters,
+    check_size(path, size, HEADER_BYTES + nbytes * config.num_parameters,
                 f"{config.num_parameters} {MODEL_VERSIONS[version]} parameters")
     return config, version
 
@@ -212,8 +212,8 @@ def write_model(path: str | os.PathLike, config: GPTConfig, params: Mapping[str,
         raise LLMCFormatError(f"{os.fspath(path)}: cannot write model version {version}; use 3 (fp32) or 5 (bf16)")
     arrays = _checked_params(path, config, params, "model")
     header = _header(MODEL_MAGIC, version, config.maxT, config.V, config.L, config.NH, config.C, config.Vp)
-    convert = (lambda a: np.asarray(a, dtype="<f4")) if version == 3 else _to_bf16_bits
-    _atomic_write(path, [header, *(convert(a) for a in arrays)])
+    convert = (lambda a: np.asarray(a, dtype="<f4")) if version == 3 else to_bf16_bits
+    atomic_write(path, [header, *(convert(a) for a in arrays)])
 
 
 @dataclasses.dataclass
@@ -242,14 +242,14 @@ def debug_state_body(path: str | os.PathLike, BT: int, V: int) -> np.ndarray:
 
 def read_debug_state(path: str | os.PathLike, config: GPTConfig) -> DebugState:
     """Read a debug state written by train_gpt2.py for the model `config` (grads in padded layout)."""
-    header, size = _read_header(path, DEBUG_STATE_MAGIC, (DEBUG_STATE_VERSION,),
+    header, size = read_header(path, DEBUG_STATE_MAGIC, (DEBUG_STATE_VERSION,),
                                 "Version 1 predates vocab padding; re-generate it with train_gpt2.py")
     B, T = int(header[2]), int(header[3])
     if B <= 0 or T <= 0:
         raise LLMCFormatError(f"{os.fspath(path)}: debug state header has nonsense sizes B={B}, T={T}; "
                               f"the file is corrupt")
     BT, V, N = B * T, config.V, config.num_parameters
-    _check_size(path, size, HEADER_BYTES + 4 * (2 * BT + BT * V + 1 + N),
+    check_size(path, size, HEADER_BYTES + 4 * (2 * BT + BT * V + 1 + N),
                 f"B={B}, T={T} from its header, V={V} and {N} parameters from the model; a debug state of "
                 f"another model, or a corrupt file")
     body = debug_state_body(path, BT, V)
@@ -270,7 +270,7 @@ def write_debug_state(path: str | os.PathLike, config: GPTConfig, x: Any, y: Any
         raise LLMCFormatError(f"{os.fspath(path)}: logits have shape {logits.shape}, expected "
                               f"{(B, T, config.V)} or {(B, T, config.Vp)}")
     arrays = _checked_params(path, config, grads, "grads")
-    _atomic_write(path, [_header(DEBUG_STATE_MAGIC, DEBUG_STATE_VERSION, B, T),
+    atomic_write(path, [_header(DEBUG_STATE_MAGIC, DEBUG_STATE_VERSION, B, T),
                          x.astype("<i4"), y.astype("<i4"),
                          np.asarray(logits[..., :config.V], dtype="<f4"),
                          np.asarray([float(loss)], dtype="<f4"),
@@ -280,7 +280,7 @@ def write_debug_state(path: str | os.PathLike, config: GPTConfig, x: Any, y: Any
 def shard_info(path: str | os.PathLike) -> tuple[int, int]:
     """(token count, bytes per token) of a token shard: 2 for GPT-2's uint16 shards (magic 20240520,
     version 1), 4 for Llama 3's uint32 ones (magic 20240801, version 7); the length is checked."""
-    header, size = _read_header(path, SHARD_MAGIC, (SHARD_VERSION,),
+    header, size = read_header(path, SHARD_MAGIC, (SHARD_VERSION,),
                                 "Re-generate it with llm.c's dev/data scripts (GPT-2 shards are version 1)",
                                 also={SHARD32_MAGIC: ((SHARD32_VERSION,), "Re-generate it with llm.c's dev/data "
                                                       "scripts (-m llama-3; LLaMA-3 shards are version 7)")})
@@ -289,7 +289,7 @@ def shard_info(path: str | os.PathLike) -> tuple[int, int]:
     if ntok < 0:
         raise LLMCFormatError(f"{os.fspath(path)}: shard header has a negative token count {ntok}; "
                               f"the file is corrupt")
-    _check_size(path, size, HEADER_BYTES + width * ntok, f"{ntok} {'uint16' if width == 2 else 'uint32'} tokens")
+    check_size(path, size, HEADER_BYTES + width * ntok, f"{ntok} {'uint16' if width == 2 else 'uint32'} tokens")
     return ntok, width
 
 
@@ -338,7 +338,7 @@ def write_shard(path: str | os.PathLike, tokens: Any, token_bytes: int = 2) -> N
             raise LLMCFormatError(f"{os.fspath(path)}: token id {int(tokens[pos])} at position {pos} is "
                                   f"outside [0, {top}] and cannot be stored as "
                                   f"{'uint16' if token_bytes == 2 else 'uint32'}{hint}")
-    _atomic_write(path, [_header(magic, version, tokens.size), tokens.astype(dtype)])
+    atomic_write(path, [_header(magic, version, tokens.size), tokens.astype(dtype)])
 
 
 def check_seq_len(config: GPTConfig, T: int, path: str | os.PathLike = "<model>") -> None:
