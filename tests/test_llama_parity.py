@@ -64,10 +64,11 @@ def test_bf16_file_holds_the_rounded_fp32_weights():
 def test_resume_gives_the_same_main_log_and_model(tmp_path, capsys):
     """Llama 3 checkpoints (llm.c llama3 model files + the optimizer and loader state): 4 steps, then
     -y 1 to 8, equals 8 straight, main.log and the final model file byte for byte; shuffled, so the
-    loader state matters."""
+    loader state matters, and bf16 params without master weights (-w 0), so the bf16 (v5) file and
+    state must come back bit for bit."""
     flags = TRAIN_FLAGS[:TRAIN_FLAGS.index("-b")] + [
-        "-b", "2", "-t", "32", "-d", "64", "-l", "1e-3", "-u", "2", "-c", "0.1", "--dtype", "float32",
-        "--shuffle", "1", "-v", "4", "-n", "4", "-s", "0"]
+        "-b", "2", "-t", "32", "-d", "64", "-l", "1e-3", "-u", "2", "-c", "0.1", "--dtype", "bfloat16",
+        "-w", "0", "--shuffle", "1", "-v", "4", "-n", "4", "-s", "0"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     for extra in (["-x", "8", "-o", str(straight)], ["-x", "4", "-o", str(split)],
                   ["-x", "8", "-o", str(split), "-y", "1"]):
@@ -76,5 +77,5 @@ def test_resume_gives_the_same_main_log_and_model(tmp_path, capsys):
     assert "resumed from step 4 of" in out
     assert open(split / "main.log").read() == open(straight / "main.log").read()
     assert open(split / "model_00000008.bin", "rb").read() == open(straight / "model_00000008.bin", "rb").read()
-    assert llama3_format.read_model_header(split / "model_00000008.bin")[0] == llama3_format.read_model(
-        f"{FIXTURE}/model.bin")[0]
+    config, version = llama3_format.read_model_header(split / "model_00000008.bin")
+    assert version == 5 and config == llama3_format.read_model_header(f"{FIXTURE}/model.bin")[0]
