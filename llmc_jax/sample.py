@@ -19,7 +19,9 @@ def _get_tokenizer(name: str):
     from llmc_jax.formats.tokenizer import get_tokenizer
     try:
         return get_tokenizer(name)
-    except RuntimeError as e:          # no GPT-2 BPE files offline, or a corrupt one: say what to do
+    except ValueError as e:            # an unknown name
+        raise UsageError(f"--tokenizer: {e}") from None
+    except RuntimeError as e:          # no BPE file offline, or a corrupt one: say what to do
         raise SystemExit(f"cannot load the {name} tokenizer: {e}") from None
 
 
@@ -38,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--seed", type=int, default=1337, help="xorshift seed (default 1337, as llm.c)")
-    p.add_argument("--tokenizer", choices=("gpt2", "byte"),
-                   help="default: byte when the model's V is 256, gpt2 otherwise")
+    p.add_argument("--tokenizer", help="gpt2, byte or llama3:PATH (Meta's tokenizer.model; plain llama3 reads "
+                   "$LLMC_JAX_LLAMA3_TOKENIZER); default: byte when the model's V is 256, llama3 for a Llama 3 "
+                   "model's 128256, gpt2 otherwise")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     cli.add_kernel_flags(p)
     p.add_argument("--no-eot", action="store_true",
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     from llmc_jax.evals.generate import generate
     kernels = cli.resolve_kernels(args, platform=jax.devices()[0].platform, dtype=args.dtype)
     config, params = load_model(args.init)
-    tok = _get_tokenizer(args.tokenizer or ("byte" if config.V == 256 else "gpt2"))
+    tok = _get_tokenizer(args.tokenizer or {256: "byte", 128256: "llama3"}.get(config.V, "gpt2"))
     prompt = ([] if args.no_eot and args.prompt else [tok.eot]) + tok.encode(args.prompt)
     bad = [t for t in prompt if not 0 <= t < config.V]
     if bad:

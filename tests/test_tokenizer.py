@@ -162,8 +162,8 @@ def test_byte_tokenizer():
 
 
 def test_unknown_name():
-    with pytest.raises(ValueError, match="gpt2 or byte"):
-        T.get_tokenizer("llama3")
+    with pytest.raises(ValueError, match=r"unknown tokenizer 'llama2'; choose gpt2, byte or llama3\[:PATH\]"):
+        T.get_tokenizer("llama2")
 
 
 def test_module_main(gpt2_files, clean_env, capsys):

@@ -219,7 +219,8 @@ def locate(path: str | os.PathLike | None = None) -> str | None:
 
 
 def get_tokenizer(name: str = "gpt2", path: str | os.PathLike | None = None) -> Tokenizer:
-    """A tokenizer by name: "gpt2" (GPT-2 BPE, eot 50256, V 50257) or "byte" (UTF-8 bytes, eot 0, V 256).
+    """A tokenizer by name: "gpt2" (GPT-2 BPE, eot 50256, V 50257), "byte" (UTF-8 bytes, eot 0, V 256)
+    or "llama3:PATH" (Meta's tokenizer.model; plain "llama3" reads $LLMC_JAX_LLAMA3_TOKENIZER).
 
     For "gpt2" see the module docstring for where the files are looked for. Raises
     TokenizerNotFoundError (saying how to provide the files) when they are nowhere, and
@@ -228,8 +229,11 @@ def get_tokenizer(name: str = "gpt2", path: str | os.PathLike | None = None) -> 
     if name == "byte":
         from llmc_jax.formats.corpus import ByteTokenizer
         return ByteTokenizer()
+    if name == "llama3" or name.startswith("llama3:"):
+        from llmc_jax.formats import llama3_tokenizer
+        return llama3_tokenizer.load(name[len("llama3:"):] or path)
     if name != "gpt2":
-        raise ValueError(f"unknown tokenizer {name!r}; choose gpt2 or byte")
+        raise ValueError(f"unknown tokenizer {name!r}; choose gpt2, byte or llama3[:PATH]")
     folder = locate(path)
     if folder is not None:
         return _load_local(folder)
