@@ -3,6 +3,12 @@ import sys
 
 # Tests run on the CPU with the repository importable without installation.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite compiles hundreds of small programs, and XLA:CPU spends most of that time in LLVM's
+# optimizer: at -O0 it compiles ~30% faster with the same results (XLA's fast-math stays off, and
+# every tolerance is unchanged). Subprocesses inherit it through device_flags(). The product's
+# own runs (the README's no-argument run in CI included) keep XLA's default level.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
@@ -10,6 +16,11 @@ import pytest  # noqa: E402
 
 from llmc_jax.models.config import GPTConfig  # noqa: E402
 
+
+
+def device_flags(n: int) -> str:
+    """XLA_FLAGS for a subprocess with n fake CPU devices, keeping the suite's other XLA flags."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
 
 
 def gpt2_bpe_folder() -> str:

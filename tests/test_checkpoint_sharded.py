@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import device_flags
+
 from llmc_jax.formats import llmc_format
 from llmc_jax.training import checkpoint
 from llmc_jax.formats.data import DataLoader
@@ -31,7 +33,7 @@ def _run(out_dir, cache: str, zero: int, nproc: int, *extra: str) -> str:
     env = dict(os.environ, JAX_PLATFORMS="cpu", LLMC_JAX_CACHE=cache, LLMC_JAX_INIT_TIMEOUT="60")
     argv = COMMON + ["-z", str(zero), "-o", str(out_dir)] + list(extra)
     if nproc == 1:
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        env["XLA_FLAGS"] = device_flags(4)
         cmd = [sys.executable, "-m", "llmc_jax.train"] + argv
     else:
         cmd = [sys.executable, "-m", "llmc_jax.launch", "--nproc", str(nproc), "--devices-per-proc", "2", "--"] + argv

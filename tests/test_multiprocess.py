@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import device_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 FIXTURE = os.path.join(HERE, "data", "llmc_tiny")
@@ -49,7 +51,7 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
     argv = LLAMA_COMMON + ["-x", "4", "-v", "2", "-m", "1"]
     one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
     one = subprocess.run([sys.executable, "-m", "llmc_jax.train"] + argv + ["-o", one_dir], cwd=REPO,
-                         env=_env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                         env=_env(cache_dir, XLA_FLAGS=device_flags(4)),
                          capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "llmc_jax.launch", "--nproc", "2", "--devices-per-proc", "2",

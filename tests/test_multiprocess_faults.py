@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from conftest import device_flags
+
 from llmc_jax.training import cli
 from llmc_jax.multihost import distributed
 from llmc_jax.errors import UsageError
@@ -34,7 +36,7 @@ def cache_dir(tmp_path_factory):
 
 def _env(cache: str) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", LLMC_JAX_CACHE=cache, PYTHONPATH=REPO,
-                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                XLA_FLAGS=device_flags(2),
                 LLMC_JAX_INIT_TIMEOUT=str(INIT_TIMEOUT), LLMC_JAX_PEER_TIMEOUT=str(PEER_TIMEOUT))
 
 

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import device_flags
+
 from llmc_jax.training import parallel
 from llmc_jax.models.gpt2 import LAYER_PARAMS
 
@@ -66,7 +68,7 @@ def test_state_shardings_structure_one_device():
 
 @pytest.fixture(scope="module")
 def worker():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={N}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=device_flags(N))
     env.pop("JAX_NUM_CPU_DEVICES", None)
     r = subprocess.run([sys.executable, os.path.join(HERE, "parallel_worker.py")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -185,7 +187,7 @@ def test_train_command_on_4_devices_matches_one_device(tmp_path):
               "-t", "64", "-d", "256", "-x", "4", "-v", "0", "-s", "0", "-c", "0.1", "--dtype", "float32",
               "--shuffle", "0"]
     one = _train_losses({}, common + ["-b", "4"], str(tmp_path))
-    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    four = {"XLA_FLAGS": device_flags(4)}
     for z in ("1", "3"):
         got = _train_losses(four, common + ["-b", "1", "-z", z], str(tmp_path))
         np.testing.assert_allclose(got, one, rtol=0, atol=1e-5, err_msg=f"-z {z}")
