@@ -8,7 +8,8 @@ trainer, the sampler and the data scripts put at a document's start)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+
+from llmc_jax.formats.tokenizer import TiktokenTokenizer
 
 ENV_VAR = "LLMC_JAX_LLAMA3_TOKENIZER"
 NUM_BASE_TOKENS = 128000
@@ -30,8 +31,8 @@ class Llama3TokenizerError(RuntimeError):
     """The file is missing or not a Llama 3 tokenizer.model; the message says what to do."""
 
 
-class Llama3Tokenizer:
-    """Llama 3's BPE behind the common tokenizer interface (encode never emits special tokens)."""
+class Llama3Tokenizer(TiktokenTokenizer):
+    """Llama 3's BPE with its 256 special tokens after the base ranks."""
 
     name = "llama3"
 
@@ -44,15 +45,6 @@ class Llama3Tokenizer:
         self.eot = self.special["<|begin_of_text|>"]
         self.vocab_size = n + NUM_SPECIAL_TOKENS
         self.source = source
-
-    def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.encoding.decode([int(i) for i in ids])
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.encoding.decode_bytes([int(i) for i in ids])
 
     def __repr__(self) -> str:
         return f"Llama3Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"

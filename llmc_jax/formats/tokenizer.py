@@ -37,7 +37,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 ENV_VAR = "LLMC_JAX_TOKENIZER"
 GPT2_EOT = 50256
@@ -98,16 +98,10 @@ def how_to_provide(folder: str | None = None) -> str:
             f"A folder holding r50k_base.tiktoken works too.")
 
 
-class GPT2Tokenizer:
-    """GPT-2's BPE: a tiktoken Encoding behind the common interface."""
+class TiktokenTokenizer:
+    """A tiktoken Encoding behind the common interface (encode never emits special tokens)."""
 
-    eot = GPT2_EOT
-    vocab_size = GPT2_VOCAB_SIZE
-    name = "gpt2"
-
-    def __init__(self, encoding, source: str):
-        self.encoding = encoding
-        self.source = source            # the folder the files came from, or "tiktoken"
+    encoding: Any
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -117,6 +111,18 @@ class GPT2Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes([int(i) for i in ids])
+
+
+class GPT2Tokenizer(TiktokenTokenizer):
+    """GPT-2's BPE."""
+
+    eot = GPT2_EOT
+    vocab_size = GPT2_VOCAB_SIZE
+    name = "gpt2"
+
+    def __init__(self, encoding, source: str):
+        self.encoding = encoding
+        self.source = source            # the folder the files came from, or "tiktoken"
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(source={self.source!r})"
