@@ -6,7 +6,10 @@ the tensors, all fp32 (version 3) or all bf16 (version 5, round-to-nearest-even 
   int   0 magic 20240803, 1 version, 2 maxT (block_size), 3 V, 4 L, 5 NH, 6 NKV, 7 C, 8 multiple_of,
         9 use_scaled_rope (0/1), 10 major, 11 minor (of the Llama version), 12..255 zero
   float 0 ffn_dim_multiplier, 1 norm_eps, 2 rope_theta, 3..255 zero (llm.c's C checkpoint writer
-        leaves them uninitialised, so they are not checked)
+        leaves them uninitialised, so they are not checked). Ours only: a RoPE scaling other than
+        train_llama3.py's fixed Llama 3.1 constants (a Llama 3.2 checkpoint from Hugging Face has
+        factor 32) is kept as 3 = SCALING_MARK, 4..7 = factor, low_freq_factor, high_freq_factor,
+        original_maxT; files of the default scaling stay byte for byte what llm.c writes.
 
 The tensors keep GPT-2's 16 slots by llm.c's three hacks: slot 1 (GPT-2's wpe) holds lm_head, every
 bias slot is written as zeros (Llama has no biases), and fcw holds per layer [up (c_fc) rows; gate
@@ -43,11 +46,13 @@ import numpy as np
 from llmc_jax.formats.llmc_format import (HEADER_BYTES, HEADER_INTS, LLMCFormatError, atomic_write,
                                           check_size, read_header, to_bf16_bits, debug_state_body)
 from llmc_jax.models.llama_config import LlamaConfig
+from llmc_jax.nn.rope import LLAMA31_SCALING
 
 MAGIC = 20240803
 MODEL_VERSIONS = {3: "fp32", 5: "bf16"}
 DEBUG_STATE_VERSION = 3
 MODEL_HEADER_BYTES = 2 * HEADER_BYTES        # int header + float header
+SCALING_MARK = 1234.5                        # float slot 3: slots 4..7 hold a non-default RoPE scaling
 
 # The 16 tensors of the file, in order: (llm.c's name, our name, or None for a zero bias slot and
 # the weight whose leading dims it has).
@@ -172,7 +177,7 @@ def read_model_header(path: str | os.PathLike) -> tuple[LlamaConfig, int]:
         config = LlamaConfig(L=L, NH=NH, NKV=NKV, C=C, maxT=maxT, V=V, multiple_of=multiple_of,
                              ffn_dim_multiplier=_decimal(floats[0]), norm_eps=_decimal(floats[1]),
                              rope_theta=_decimal(floats[2]), use_scaled_rope=bool(scaled), tied=False,
-                             major=major, minor=minor)
+                             major=major, minor=minor, **_read_scaling(floats))
     except ValueError as e:
         raise LLMCFormatError(f"{path}: model header has nonsense sizes (maxT={maxT}, V={V}, L={L}, NH={NH}, "
                               f"NKV={NKV}, C={C}, multiple_of={multiple_of}, use_scaled_rope={scaled}): {e}; "
@@ -181,6 +186,14 @@ def read_model_header(path: str | os.PathLike) -> tuple[LlamaConfig, int]:
     check_size(path, size, MODEL_HEADER_BYTES + (4 if version == 3 else 2) * n,
                 f"{n} {MODEL_VERSIONS[version]} values: {config.num_parameters} parameters and the zero bias slots")
     return config, version
+
+
+def _read_scaling(floats: np.ndarray) -> dict:
+    if floats[3] != SCALING_MARK:
+        return {}
+    factor, low, high, original = (_decimal(v) for v in floats[4:8])
+    return dict(rope_factor=factor, rope_low_freq_factor=low, rope_high_freq_factor=high,
+                rope_original_maxT=int(original))
 
 
 def read_model(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
@@ -206,6 +219,8 @@ def _model_headers(config: LlamaConfig, version: int) -> tuple[np.ndarray, np.nd
     floats = np.zeros(HEADER_INTS, dtype="<f4")
     mult = 1.0 if config.ffn_dim_multiplier is None else config.ffn_dim_multiplier
     floats[:3] = (mult, config.norm_eps, config.rope_theta)
+    if config.rope_scaling != LLAMA31_SCALING:
+        floats[3:8] = (SCALING_MARK, *config.rope_scaling)
     return ints, floats
 
 

@@ -107,8 +107,14 @@ def model_config(init: str) -> Any:
 
 def _file_format(path: str):
     """The reader module of a model file, by the magic number it starts with: llm.c's Llama 3 .bin
-    (20240803) or anything else for GPT-2's reader, whose errors name what the file is."""
-    from llmc_jax.formats import llama3_format, llmc_format
+    (20240803) or anything else for GPT-2's reader, whose errors name what the file is; a directory
+    is a Hugging Face checkpoint (config.json + safetensors) of either family."""
+    from llmc_jax.formats import hf_checkpoint, llama3_format, llmc_format
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise UsageError(f"-e {path}: not a regular file (a model .bin), and without config.json not a "
+                             "Hugging Face checkpoint directory")
+        return hf_checkpoint
     try:
         with open(path, "rb") as f:
             magic = int.from_bytes(f.read(4), "little")
@@ -118,7 +124,7 @@ def _file_format(path: str):
 
 
 def read_model_header(path: str) -> tuple[Any, int]:
-    """(config, format version) of a model file, the weights unread."""
+    """(config, format version; 0 for a Hugging Face directory) of a model file, the weights unread."""
     return _file_format(path).read_model_header(path)
 
 
@@ -131,7 +137,7 @@ def _check_exists(init: str) -> None:
     from llmc_jax.models import config as cfgmod
     if not os.path.exists(init):
         raise UsageError(f"-e {init}: no such file, and not a model descriptor (dN, gpt2:dN, gpt3:cN, "
-                         f"{', '.join(cfgmod.PRESETS)}, llama3.2:1B, llama3:tiny, ...)")
+                         f"{', '.join(cfgmod.PRESETS)}, llama3.2:1B, llama3:tiny, ...) nor a Hugging Face checkpoint directory")
 
 
 def load_model(init: str, model_table: Any = None, *, check_finite: bool = True) -> tuple[Any, dict[str, np.ndarray]]:

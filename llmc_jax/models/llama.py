@@ -37,7 +37,7 @@ _SAVED = {1: ("n1", "qkv", "atty", "n2", "fch"), 2: ("qkv", "atty", "fch")}
 @functools.lru_cache(maxsize=8)
 def freqs(config: LlamaConfig) -> np.ndarray:
     """The RoPE table (maxT, HS/2, 2) [cos, sin], float32, computed once on the host."""
-    return rope_frequencies(config.HS, config.maxT, config.rope_theta, config.use_scaled_rope)
+    return rope_frequencies(config.HS, config.maxT, config.rope_theta, config.use_scaled_rope, config.rope_scaling)
 
 
 def split_qkv(qkv_BTQ: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -11,6 +11,7 @@ import dataclasses
 import re
 
 from llmc_jax.models.config import count_parameters
+from llmc_jax.nn.rope import RopeScaling
 
 LLAMA3_V = 128256     # 128000 BPE ranks + 256 special tokens
 
@@ -30,6 +31,12 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = True
+    # Llama 3.1's RoPE scaling constants (used when use_scaled_rope): train_llama3.py's fixed values;
+    # Hugging Face checkpoints of Llama 3.2 bring factor 32
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_maxT: int = 8192
     tied: bool = False           # llm.c's llama3 files always hold a separate lm_head
     major: int = 3               # Llama version, kept for the file header
     minor: int = 1
@@ -46,6 +53,15 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: head size C/NH={self.HS} must be even (RoPE rotates channel pairs)")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise ValueError(f"LlamaConfig: norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be > 0")
+        sc = self.rope_scaling
+        if not (sc.factor > 0 and 0 < sc.low_freq_factor < sc.high_freq_factor and sc.original_maxT > 0):
+            raise ValueError(f"LlamaConfig: RoPE scaling {tuple(sc)} needs factor > 0, 0 < low_freq_factor < "
+                             "high_freq_factor and rope_original_maxT > 0")
+
+    @property
+    def rope_scaling(self) -> RopeScaling:
+        return RopeScaling(self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                           self.rope_original_maxT)
 
     @property
     def Vp(self) -> int:

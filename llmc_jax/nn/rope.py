@@ -20,6 +20,7 @@ PyTorch calls glibc powf/cosf/sinf per element (and SLEEF's 1-ulp powf on vector
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +29,19 @@ from jax import lax
 
 F32 = jnp.float32
 
-# Llama 3.1 RoPE scaling (train_llama3.py apply_scaling)
-SCALE_FACTOR, LOW_FREQ_FACTOR, HIGH_FREQ_FACTOR, OLD_CONTEXT_LEN = 8, 1, 4, 8192
-LOW_FREQ_WAVELEN = OLD_CONTEXT_LEN / LOW_FREQ_FACTOR     # 8192: longer wavelengths are divided by 8
-HIGH_FREQ_WAVELEN = OLD_CONTEXT_LEN / HIGH_FREQ_FACTOR   # 2048: shorter wavelengths are kept
+
+
+class RopeScaling(NamedTuple):
+    """Llama 3.1's frequency scaling constants (HF's rope_scaling {"rope_type": "llama3", ...}).
+
+    train_llama3.py hard-codes Llama 3.1's (8, 1, 4, 8192); Llama 3.2 checkpoints use factor 32."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_maxT: int = 8192
+
+
+LLAMA31_SCALING = RopeScaling()
 
 
 def _f32(v) -> np.float32:
@@ -43,26 +53,30 @@ def _rdiv(a, x: np.ndarray) -> np.ndarray:
     return (_f32(1) / x) * _f32(a)
 
 
-def _scale_llama31(f: np.ndarray) -> np.ndarray:
-    """apply_scaling: keep high frequencies, divide low ones by 8, blend the band between."""
+def _scale_llama31(f: np.ndarray, sc: RopeScaling) -> np.ndarray:
+    """apply_scaling: keep high frequencies, divide low ones by the factor, blend the band between."""
+    low_freq_wavelen = sc.original_maxT / sc.low_freq_factor       # 8192: longer wavelengths are divided
+    high_freq_wavelen = sc.original_maxT / sc.high_freq_factor     # 2048: shorter wavelengths are kept
     wavelen = _rdiv(2 * math.pi, f)
-    smooth = (_rdiv(OLD_CONTEXT_LEN, wavelen) - _f32(LOW_FREQ_FACTOR)) / _f32(HIGH_FREQ_FACTOR - LOW_FREQ_FACTOR)
-    blended = (_f32(1) - smooth) * f / _f32(SCALE_FACTOR) + smooth * f
-    out = np.where(wavelen > _f32(LOW_FREQ_WAVELEN), f / _f32(SCALE_FACTOR), blended)
-    return np.where(wavelen < _f32(HIGH_FREQ_WAVELEN), f, out).astype(np.float32)
+    smooth = (_rdiv(sc.original_maxT, wavelen) - _f32(sc.low_freq_factor)) / _f32(sc.high_freq_factor - sc.low_freq_factor)
+    blended = (_f32(1) - smooth) * f / _f32(sc.factor) + smooth * f
+    out = np.where(wavelen > _f32(low_freq_wavelen), f / _f32(sc.factor), blended)
+    return np.where(wavelen < _f32(high_freq_wavelen), f, out).astype(np.float32)
 
 
-def rope_angular_frequencies(HS: int, theta: float, use_scaled_rope: bool) -> np.ndarray:
+def rope_angular_frequencies(HS: int, theta: float, use_scaled_rope: bool,
+                             scaling: RopeScaling = LLAMA31_SCALING) -> np.ndarray:
     """The HS/2 float32 angular frequencies of the channel pairs (scaled as Llama 3.1 when asked)."""
     exponent = np.arange(0, HS, 2)[: HS // 2].astype(np.float32) / _f32(HS)
     power = (np.float64(_f32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
     f = _rdiv(1.0, power)
-    return _scale_llama31(f) if use_scaled_rope else f
+    return _scale_llama31(f, scaling) if use_scaled_rope else f
 
 
-def rope_frequencies(HS: int, maxT: int, theta: float, use_scaled_rope: bool) -> np.ndarray:
+def rope_frequencies(HS: int, maxT: int, theta: float, use_scaled_rope: bool,
+                     scaling: RopeScaling = LLAMA31_SCALING) -> np.ndarray:
     """The (maxT, HS/2, 2) float32 [cos, sin] table of train_llama3.py's precompute_freqs_cis."""
-    f = rope_angular_frequencies(HS, theta, use_scaled_rope)
+    f = rope_angular_frequencies(HS, theta, use_scaled_rope, scaling)
     angle = np.outer(np.arange(maxT, dtype=np.float32), f).astype(np.float64)   # float32 products, exact in f64
     return np.stack([np.cos(angle), np.sin(angle)], axis=-1).astype(np.float32)
 
