@@ -1,7 +1,10 @@
 """python -m llmc_jax.eval_hellaswag: llm.c's HellaSwag eval (completion-style acc_norm) of a model.
 
 Prints `HellaSwag: <correct>/<total> = <acc>` as llm.c's train_gpt2.cu does; progress goes to stderr.
-The eval file is llm.c's hellaswag_val.bin (make it with scripts/prepare_hellaswag.py).
+The eval file is llm.c's hellaswag_val.bin (make it with scripts/prepare_hellaswag.py). The model is
+GPT-2 or Llama 3 (the family comes from the file or descriptor); the eval file must be tokenized for
+the model's vocabulary: for Llama 3, `python scripts/prepare_hellaswag.py --tokenizer llama3:PATH`
+(a file made for another vocabulary is refused in one line, exit 2).
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m llmc_jax.eval_hellaswag", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-e", "--init", required=True,
-                   help="model: an llm.c .bin file (model_*.bin, gpt2_124M.bin) or a descriptor (d12, tiny) "
-                        "for a randomly initialised one")
+                   help="model: an llm.c .bin file (model_*.bin, gpt2_124M.bin, a Llama 3 model .bin) or a "
+                        "descriptor (d12, tiny, llama3:tiny) for a randomly initialised one")
     p.add_argument("-i", "--input", default=hellaswag.DEFAULT_PATH,
-                   help=f"eval file in llm.c's format (default {hellaswag.DEFAULT_PATH})")
+                   help=f"eval file in llm.c's format, tokenized for the model's vocabulary "
+                        f"(default {hellaswag.DEFAULT_PATH})")
     p.add_argument("-b", "--batch-size", type=int, default=32,
                    help="B rows per forward, >= 4; floor(B/4) examples each (default 32)")
     p.add_argument("-t", "--seq-len", type=int, default=None,

@@ -2,7 +2,7 @@
 """Download and tokenize FineWeb or FineWeb-Edu as llm.c's dev/data/fineweb.py does.
 
     python scripts/prepare_fineweb.py [--version 10B|100B] [--edu] [-o DIR] [--shard-size 100000000]
-        [--tokenizer gpt2|byte] [--workers N] [--delete-downloads]
+        [--tokenizer gpt2|byte|llama3[:PATH]] [--workers N] [--delete-downloads]
 
 Source: the parquet files of the `sample-10BT` / `sample-100BT` subsets of HuggingFaceFW/fineweb
 (or HuggingFaceFW/fineweb-edu with --edu), i.e. sample/10BT/*.parquet, taken in sorted order as
@@ -11,10 +11,11 @@ the `datasets` library does. They are streamed: downloaded one at a time into DI
 file's size and sha256 are checked against the Hub's listing, saved as DIR/downloads/files.json),
 tokenized by a process pool, and (with --delete-downloads) removed once tokenized.
 
-Every document is preceded by EOT and the stream is cut into shards of exactly --shard-size
-tokens (default 10^8; the last holds the rest): shard 0 is val, the rest train, with llm.c's names
-and folders: DIR = data/fineweb10B, data/fineweb100B, data/edu_fineweb10B or data/edu_fineweb100B,
-files fineweb_val_000000.bin, fineweb_train_000001.bin, ... (edu_fineweb_... with --edu). The 10B
+Every document is preceded by EOT (with `--tokenizer llama3:PATH`, Meta's tokenizer.model:
+<|begin_of_text|> 128000, and the shards are uint32, llm.c's Llama 3 format as its `-m llama-3`)
+and the stream is cut into shards of exactly --shard-size tokens (default 10^8; the last holds the
+rest): shard 0 is val, the rest train, with llm.c's names and folders: DIR = data/fineweb10B,
+data/fineweb100B, data/edu_fineweb10B or data/edu_fineweb100B, files fineweb_val_000000.bin, fineweb_train_000001.bin, ... (edu_fineweb_... with --edu). The 10B
 sample makes about 100 shards (~20 GB) and needs ~30 GB of downloads.
 
 Without internet access: download the subset's parquet files elsewhere (e.g.
@@ -148,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     dl_dir = args.download_dir or os.path.join(out, "downloads")
     verbose = not args.quiet
     try:
+        pt.load_tokenizer(args.tokenizer, args.tokenizer_path)    # a missing tokenizer fails before any download
         entries, remote = plan(repo, SUBSETS[args.version], dl_dir, verbose)
-        recipe = {"repo": repo, "subset": SUBSETS[args.version], "tokenizer": args.tokenizer,
+        recipe = {"repo": repo, "subset": SUBSETS[args.version],
+                  "tokenizer": pt.tokenizer_id(args.tokenizer, args.tokenizer_path),
                   "shard_size": args.shard_size,
                   "files": [[e["name"], e["sha256"] or pt._file_id(os.path.join(dl_dir, e["name"]))["size"]]
                             for e in entries]}
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with pt.Encoder(args.tokenizer, args.tokenizer_path, workers) as enc, \
                     pt.Progress(f"tokenizing {name}{args.version}", total, enabled=verbose) as prog, \
-                    pt.ShardWriter(out, name, args.shard_size, val_tokens=args.shard_size, verbose=verbose) as w:
+                    pt.ShardWriter(out, name, args.shard_size, val_tokens=args.shard_size, verbose=verbose,
+                                   token_bytes=enc.token_bytes) as w:
                 nxt = downloader.submit(fetch, entries[0], dl_dir, verbose, stop) if entries else None
                 for i, entry in enumerate(entries):
                     path = nxt.result()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tokenize local text into llm.c token shards; also the shared code of the dataset scripts.
 
-    python scripts/prepare_text.py FILES... -o DIR [--name NAME] [--tokenizer gpt2|byte]
+    python scripts/prepare_text.py FILES... -o DIR [--name NAME] [--tokenizer gpt2|byte|llama3[:PATH]]
         [--val-tokens N | --val-frac F] [--shard-size N] [--doc-split file|blank-line|line]
         [--jsonl-field text] [--workers N] [--force]
 
@@ -12,17 +12,22 @@ section (`blank-line`, llm.c's tinyshakespeare rule: a section keeps its trailin
 per line (`line`).
 
 As llm.c's dev/data scripts do, every document is preceded by the EOT token (50256 for gpt2, 0 for
-byte, whose tokenizer drops NUL characters from the text), the documents are concatenated in input
-order, and the stream is cut into shards in llm.c's format (1024-byte header, uint16 tokens): the
-first `--val-tokens` tokens (or the first `--val-frac` of all tokens; default 0.1) are the val
-split, the rest train, each split in shards of at most `--shard-size` tokens, numbered on from the
-val shard: DIR/NAME_val_000000.bin, DIR/NAME_train_000001.bin, ... Train with
+byte, whose tokenizer drops NUL characters from the text, 128000 = <|begin_of_text|> for llama3),
+the documents are concatenated in input order, and the stream is cut into shards in llm.c's format
+(1024-byte header; uint16 tokens for gpt2 and byte, magic 20240520 version 1; uint32 tokens for
+llama3, llm.c's Llama 3 format, magic 20240801 version 7): the first `--val-tokens` tokens (or the
+first `--val-frac` of all tokens; default 0.1) are the val split, the rest train, each split in
+shards of at most `--shard-size` tokens, numbered on from the val shard: DIR/NAME_val_000000.bin,
+DIR/NAME_train_000001.bin, ... Train with
 `python -m llmc_jax.train -i "DIR/NAME_train_*.bin" -j "DIR/NAME_val_*.bin" ...`.
 
+Llama 3's tokenizer is Meta's tokenizer.model (gated, never downloaded here): `--tokenizer
+llama3:PATH`, or `--tokenizer llama3` with $LLMC_JAX_LLAMA3_TOKENIZER (or --tokenizer-path PATH).
+
 Big inputs are tokenized by a process pool (`--workers`, default: all cores for inputs over
-16 MiB); long documents are cut at points where GPT-2's pre-tokenizer splits anyway, so the tokens
-are those of the uncut text. DIR/NAME.prep.json records what was made from what; a rerun with the
-same inputs and options skips the work (`--force` redoes it).
+16 MiB); long documents are cut at points where both GPT-2's and Llama 3's pre-tokenizers split
+anyway, so the tokens are those of the uncut text. DIR/NAME.prep.json records what was made from
+what; a rerun with the same inputs and options skips the work (`--force` redoes it).
 
 Library (imported by prepare_tinyshakespeare.py, prepare_tinystories.py, prepare_fineweb.py):
 `Encoder` (parallel tokenization), `ShardWriter` (streaming shard writer), `iter_file_documents`,
@@ -49,7 +54,7 @@ if _REPO not in sys.path:  # run from a checkout without installing
 from llmc_jax.training import cli  # noqa: E402
 from llmc_jax.formats import tokenizer as tokmod  # noqa: E402
 from llmc_jax.errors import ArgumentParser, UsageError, one_line, run_command  # noqa: E402
-from llmc_jax.formats.llmc_format import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_shard_header  # noqa: E402
+from llmc_jax.formats.llmc_format import HEADER_INTS, SHARD_FORMATS, read_shard_header  # noqa: E402
 
 DEFAULT_SHARD_SIZE = 10**8
 DEFAULT_VAL_FRAC = 0.1
@@ -164,12 +169,20 @@ def iter_documents(paths: Sequence[str], doc_split: str = "file", field: str = "
 
 # ----------------------------------------------------------------------------- exact cutting
 
-# Points where GPT-2's pre-tokenizer (tiktoken's r50k pattern) always splits, so that tokenizing the
-# pieces separately gives exactly the tokens of the whole: right before a space or newline that sits
-# between two non-space characters. (No piece of that pattern holds a space or newline after a
-# non-space character, and none looks behind; Python's \s covers at least the characters the
-# tokenizer's \s does, which keeps the test on the safe side.)
-_CUT = re.compile(r"(?<=\S)(?=[ \n]\S)")
+# Points where the pre-tokenizers of GPT-2 (tiktoken's r50k pattern) and Llama 3 (llama3_tokenizer.PATTERN)
+# both always split, so that tokenizing the pieces separately gives exactly the tokens of the whole:
+#   * before a space that sits between two non-space characters. No piece of either pattern holds a
+#     space after a non-space character (GPT-2's pieces and Llama 3's letter/punctuation pieces take
+#     at most one space or other non-letter, and only at their start; digits, contractions and the
+#     whitespace-only pieces hold none), and neither pattern looks behind.
+#   * before a newline between an ASCII letter or digit and a non-space character. GPT-2 would allow
+#     this after any non-space, but Llama 3's punctuation piece ` ?[^\s\p{L}\p{N}]+[\r\n]*` swallows
+#     the newlines after punctuation (".\n" is one piece), so the character before the newline must
+#     be a letter or digit; ASCII ones are \p{L}/\p{N} in every regex engine.
+# Every such point is one of the points GPT-2's earlier rule, (?<=\S)(?=[ \n]\S), allowed, so GPT-2's
+# tokens are unchanged. Python's \s covers at least the characters the tokenizers' \s does, which
+# keeps the \S tests on the safe side. Byte tokens are the same wherever the text is cut.
+_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=[A-Za-z0-9])(?=\n\S)")
 
 
 def split_exact(text: str, max_chars: int | None = None) -> list[str]:
@@ -194,21 +207,71 @@ def split_exact(text: str, max_chars: int | None = None) -> list[str]:
 
 # ----------------------------------------------------------------------------- tokenizing
 
+TOKENIZERS = "gpt2, byte or llama3[:PATH]"
+
+
+def tokenizer_arg(spec: str) -> str:
+    """argparse type of --tokenizer: gpt2, byte, llama3 or llama3:PATH (a bad name: exit 2, one line)."""
+    if spec in ("gpt2", "byte", "llama3") or (spec.startswith("llama3:") and len(spec) > len("llama3:")):
+        return spec
+    raise argparse.ArgumentTypeError(f"invalid choice: {spec!r} (choose {TOKENIZERS})")
+
+
+def resolve_tokenizer(spec: str, path: str | None = None) -> tuple[str, str | None]:
+    """(name, path) for tokmod.get_tokenizer from a --tokenizer value and --tokenizer-path: llama3's
+    file is named by llama3:PATH, else --tokenizer-path, else $LLMC_JAX_LLAMA3_TOKENIZER, and made
+    absolute (process-pool workers load it again); gpt2's path is the BPE folder (or None)."""
+    if spec == "llama3" or spec.startswith("llama3:"):
+        from llmc_jax.formats import llama3_tokenizer
+        file = spec[len("llama3:"):] or path or os.environ.get(llama3_tokenizer.ENV_VAR) or None
+        return "llama3", os.path.abspath(os.path.expanduser(file)) if file else None
+    return spec, path
+
+
+def token_bytes_for(name: str, vocab_size: int) -> int:
+    """Bytes per token in the shards: 4 (llm.c's Llama 3 format, uint32) for llama3 or any vocabulary
+    over 65536, else 2 (GPT-2's format, uint16)."""
+    return 4 if name == "llama3" or vocab_size > 65536 else 2
+
+
+def load_tokenizer(spec: str, path: str | None = None):
+    """The tokenizer a --tokenizer value names; PrepareError (one line: the file, and how to get it)
+    when it cannot be loaded. Call it before any download, so a missing file fails at once."""
+    name, path = resolve_tokenizer(spec, path)
+    if name == "llama3":
+        from llmc_jax.formats import llama3_tokenizer
+        try:
+            return llama3_tokenizer.load(path)
+        except llama3_tokenizer.Llama3TokenizerError as e:
+            raise PrepareError(str(e)) from None
+    return tokmod.get_tokenizer(name, path)
+
+
+def tokenizer_id(spec: str, path: str | None = None):
+    """What a recipe records of the tokenizer: its name for gpt2 and byte (the files are pinned),
+    the tokenizer file's path, size and mtime for llama3 (another file means other tokens)."""
+    name, file = resolve_tokenizer(spec, path)
+    if name != "llama3":
+        return spec
+    return {"llama3": _file_id(file) if file and os.path.isfile(file) else file}
+
+
 _WORKER: dict = {}
 
 
-def _init_worker(name: str, path: str | None) -> None:
+def _init_worker(name: str, path: str | None, token_bytes: int = 2) -> None:
     tok = tokmod.get_tokenizer(name, path)
-    _WORKER.update(tok=tok, strip_nul=(name == "byte"))
+    _WORKER.update(tok=tok, strip_nul=(name == "byte"), token_bytes=token_bytes)
 
 
 def _encode_batch(batch: list[tuple[str, bool]]) -> np.ndarray:
     """(In a worker) tokens of a batch of (text, starts a document) pieces."""
-    return encode_pieces(_WORKER["tok"], batch, _WORKER["strip_nul"])
+    return encode_pieces(_WORKER["tok"], batch, _WORKER["strip_nul"], _WORKER["token_bytes"])
 
 
-def encode_pieces(tok, batch: list[tuple[str, bool]], strip_nul: bool = False) -> np.ndarray:
-    """Tokens of a batch of (text, starts a document) pieces, EOT in front of every document."""
+def encode_pieces(tok, batch: list[tuple[str, bool]], strip_nul: bool = False, token_bytes: int = 2) -> np.ndarray:
+    """Tokens of a batch of (text, starts a document) pieces, EOT in front of every document, as
+    uint16 (token_bytes 2) or uint32 (4)."""
     eot = np.asarray([tok.eot], dtype=np.int64)
     parts = []
     for text, starts_doc in batch:
@@ -218,9 +281,11 @@ def encode_pieces(tok, batch: list[tuple[str, bool]], strip_nul: bool = False) -
             text = text.replace("\x00", "")
         parts.append(np.asarray(tok.encode(text), dtype=np.int64))
     arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() > 65535):
-        raise PrepareError("a token id does not fit uint16; llm.c's GPT-2 shards hold ids < 65536")
-    return arr.astype(np.uint16)
+    top = (1 << (8 * token_bytes)) - 1
+    if arr.size and (arr.min() < 0 or arr.max() > top):
+        raise PrepareError(f"a token id does not fit uint{8 * token_bytes}; llm.c's "
+                           f"{'GPT-2' if token_bytes == 2 else 'Llama 3'} shards hold ids <= {top}")
+    return arr.astype(SHARD_FORMATS[token_bytes][2])
 
 
 def _batches(docs: Iterable[tuple[str, float] | str]) -> Iterator[tuple[list[tuple[str, bool]], float]]:
@@ -240,15 +305,21 @@ def _batches(docs: Iterable[tuple[str, float] | str]) -> Iterator[tuple[list[tup
 
 
 class Encoder:
-    """Tokenizes a stream of documents in order, in-process or with a spawn-started process pool."""
+    """Tokenizes a stream of documents in order, in-process or with a spawn-started process pool.
+
+    `tokenizer` is a --tokenizer value (gpt2, byte, llama3, llama3:PATH); `token_bytes` is the shard
+    width it needs (2: uint16, 4: uint32), `recipe_id` what a recipe records of it."""
 
     def __init__(self, tokenizer: str = "gpt2", tokenizer_path: str | None = None, workers: int = 1):
-        self.name, self.path = tokenizer, tokenizer_path
+        self.spec = tokenizer
+        self.recipe_id = tokenizer_id(tokenizer, tokenizer_path)
+        self.name, self.path = resolve_tokenizer(tokenizer, tokenizer_path)
         # load once here: a missing or corrupt tokenizer fails now, with its message, not in a worker
-        tok = tokmod.get_tokenizer(tokenizer, tokenizer_path)
-        if tokenizer == "gpt2":
+        tok = load_tokenizer(tokenizer, tokenizer_path)
+        if self.name == "gpt2":
             self.path = tok.source if tok.source != "tiktoken" else tokenizer_path
         self.eot, self.vocab_size = tok.eot, tok.vocab_size
+        self.token_bytes = token_bytes_for(self.name, self.vocab_size)
         self.tok = tok
         self.workers = max(1, int(workers))
         self._pool = None
@@ -257,11 +328,12 @@ class Encoder:
         """(tokens, input bytes consumed) per batch of documents, in document order."""
         if self.workers == 1:
             for batch, nbytes in _batches(docs):
-                yield encode_pieces(self.tok, batch, self.name == "byte"), nbytes
+                yield encode_pieces(self.tok, batch, self.name == "byte", self.token_bytes), nbytes
             return
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")  # safe even when the caller has threads (JAX)
-            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.name, self.path))
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker,
+                                  initargs=(self.name, self.path, self.token_bytes))
         sizes: list[float] = []
 
         def tasks():
@@ -302,13 +374,19 @@ class ShardWriter:
     to train shards; a shard holds at most `shard_size` tokens (None: unbounded). Names:
     NAME_{val,train}_NNNNNN.bin with one running index, or with single_files=True llm.c's
     NAME_val.bin / NAME_train.bin (one file per split). A shard is written to NAME.tmp and renamed
-    when complete.
+    when complete. token_bytes 2 writes GPT-2's format (uint16, magic 20240520 version 1), 4 llm.c's
+    Llama 3 format (uint32, magic 20240801 version 7).
     """
 
     def __init__(self, out_dir: str, name: str, shard_size: int | None = DEFAULT_SHARD_SIZE,
-                 val_tokens: float = 0, single_files: bool = False, verbose: bool = True):
+                 val_tokens: float = 0, single_files: bool = False, verbose: bool = True,
+                 token_bytes: int = 2):
         if shard_size is not None and shard_size <= 0:
             raise PrepareError(f"--shard-size must be positive, got {shard_size}")
+        if token_bytes not in SHARD_FORMATS:
+            raise PrepareError(f"token_bytes={token_bytes!r}; shards hold 2 (uint16) or 4 (uint32) bytes per token")
+        self.token_bytes = token_bytes
+        self.magic, self.version, self.dtype, _ = SHARD_FORMATS[token_bytes]
         self.out_dir, self.name = out_dir, name
         self.shard_size = min(shard_size or MAX_SHARD_TOKENS, MAX_SHARD_TOKENS)
         self.single_files = single_files
@@ -339,7 +417,7 @@ class ShardWriter:
         if self._f is None:
             return
         header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[:3] = (SHARD_MAGIC, SHARD_VERSION, self._count)
+        header[:3] = (self.magic, self.version, self._count)
         self._f.seek(0)
         self._f.write(header.tobytes())
         self._f.close()
@@ -348,12 +426,18 @@ class ShardWriter:
         assert read_shard_header(self._path) == self._count
         self.written.append({"path": self._path, "split": self.split, "tokens": self._count})
         if self.verbose:
-            nbytes = 4 * HEADER_INTS + 2 * self._count
+            nbytes = 4 * HEADER_INTS + self.token_bytes * self._count
             print(f"wrote {self._count:,} tokens to {self._path} ({nbytes:,} bytes)", file=sys.stderr)
         self.index += 1
 
     def write(self, tokens: np.ndarray) -> None:
-        tokens = np.asarray(tokens, dtype="<u2")
+        tokens = np.asarray(tokens)
+        if tokens.size and tokens.dtype != np.dtype(self.dtype):    # the Encoder's arrays need no check
+            lo, hi, top = int(tokens.min()), int(tokens.max()), (1 << (8 * self.token_bytes)) - 1
+            if lo < 0 or hi > top:
+                raise PrepareError(f"token id {lo if lo < 0 else hi} does not fit the uint{8 * self.token_bytes} "
+                                   f"shards being written")
+            tokens = tokens.astype(self.dtype)
         pos, n_total = 0, len(tokens)
         while pos < n_total:
             if self._f is None:
@@ -486,21 +570,22 @@ def run_prepare(docs: Iterable, out_dir: str, name: str, *, tokenizer: str = "gp
     encoder = encoder or Encoder(tokenizer, tokenizer_path, workers)
     try:
         with Progress(desc, total_bytes, enabled=verbose) as prog:
+            width, dtype = encoder.token_bytes, SHARD_FORMATS[encoder.token_bytes][2]
             if val_frac is None:
-                with ShardWriter(out_dir, name, shard_size, val_tokens, single_files, verbose) as w:
+                with ShardWriter(out_dir, name, shard_size, val_tokens, single_files, verbose, width) as w:
                     tokenize_into(w, encoder, docs, prog)
                 return w.written
             tmp = os.path.join(out_dir, f".{name}.tokens.tmp")
             try:
                 with open(tmp, "wb") as f:
                     for arr, nbytes in encoder.encode_docs(docs):
-                        f.write(arr.astype("<u2").tobytes())
+                        f.write(arr.astype(dtype).tobytes())
                         prog.update(nbytes, tokens=len(arr))
-                total = os.path.getsize(tmp) // 2
+                total = os.path.getsize(tmp) // width
                 n_val = int(round(val_frac * total))
-                with ShardWriter(out_dir, name, shard_size, n_val, single_files, verbose) as w:
+                with ShardWriter(out_dir, name, shard_size, n_val, single_files, verbose, width) as w:
                     if total:
-                        stream = np.memmap(tmp, dtype="<u2", mode="r")
+                        stream = np.memmap(tmp, dtype=dtype, mode="r")
                         for i in range(0, total, 1 << 24):
                             w.write(stream[i:i + (1 << 24)])
                         del stream
@@ -523,11 +608,14 @@ def summarize(shards: list[dict]) -> str:
 # ----------------------------------------------------------------------------- command line
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", choices=("gpt2", "byte"), default="gpt2",
-                   help="gpt2 (GPT-2 BPE, V=50257, eot 50256) or byte (UTF-8 bytes, V=256, eot 0)")
+    p.add_argument("--tokenizer", type=tokenizer_arg, default="gpt2", metavar="{gpt2,byte,llama3[:PATH]}",
+                   help="gpt2 (GPT-2 BPE, V=50257, eot 50256; uint16 shards), byte (UTF-8 bytes, V=256, eot 0; "
+                        "uint16) or llama3:PATH (Meta's Llama 3 tokenizer.model, V=128256, <|begin_of_text|> "
+                        "128000 before each document; uint32 shards, llm.c's Llama 3 format; plain llama3 reads "
+                        "$LLMC_JAX_LLAMA3_TOKENIZER)")
     p.add_argument("--tokenizer-path", default=None,
-                   help="folder with the GPT-2 BPE files (default: $LLMC_JAX_TOKENIZER, ~/.cache/llmc_jax/tokenizer, "
-                        "or tiktoken's download)")
+                   help="gpt2: folder with the GPT-2 BPE files (default: $LLMC_JAX_TOKENIZER, "
+                        "~/.cache/llmc_jax/tokenizer, or tiktoken's download); llama3: the tokenizer.model file")
     p.add_argument("--workers", type=int, default=None,
                    help="tokenizer processes (default: all cores for big inputs, else 1)")
     p.add_argument("--force", action="store_true", help="redo the work even if a complete earlier result exists")
@@ -551,7 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize local .txt/.jsonl/.json/.parquet files into llm.c token shards.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  python scripts/prepare_text.py book.txt -o data/book --tokenizer gpt2\n"
-                              "  python -m llmc_jax.train -i 'data/book/*_train_*.bin' -j 'data/book/*_val_*.bin'")
+                              "  python -m llmc_jax.train -i 'data/book/*_train_*.bin' -j 'data/book/*_val_*.bin'\n"
+                              "  python scripts/prepare_text.py book.txt -o data/book_llama3 "
+                              "--tokenizer llama3:/path/to/tokenizer.model")
     p.add_argument("files", nargs="+", help="input files (.txt, .jsonl, .json, .parquet; optionally .gz)")
     p.add_argument("-o", "--output-dir", required=True, help="directory for the shards")
     p.add_argument("--name", default=None, help="shard name prefix (default: the output directory's name)")
@@ -578,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"{f}: {'a directory, not a file' if os.path.isdir(f) else 'no such file'}")
         out_dir = args.output_dir
         name = args.name or os.path.basename(os.path.normpath(os.path.abspath(out_dir))) or "data"
-        recipe = {"files": [_file_id(f) for f in args.files], "tokenizer": args.tokenizer,
+        recipe = {"files": [_file_id(f) for f in args.files],
+                  "tokenizer": tokenizer_id(args.tokenizer, args.tokenizer_path),
                   "val_tokens": args.val_tokens, "val_frac": args.val_frac, "shard_size": args.shard_size,
                   "doc_split": args.doc_split, "field": args.jsonl_field}
         if not args.force and is_done(out_dir, name, recipe):

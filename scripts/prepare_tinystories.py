@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Download and tokenize TinyStories as llm.c's dev/data/tinystories.py does.
 
-    python scripts/prepare_tinystories.py [-o data/tinystories] [--tokenizer gpt2|byte] [--workers N]
+    python scripts/prepare_tinystories.py [-o data/tinystories] [--tokenizer gpt2|byte|llama3[:PATH]] [--workers N]
 
 Source: roneneldan/TinyStories' TinyStories_all_data.tar.gz on Hugging Face (about 1.5 GB; a
 partial download is resumed, the sha256 that Hugging Face publishes for it is checked), unpacked
 into DIR/TinyStories_all_data/ (50 JSON files, data00.json ... data49.json). File 0 is val, the
 rest train; the stories of the k-th file of a split are shuffled with Python's
-random.Random(1337 + k) and stripped, and each is preceded by EOT. Writes llm.c's file names,
-DIR/TinyStories_val.bin and DIR/TinyStories_train.bin (with GPT-2 llm.c reports 19,043,638 and
-925,653,391 tokens; the script compares). Files are processed in order (llm.c's own script
-gathers the train files in completion order, so its train file's order can differ run to run).
+random.Random(1337 + k) and stripped, and each is preceded by EOT (128000 = <|begin_of_text|> with
+`--tokenizer llama3:PATH`, whose shards are uint32, llm.c's Llama 3 format). Writes llm.c's file
+names, DIR/TinyStories_val.bin and DIR/TinyStories_train.bin (llm.c reports 19,043,638 and
+925,653,391 tokens with GPT-2, 18,660,516 and 907,021,844 with Llama 3; the script compares).
+Files are processed in order (llm.c's own script gathers the train files in completion order, so
+its train file's order can differ run to run).
 
 Without internet access: put TinyStories_all_data.tar.gz (URL below) at
 DIR/TinyStories_all_data.tar.gz, or its JSON files in DIR/TinyStories_all_data/, and run again.
@@ -36,6 +38,7 @@ DATA_DIR = "TinyStories_all_data"
 NAME = "TinyStories"
 EXPECTED_FILES = 50
 LLMC_GPT2_TOKENS = {"val": 19043638, "train": 925653391}
+LLMC_LLAMA3_TOKENS = {"val": 18660516, "train": 907021844}     # llm.c's llama3 branch, -m llama-3
 
 
 def shard_files(out: str) -> list[str]:
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir
     verbose = not args.quiet
     try:
+        pt.load_tokenizer(args.tokenizer, args.tokenizer_path)    # a missing tokenizer fails before the download
         files = shard_files(out)
         if not files:
             archive = os.path.join(out, ARCHIVE)
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(files) != EXPECTED_FILES:
             print(f"warning: {len(files)} JSON files in {os.path.join(out, DATA_DIR)}, the full dataset has "
                   f"{EXPECTED_FILES}", file=sys.stderr)
-        recipe = {"files": [pt._file_id(f) for f in files], "tokenizer": args.tokenizer}
+        recipe = {"files": [pt._file_id(f) for f in files],
+                  "tokenizer": pt.tokenizer_id(args.tokenizer, args.tokenizer_path)}
         if not args.force and pt.is_done(out, NAME, recipe):
             print(f"{out}: already prepared ({pt.record_path(out, NAME)}); --force redoes it", file=sys.stderr)
             return 0
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         with pt.Encoder(args.tokenizer, args.tokenizer_path, workers) as enc, \
                 pt.Progress("tokenizing TinyStories", total, enabled=verbose) as prog, \
                 pt.ShardWriter(out, NAME, shard_size=None, val_tokens=float("inf"), single_files=True,
-                               verbose=verbose) as w:
+                               verbose=verbose, token_bytes=enc.token_bytes) as w:
             for split, split_files in (("val", files[:1]), ("train", files[1:])):
                 for k, f in enumerate(split_files):
                     pt.tokenize_into(w, enc, stories(f, k), prog)
@@ -115,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                     w.end_val()
         rec = pt.write_record(out, NAME, recipe, w.written)
         print(f"{out}: {pt.summarize(w.written)}", file=sys.stderr)
-        if args.tokenizer == "gpt2" and len(files) == EXPECTED_FILES:
+        want = {("gpt2", 50257): LLMC_GPT2_TOKENS,
+                ("llama3", 128256): LLMC_LLAMA3_TOKENS}.get((enc.name, enc.vocab_size))
+        if want is not None and len(files) == EXPECTED_FILES:
             got = {"val": rec["val_tokens"], "train": rec["train_tokens"]}
-            same = "match" if got == LLMC_GPT2_TOKENS else "differ from"
-            print(f"token counts {got} {same} llm.c's {LLMC_GPT2_TOKENS}", file=sys.stderr)
+            same = "match" if got == want else "differ from"
+            print(f"token counts {got} {same} llm.c's {want}", file=sys.stderr)
         return 0
     except (pt.PrepareError, pt.tokmod.TokenizerNotFoundError, pt.tokmod.TokenizerHashError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

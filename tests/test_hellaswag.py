@@ -1,5 +1,6 @@
 """HellaSwag eval: llm.c's eval-file format, EvalLoader packing, and scoring against known answers."""
 import importlib.util
+import json
 import os
 
 import jax
@@ -13,6 +14,7 @@ from llmc_jax import eval_hellaswag
 from llmc_jax.evals import hellaswag
 from llmc_jax.formats import llmc_format
 from llmc_jax.models import gpt2
+from llmc_jax.models.family import family_of, load_model
 from conftest import gpt2_bpe_folder
 from llmc_jax.models.config import GPTConfig
 from llmc_jax.errors import run
@@ -92,7 +94,7 @@ def _set(i, v):
 @pytest.mark.parametrize("kwargs, msg", [
     (dict(edit_header=lambda h: h.__setitem__(0, 20240520)), "GPT-2 token data shard"),
     (dict(edit_header=lambda h: h.__setitem__(0, 12345)), "bad magic number 12345"),
-    (dict(edit_header=lambda h: h.__setitem__(1, 2)), "unsupported version 2"),
+    (dict(edit_header=lambda h: h.__setitem__(1, 3)), "unsupported version 3"),
     (dict(edit_header=lambda h: h.__setitem__(2, 4)), "ends after 3 of the 4 examples"),
     (dict(edit_header=lambda h: h.__setitem__(2, 2)), "bytes after the last of the header's 2 examples"),
     (dict(edit_header=lambda h: h.__setitem__(3, 20)), "longer than the header's longest"),
@@ -242,12 +244,14 @@ def _pattern_examples():
 
 def _numpy_losses(params, config, examples):
     """Each completion on its own row starting at position 0 (zero-padded to maxT; attention is
-    causal), one gpt2.logits call, then a float64 log-softmax and mean in numpy."""
+    causal), one logits call of the model's family (gpt2.logits, llama.logits), then a float64
+    log-softmax and mean in numpy."""
     rows = np.zeros((4 * len(examples), config.maxT), np.int32)
     for e, ex in enumerate(examples):
         for c, comp in enumerate(ex.completions):
             rows[4 * e + c, :len(ex.context) + len(comp)] = ex.context + comp
-    lg = np.asarray(jax.jit(gpt2.logits, static_argnums=2)(params, jnp.asarray(rows), config), np.float64)
+    logits = family_of(config).logits
+    lg = np.asarray(jax.jit(logits, static_argnums=2)(params, jnp.asarray(rows), config), np.float64)
     out = np.zeros((len(examples), 4))
     for e, ex in enumerate(examples):
         for c, comp in enumerate(ex.completions):
@@ -367,3 +371,89 @@ def test_prepare_with_gpt2_tokenizer(tmp_path, capsys):
     assert ex.completions[1] == [318, 34759, 1241, 19867, 572, 13]     # " is ripping level tiles off."
     assert ex.completions[3][0] == 4940                                # " starts", with the space
     assert "llm.c needs T >= 21" in capsys.readouterr().out
+    nbytes = 2 * (6 + len(ex.context) + sum(1 + len(c) for c in ex.completions))
+    assert np.fromfile(tmp_path / "hs.bin", "<i4", count=256)[:4].tolist() == [20240522, 1, 1, nbytes]
+    assert not np.fromfile(tmp_path / "hs.bin", "<i4", count=256)[4:].any()    # llm.c's header, nothing added
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama 3: uint32 eval files, the vocabulary check, and scoring a Llama model
+
+def test_uint32_file_round_trip_and_recorded_vocab(tmp_path):
+    exs = [Example(0, 1, [128000, 9906], [[1917], [70000, 2], [65535], [128255]])]
+    exs += [Example(1 + e.index, e.label, e.context, e.completions) for e in _examples()]
+    hellaswag.write_eval_file(tmp_path / "l3.bin", exs, vocab_size=128256)
+    assert hellaswag.read_eval_file(tmp_path / "l3.bin") == exs
+    header = np.fromfile(tmp_path / "l3.bin", "<i4", count=256)
+    words = np.fromfile(tmp_path / "l3.bin", "<u4", offset=HEADER_BYTES)
+    ex0 = [2**32 - 1, 0, 0, 1, 4, 2, 128000, 9906, 1, 1917, 2, 70000, 2, 1, 65535, 1, 128255]
+    ex0[1] = 4 * len(ex0)
+    assert words[:len(ex0)].tolist() == ex0
+    sizes = [4 * (6 + len(e.context) + sum(1 + len(c) for c in e.completions)) for e in exs]
+    assert header[:5].tolist() == [20240522, 2, 4, max(sizes), 128256] and not header[5:].any()
+    assert os.path.getsize(tmp_path / "l3.bin") == HEADER_BYTES + sum(sizes)
+    assert hellaswag.read_eval_info(tmp_path / "l3.bin") == hellaswag.EvalFileInfo(4, 4, 128256)
+    # a vocabulary that fits uint16 keeps llm.c's file (version 1), with the vocabulary recorded
+    hellaswag.write_eval_file(tmp_path / "b.bin", _examples(), vocab_size=256)
+    assert np.fromfile(tmp_path / "b.bin", "<i4", count=5).tolist()[:2] == [20240522, 1]
+    assert hellaswag.read_eval_info(tmp_path / "b.bin") == hellaswag.EvalFileInfo(3, 2, 256)
+    assert hellaswag.read_eval_file(tmp_path / "b.bin") == _examples()
+    with pytest.raises(LLMCFormatError, match="context token 128000 is outside.*needs the uint32 file"):
+        hellaswag.write_eval_file(tmp_path / "c.bin", exs)
+
+
+def test_vocabulary_mismatch_is_one_clear_line(tmp_path, capsys):
+    llmc = tmp_path / "llmc.bin"                    # llm.c's file: uint16, GPT-2 tokens, nothing recorded
+    hellaswag.write_eval_file(llmc, _examples())
+    l3 = tmp_path / "l3.bin"
+    hellaswag.write_eval_file(l3, _examples(), vocab_size=128256)
+    with pytest.raises(LLMCFormatError, match=r"llmc.bin: an llm.c uint16 eval file \(GPT-2 tokens.*V=128256 "
+                                              r"\(Llama 3's\); remake it.*--tokenizer"):
+        hellaswag.load(llmc, 8, 32, vocab_size=128256)
+    with pytest.raises(LLMCFormatError, match=r"vocabulary of 128256 tokens \(Llama 3's\), but the model has "
+                                              r"V=50257 \(GPT-2's\)"):
+        hellaswag.load(l3, 8, 32, vocab_size=50257)
+    assert len(hellaswag.load(llmc, 8, 32, vocab_size=50257)) == 3 == len(hellaswag.load(l3, 8, 32, 128256))
+    # the command: a byte-tokenized file with a Llama model of V=512 stops before any compile, exit 2
+    hellaswag.write_eval_file(tmp_path / "byte.bin", _examples(), vocab_size=256)
+    rc = run(eval_hellaswag.main, ["-e", LLAMA_MODEL, "-i", str(tmp_path / "byte.bin"), "-b", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "vocabulary of 256 tokens (the byte tokenizer's), but the model has V=512" in err
+
+
+LLAMA_MODEL = os.path.join(REPO, "tests", "data", "llama3_tiny", "model.bin")   # llm.c's tiny Llama 3.1, V=512
+
+
+def test_llama_model_matches_direct_losses(tmp_path, capsys):
+    """A Llama 3 model (llm.c's tiny one, V=512) on an eval file made by the prepare script with a
+    Llama 3 tokenizer.model of the 256 single bytes only (so V = 256 + 256 special = 512, <|begin_of_text|>
+    = 256, and every text's tokens are its UTF-8 bytes): the tokens are checked against the bytes, the
+    per-completion losses against a float64 log-softmax of the model's own logits (rtol 1e-4, atol 1e-5),
+    and the command's count against their argmin."""
+    import base64
+    tok_file = tmp_path / "tokenizer.model"
+    tok_file.write_bytes(b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256)))
+    items = [{"ctx": f"A man {i} is on a roof. He", "label": i % 4,
+              "endings": ["is using wrap.", "rips off tiles.", f"holds {i} cubes.", "pulls up roofing!"][i % 4:] +
+                         ["is using wrap.", "rips off tiles.", f"holds {i} cubes.", "pulls up roofing!"][:i % 4]}
+             for i in range(6)]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    prep = _prepare_module()
+    assert prep.main(["--jsonl", str(tmp_path / "val.jsonl"), "-o", str(tmp_path / "hs.bin"),
+                      "--tokenizer", f"llama3:{tok_file}"]) == 0
+    assert "uint16 words, vocabulary 512" in capsys.readouterr().out
+    exs = hellaswag.read_eval_file(tmp_path / "hs.bin")
+    assert hellaswag.read_eval_info(tmp_path / "hs.bin").vocab_size == 512
+    for ex, it in zip(exs, items):
+        assert ex.label == it["label"] and ex.context == [256] + list(it["ctx"].encode())   # BOS, then bytes
+        assert ex.completions == [list((" " + e).encode()) for e in it["endings"]]
+    cfg, params = load_model(LLAMA_MODEL)
+    assert type(cfg).__name__ == "LlamaConfig" and cfg.V == 512
+    want = _numpy_losses(params, cfg, exs)
+    from llmc_jax.nn.kernels import XLA      # what the command resolves on the CPU: it reuses this compilation
+    got = hellaswag.completion_losses(params, cfg, exs, B=8, T=cfg.maxT, kernels=XLA)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    correct = int(np.sum(np.argmin(want, 1) == [e.label for e in exs]))
+    rc = eval_hellaswag.main(["-e", LLAMA_MODEL, "-i", str(tmp_path / "hs.bin"), "-b", "8"])
+    assert rc == 0 and capsys.readouterr().out.splitlines() == [f"HellaSwag: {correct}/6 = {correct / 6:f}"]

@@ -436,3 +436,136 @@ def test_fineweb_saved_listing_verifies_files(tmp_path, monkeypatch, capsys):
     assert fw.main(["-o", str(out), "--tokenizer", "byte", "-q"]) == 1
     err = capsys.readouterr().err
     assert "001_00000.jsonl" in err and "sha256" in err
+
+
+# ----------------------------------------------------------------------------- Llama 3 (uint32 shards)
+
+from test_llama3_tokenizer import MERGES, _write_bpe  # noqa: E402  (the small BPE files of the tokenizer tests)
+
+LLAMA3_EXTRA = MERGES + [b".\n"]     # ".\n" is one Llama 3 pre-token: a cut between them would change the tokens
+
+
+@pytest.fixture(scope="module")
+def llama3_model(tmp_path_factory):
+    """A tokenizer.model laid out as Meta's: 128000 ranks (so <|begin_of_text|> is 128000 and V=128256),
+    the merges last, so "hello" and " world" get ids above uint16's range; the filler tokens are
+    never formed (their 2-byte prefix is no token)."""
+    fill = 128000 - 256 - len(LLAMA3_EXTRA)
+    tokens = [bytes([b]) for b in range(256)] + [b"\x00\x01" + i.to_bytes(3, "big") for i in range(fill)]
+    path = _write_bpe(tmp_path_factory.mktemp("llama3") / "tokenizer.model", tokens + LLAMA3_EXTRA)
+    tok = T.get_tokenizer(f"llama3:{path}")
+    assert tok.eot == 128000 and tok.vocab_size == 128256
+    assert tok.encode("hello world") == [127990, 127995]          # MERGES[3], MERGES[8]
+    return path, tok
+
+
+def test_split_exact_keeps_llama3_tokens(tmp_path):
+    """Cutting never changes Llama 3's tokens: a BPE that merges every pair of the alphabet's ASCII
+    characters, so a cut through a pre-token shows as a different token."""
+    ascii_chars = "ab .\n'sTL1!"
+    pairs = sorted({(a + b).encode() for a in ascii_chars for b in ascii_chars})
+    path = _write_bpe(tmp_path / "pairs.model", [bytes([b]) for b in range(256)] + pairs)
+    tok = T.get_tokenizer(f"llama3:{path}")
+    rng = random.Random(1)
+    alphabet = list("ab c\n\n  \t\r's'S'LL 1²34 é\u0301 世界!?.\n.\n!\n\u00a0\u2003\x1c xyz'T")
+    cuts = 0
+    for _ in range(40):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 1500)))
+        whole = tok.encode(text)
+        for max_chars in (3, 50):
+            pieces = pt.split_exact(text, max_chars)
+            assert "".join(pieces) == text
+            cuts += len(pieces) - 1
+            assert [i for p in pieces for i in tok.encode(p)] == whole
+    assert cuts > 500
+    assert pt.split_exact("foo.\nbar bar", 2) == ["foo.\nbar", " bar"]   # never between "." and "\n"
+
+
+def test_prepare_text_llama3_uint32_shards(tmp_path, monkeypatch, llama3_model):
+    from llmc_jax.formats.data import DataLoader
+    path, tok = llama3_model
+    monkeypatch.setattr(pt, "MAX_UNIT_CHARS", 40)     # long documents cut into pieces
+    docs = ["hello world. 12345 hello", "foo.\nbar.\nhello.\nworld.\n" * 30 + "hello world", "", TEXT,
+            "it's 2024's 1234567 Hello"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "o"
+    assert pt.main([str(tmp_path / "d.jsonl"), "-o", str(out), "--tokenizer", f"llama3:{path}",
+                    "--val-tokens", "30", "--shard-size", "500", "-q"]) == 0
+    files = shards(out)
+    order = ["o_val_000000.bin"] + [f for f in files if "_train_" in f]
+    want = [t for d in docs for t in [128000] + tok.encode(d)]
+    assert len(order) == 1 + -(-(len(want) - 30) // 500)
+    for f in order:
+        header = np.fromfile(out / f, "<i4", count=256)
+        n = int(header[2])
+        assert header[:2].tolist() == [20240801, 7] and not header[3:].any()     # llm.c's Llama 3 shard
+        assert os.path.getsize(out / f) == 1024 + 4 * n
+    assert stream(out, order) == want
+    assert read_shard(out / order[0]).dtype == np.dtype("<u4") and max(want) > 65535
+    loader = DataLoader(str(out / "o_train_*.bin"), B=2, T=8, shuffle=False, vocab_size=tok.vocab_size)
+    x, y = loader.next_batch()
+    assert x.ravel().tolist() == want[30:46] and y.ravel().tolist() == want[31:47]
+    # the process-pool worker path, in-process: the same tokens from the name, path and width it is given
+    with pt.Encoder("llama3", path, workers=2) as enc:
+        assert (enc.name, enc.path, enc.token_bytes, enc.eot) == ("llama3", os.path.abspath(path), 4, 128000)
+        pt._init_worker(enc.name, enc.path, enc.token_bytes)
+    batch = [(d, True) for d in docs]
+    assert pt._encode_batch(batch).tolist() == want and pt._encode_batch(batch).dtype == np.uint32
+
+
+def test_llama3_tokenizer_from_env_and_missing_file_errors(tmp_path, monkeypatch, capsys, llama3_model):
+    from llmc_jax.errors import run
+    from llmc_jax.formats import llama3_tokenizer
+    path, tok = llama3_model
+    ts = importlib.import_module("prepare_tinyshakespeare")
+    monkeypatch.setattr(ts, "URL", OFFLINE_URL)
+    monkeypatch.setattr(ts, "SIZE", None)
+    monkeypatch.setattr(ts, "VAL_TOKENS", 20)
+    monkeypatch.delenv(llama3_tokenizer.ENV_VAR, raising=False)
+    (tmp_path / "tiny_shakespeare.txt").write_text(TEXT)
+    # missing file / no file given: one line, exit 1, before the (offline) download is tried
+    for flag in (f"llama3:{tmp_path}/missing.model", "llama3"):
+        assert run(ts.main, ["-o", str(tmp_path / "none"), "-q", "--tokenizer", flag]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "tokenizer.model" in err and "Traceback" not in err
+        assert ("missing.model: no such file" if flag != "llama3" else "no Llama 3 tokenizer file given") in err
+    assert run(pt.main, [str(tmp_path / "tiny_shakespeare.txt"), "-o", str(tmp_path / "p"), "--tokenizer", "nope"]) == 2
+    assert "--tokenizer: invalid choice: 'nope' (choose gpt2, byte or llama3[:PATH])" in capsys.readouterr().err
+    # $LLMC_JAX_LLAMA3_TOKENIZER: llm.c's tinyshakespeare -m llama-3 (128000 before every section, uint32)
+    monkeypatch.setenv(llama3_tokenizer.ENV_VAR, path)
+    assert ts.main(["-o", str(tmp_path), "-q", "--tokenizer", "llama3"]) == 0
+    sections = TEXT.split("\n\n")
+    want = [t for i, s in enumerate(sections) for t in [128000] + tok.encode(s + "\n\n" * (i < len(sections) - 1))]
+    assert stream(tmp_path, ["tiny_shakespeare_val.bin", "tiny_shakespeare_train.bin"]) == want
+    assert np.fromfile(tmp_path / "tiny_shakespeare_val.bin", "<i4", count=3).tolist() == [20240801, 7, 20]
+
+
+def test_tinystories_and_fineweb_llama3(tmp_path, monkeypatch):
+    """Both streaming scripts write uint32 Llama 3 shards, <|begin_of_text|> (here 268, the small BPE's
+    first special id) before every document."""
+    path = _write_bpe(tmp_path / "small.model", [bytes([b]) for b in range(256)] + MERGES)
+    tok = T.get_tokenizer(f"llama3:{path}")
+    st, fw = importlib.import_module("prepare_tinystories"), importlib.import_module("prepare_fineweb")
+    monkeypatch.setattr(st, "URL", OFFLINE_URL)
+    monkeypatch.setattr(fw, "HF", OFFLINE_URL.rstrip("/"))
+    files = [_stories(3 + i, i) for i in range(2)]
+    d = tmp_path / "ts" / "TinyStories_all_data"
+    d.mkdir(parents=True)
+    for i, data in enumerate(files):
+        (d / f"data{i:02d}.json").write_text(json.dumps(data))
+    assert st.main(["-o", str(tmp_path / "ts"), "--tokenizer", f"llama3:{path}", "-q"]) == 0
+    for name, data in (("val", files[0]), ("train", files[1])):
+        data = list(data)
+        random.Random(1337).shuffle(data)
+        want = [t for s in data for t in [268] + tok.encode(s["story"].strip())]
+        assert np.fromfile(tmp_path / "ts" / f"TinyStories_{name}.bin", "<i4", count=2).tolist() == [20240801, 7]
+        assert stream(tmp_path / "ts", [f"TinyStories_{name}.bin"]) == want
+    out = tmp_path / "fineweb10B"
+    (out / "downloads").mkdir(parents=True)
+    docs = [f"doc {i}: hello world 12345" * (i % 3) for i in range(20)]
+    (out / "downloads" / "000_00000.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    assert fw.main(["-o", str(out), "--tokenizer", f"llama3:{path}", "--shard-size", "200", "--workers", "1",
+                    "-q"]) == 0
+    files = shards(out)
+    assert np.fromfile(out / files[0], "<i4", count=2).tolist() == [20240801, 7]
+    assert stream(out, [files[-1]] + files[:-1]) == [t for x in docs for t in [268] + tok.encode(x)]

@@ -1,11 +1,21 @@
 """HellaSwag (and any 4-way multiple-choice eval) in llm.c's format and with llm.c's scoring.
 
 The file (`hellaswag_val.bin`, written by llm.c's dev/data/hellaswag.py or scripts/prepare_hellaswag.py):
-a 1024-byte header of 256 int32 (slot 0 magic 20240522, slot 1 version 1, slot 2 the number of
-examples, slot 3 the longest example in bytes), then per example a stream of little-endian uint16:
+a 1024-byte header of 256 int32 (slot 0 magic 20240522, slot 1 version, slot 2 the number of
+examples, slot 3 the longest example in bytes), then per example a stream of little-endian words:
 
-    65535, <example bytes incl. these words>, <example index>, <label>, <num completions = 4>,
+    DELIM, <example bytes incl. these words>, <example index>, <label>, <num completions = 4>,
     <context length>, context tokens..., then 4 x (<completion length>, completion tokens...)
+
+Version 1 is llm.c's: uint16 words, DELIM 65535 (so token ids < 65535: GPT-2's vocabulary). llm.c
+(its llama3 branch included) has no eval file for a larger vocabulary, so version 2 is this
+project's extension with the same layout in uint32 words (DELIM 2**32-1) for Llama 3's 128256
+tokens; llm.c's EvalLoader refuses it ("Bad version"). Given the tokenizer's vocabulary size, the
+writer picks the width from it and records it in header slot 4 (llm.c leaves it 0 and reads only
+slots 0-3; scripts/prepare_hellaswag.py records it for byte and Llama 3 files and leaves GPT-2's
+file llm.c's byte for byte), so the eval can refuse a file tokenized for another model: a recorded
+size must equal the model's V, and an unrecorded uint16 file (llm.c's, GPT-2 tokens) cannot serve
+a model whose V needs uint32 ids.
 
 Scoring is llm.c's EvalLoader: floor(B/4) examples per (B, T) forward, each on 4 rows (the shared
 context followed by one completion); the target of the last context token is the first completion
@@ -30,20 +40,26 @@ import numpy as np
 from llmc_jax.formats.llmc_format import HEADER_BYTES, LLMCFormatError, atomic_write, _header, read_header
 
 EVAL_MAGIC = 20240522
-EVAL_VERSION = 1
+EVAL_VERSION = 1              # llm.c's: uint16 words
+EVAL32_VERSION = 2            # this project's: uint32 words, for vocabularies over 65535 (Llama 3)
+TOKEN_BYTES = {EVAL_VERSION: 2, EVAL32_VERSION: 4}
+VOCAB_SLOT = 4                # header slot recording the tokenizer's vocabulary size (0: not recorded)
 NUM_COMPLETIONS = 4
-DELIMITER = 65535
+DELIMITER = 65535             # version 1's; version 2's is DELIMITER32
+DELIMITER32 = 2**32 - 1
 EXAMPLE_HEADER_WORDS = 6      # delimiter, bytes, index, label, num completions, context length
 DEFAULT_PATH = os.path.join("data", "hellaswag", "hellaswag_val.bin")
 LLMC_PATH = os.path.join("dev", "data", "hellaswag", "hellaswag_val.bin")   # where llm.c keeps it
 HOW_TO_MAKE = (f"make it with `python scripts/prepare_hellaswag.py -o {DEFAULT_PATH}` (downloads the "
-               f"HellaSwag val JSONL, or give it with --jsonl), or take hellaswag_val.bin from llm.c's "
-               f"starter pack ({LLMC_PATH})")
+               f"HellaSwag val JSONL, or give it with --jsonl; add --tokenizer llama3:PATH for a Llama 3 "
+               f"model), or take hellaswag_val.bin from llm.c's starter pack ({LLMC_PATH}; GPT-2 tokens)")
+# names of the vocabularies the eval's messages mention
+VOCAB_NAMES = {50257: "GPT-2's", 128256: "Llama 3's", 256: "the byte tokenizer's"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One multiple-choice example: GPT-2 tokens of the context and of each completion."""
+    """One multiple-choice example: the tokens of the context and of each completion."""
 
     index: int
     label: int
@@ -59,43 +75,67 @@ class Example:
 # ----------------------------------------------------------------------------------------------
 # file format
 
-def read_eval_file(path: str | os.PathLike) -> list[Example]:
-    """Every example of an llm.c multiple-choice eval file, each field checked; LLMCFormatError if bad."""
-    path = os.fspath(path)
-    header, size = read_header(path, EVAL_MAGIC, (EVAL_VERSION,),
-                                f"Re-generate it: {HOW_TO_MAKE}")
-    n, longest = int(header[2]), int(header[3])
+@dataclasses.dataclass(frozen=True)
+class EvalFileInfo:
+    """What an eval file's header says: examples, bytes per token word, the tokenizer's vocabulary."""
+
+    num_examples: int
+    token_bytes: int              # 2 (version 1, llm.c's) or 4 (version 2)
+    vocab_size: int | None        # recorded by the writer; None in llm.c's files
+
+
+def _read_info(path: str) -> tuple[EvalFileInfo, np.ndarray, int]:
+    header, size = read_header(path, EVAL_MAGIC, tuple(TOKEN_BYTES), f"Re-generate it: {HOW_TO_MAKE}")
+    n, vocab = int(header[2]), int(header[VOCAB_SLOT])
     if n < 0:
         raise LLMCFormatError(f"{path}: header says {n} examples (slot 2); the file is corrupt")
+    if vocab < 0:
+        raise LLMCFormatError(f"{path}: header slot {VOCAB_SLOT} (the vocabulary size) is {vocab}; the file is corrupt")
+    return EvalFileInfo(n, TOKEN_BYTES[int(header[1])], vocab or None), header, size
+
+
+def read_eval_info(path: str | os.PathLike) -> EvalFileInfo:
+    """The header of an eval file, checked (magic, version, counts); LLMCFormatError if bad."""
+    return _read_info(os.fspath(path))[0]
+
+
+def read_eval_file(path: str | os.PathLike) -> list[Example]:
+    """Every example of an llm.c multiple-choice eval file (uint16 or uint32 words), each field
+    checked; LLMCFormatError if bad."""
+    path = os.fspath(path)
+    info, header, size = _read_info(path)
+    n, longest, width = info.num_examples, int(header[3]), info.token_bytes
+    delimiter = DELIMITER if width == 2 else DELIMITER32
     body = size - HEADER_BYTES
-    if body % 2:
-        raise LLMCFormatError(f"{path}: the {body} bytes after the header are not a whole number of uint16 "
-                              f"words; the file is truncated or corrupt (re-generate it)")
-    words = np.fromfile(path, dtype="<u2", offset=HEADER_BYTES).astype(np.int64).tolist()
+    if body % width:
+        raise LLMCFormatError(f"{path}: the {body} bytes after the header are not a whole number of "
+                              f"uint{8 * width} words; the file is truncated or corrupt (re-generate it)")
+    words = np.fromfile(path, dtype=f"<u{width}", offset=HEADER_BYTES).astype(np.int64).tolist()
     examples: list[Example] = []
     pos = 0
     for i in range(n):
-        where = f"{path}: example {i} (at byte {HEADER_BYTES + 2 * pos})"
+        where = f"{path}: example {i} (at byte {HEADER_BYTES + width * pos})"
         if pos + 3 > len(words):
             raise LLMCFormatError(f"{where}: the file ends after {len(examples)} of the {n} examples the "
                                   f"header promises; it is truncated (re-generate it)")
         delim, nbytes, index = words[pos:pos + 3]
-        if delim != DELIMITER:
-            raise LLMCFormatError(f"{where}: bad delimiter {delim}, expected {DELIMITER}; the previous "
+        if delim != delimiter:
+            raise LLMCFormatError(f"{where}: bad delimiter {delim}, expected {delimiter}; the previous "
                                   f"example's lengths are wrong or the file is corrupt")
         if index != i:
             raise LLMCFormatError(f"{where}: example index {index}, expected {i} (examples must be "
                                   f"numbered 0, 1, 2, ... in file order); the file is corrupt")
-        if nbytes % 2 or nbytes < 2 * EXAMPLE_HEADER_WORDS:
-            raise LLMCFormatError(f"{where}: example length {nbytes} bytes is impossible (it must be even "
-                                  f"and at least {2 * EXAMPLE_HEADER_WORDS}); the file is corrupt")
+        if nbytes % width or nbytes < width * EXAMPLE_HEADER_WORDS:
+            raise LLMCFormatError(f"{where}: example length {nbytes} bytes is impossible (it must be a "
+                                  f"multiple of {width} and at least {width * EXAMPLE_HEADER_WORDS}); the file "
+                                  f"is corrupt")
         if nbytes > longest:
             raise LLMCFormatError(f"{where}: example is {nbytes} bytes, longer than the header's longest "
                                   f"example ({longest} bytes, slot 3); the header is wrong or the file corrupt")
-        end = pos + nbytes // 2
+        end = pos + nbytes // width
         if end > len(words):
             raise LLMCFormatError(f"{where}: example needs {nbytes} bytes but the file ends "
-                                  f"{2 * (len(words) - pos)} bytes in; it is truncated (re-generate it)")
+                                  f"{width * (len(words) - pos)} bytes in; it is truncated (re-generate it)")
         label, ncomp = words[pos + 3:pos + 5]
         if ncomp != NUM_COMPLETIONS:
             raise LLMCFormatError(f"{where}: {ncomp} completions; llm.c's eval (and this one) expects exactly "
@@ -116,52 +156,75 @@ def read_eval_file(path: str | os.PathLike) -> list[Example]:
             q += 1 + m
         if q != end:
             raise LLMCFormatError(f"{where}: lengths do not add up: the context and completions take "
-                                  f"{2 * (q - pos)} bytes but the example says {nbytes}; the file is corrupt")
+                                  f"{width * (q - pos)} bytes but the example says {nbytes}; the file is corrupt")
         examples.append(Example(index=i, label=label, context=fields[0], completions=fields[1:]))
         pos = end
     if pos != len(words):
-        raise LLMCFormatError(f"{path}: {2 * (len(words) - pos)} bytes after the last of the header's {n} "
+        raise LLMCFormatError(f"{path}: {width * (len(words) - pos)} bytes after the last of the header's {n} "
                               f"examples; the header's example count is wrong or the file is corrupt")
     return examples
 
 
-def encode_example(example: Example, index: int) -> np.ndarray:
-    """One example's uint16 stream (llm.c's layout), stored under `index`; ValueError if unwritable."""
+def encode_example(example: Example, index: int, token_bytes: int = 2) -> np.ndarray:
+    """One example's stream (llm.c's layout) of uint16 (token_bytes 2, llm.c's) or uint32 (4) words,
+    stored under `index`; LLMCFormatError if unwritable."""
+    delimiter = DELIMITER if token_bytes == 2 else DELIMITER32
     if len(example.completions) != NUM_COMPLETIONS:
         raise LLMCFormatError(f"example {index}: {len(example.completions)} completions; the eval file "
                               f"holds exactly {NUM_COMPLETIONS}")
     if not 0 <= example.label < NUM_COMPLETIONS:
         raise LLMCFormatError(f"example {index}: label {example.label} is not in [0, {NUM_COMPLETIONS})")
-    stream = [DELIMITER, 0, index, example.label, NUM_COMPLETIONS]
+    stream = [delimiter, 0, index, example.label, NUM_COMPLETIONS]
     for what, toks in [("context", example.context)] + [(f"completion {c}", t)
                                                           for c, t in enumerate(example.completions)]:
         if len(toks) == 0:
             raise LLMCFormatError(f"example {index}: empty {what}; llm.c cannot score it")
-        bad = [t for t in toks if not 0 <= int(t) < DELIMITER]
+        bad = [t for t in toks if not 0 <= int(t) < delimiter]
         if bad:
-            raise LLMCFormatError(f"example {index}: {what} token {bad[0]} is outside [0, {DELIMITER}) "
-                                  f"and cannot be stored")
+            raise LLMCFormatError(f"example {index}: {what} token {bad[0]} is outside [0, {delimiter}) "
+                                  f"and cannot be stored" + ("; a vocabulary over 65535 tokens needs the uint32 "
+                                                             "file (give its vocab_size)" if token_bytes == 2 else ""))
         stream.append(len(toks))
         stream.extend(int(t) for t in toks)
-    nbytes = 2 * len(stream)
-    if nbytes >= 2**16:
-        raise LLMCFormatError(f"example {index}: {nbytes} bytes; an example must be under 65536 bytes")
+    nbytes = token_bytes * len(stream)
+    limit = 2**16 if token_bytes == 2 else 2**31      # the word holding it; the header's int32 slot 3
+    if nbytes >= limit:
+        raise LLMCFormatError(f"example {index}: {nbytes} bytes; an example must be under {limit} bytes")
     stream[1] = nbytes
-    return np.asarray(stream, dtype="<u2")
+    return np.asarray(stream, dtype=f"<u{token_bytes}")
 
 
-def write_eval_file(path: str | os.PathLike, examples: Sequence[Example]) -> None:
+def token_bytes_for(vocab_size: int | None) -> int:
+    """The eval file's word width for a vocabulary: 2 (llm.c's uint16 file) when its ids fit below the
+    delimiter 65535 (or when unknown), else 4 (the uint32 file, version 2)."""
+    return 4 if vocab_size is not None and vocab_size > DELIMITER else 2
+
+
+def write_eval_file(path: str | os.PathLike, examples: Sequence[Example], vocab_size: int | None = None,
+                    token_bytes: int | None = None) -> None:
     """Write examples in llm.c's eval format, atomically. As llm.c's writer, each example is stored
-    under its position in `examples` (llm.c's reader requires index == position)."""
-    if len(examples) >= 2**16:
-        raise LLMCFormatError(f"{os.fspath(path)}: {len(examples)} examples; the format numbers examples "
-                              f"in uint16, so at most 65535")
+    under its position in `examples` (llm.c's reader requires index == position).
+
+    vocab_size: the tokenizer's, recorded in header slot 4 (None: not recorded, as in llm.c's files);
+    it picks the width unless token_bytes is given: uint16 words (version 1, llm.c's) when the ids fit
+    below 65535, else uint32 words (version 2)."""
+    path = os.fspath(path)
+    width = token_bytes or token_bytes_for(vocab_size)
+    if width not in (2, 4):
+        raise LLMCFormatError(f"{path}: token_bytes={width!r}; an eval file holds 2 (uint16) or 4 (uint32) "
+                              f"bytes per word")
+    if vocab_size is not None and not 0 < vocab_size <= (DELIMITER if width == 2 else 2**31 - 1):
+        raise LLMCFormatError(f"{path}: vocab_size={vocab_size} does not fit uint{8 * width} words")
+    if len(examples) >= (2**16 if width == 2 else 2**31):
+        raise LLMCFormatError(f"{path}: {len(examples)} examples; the format numbers examples "
+                              f"in uint{8 * width} words, so at most {2**16 - 1 if width == 2 else 2**31 - 1}")
     try:
-        streams = [encode_example(ex, i) for i, ex in enumerate(examples)]
+        streams = [encode_example(ex, i, width) for i, ex in enumerate(examples)]
     except LLMCFormatError as e:
-        raise LLMCFormatError(f"{os.fspath(path)}: {e}") from None
-    longest = max((2 * s.size for s in streams), default=0)
-    atomic_write(path, [_header(EVAL_MAGIC, EVAL_VERSION, len(examples), longest), *streams])
+        raise LLMCFormatError(f"{path}: {e}") from None
+    longest = max((width * s.size for s in streams), default=0)
+    version = EVAL_VERSION if width == 2 else EVAL32_VERSION
+    atomic_write(path, [_header(EVAL_MAGIC, version, len(examples), longest, vocab_size or 0), *streams])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,13 +409,36 @@ def score(params: Any, config, examples: Sequence[Example], *, B: int, T: int, d
     return int(np.sum(predict(losses) == labels)), len(examples)
 
 
+def _whose(v: int) -> str:
+    return f" ({VOCAB_NAMES[v]})" if v in VOCAB_NAMES else ""
+
+
+def check_vocab(path: str | os.PathLike, info: EvalFileInfo, vocab_size: int) -> None:
+    """The eval file's tokenization must be the model's (V = vocab_size): LLMCFormatError, one line,
+    when the recorded vocabulary differs, or when an unrecorded uint16 file (llm.c's, GPT-2 tokens)
+    meets a model whose vocabulary needs uint32 ids (Llama 3's)."""
+    path = os.fspath(path)
+    remake = ("remake it with the model's tokenizer: python scripts/prepare_hellaswag.py --tokenizer "
+              "gpt2|byte|llama3:PATH -o FILE")
+    if info.vocab_size is not None and info.vocab_size != vocab_size:
+        raise LLMCFormatError(f"{path}: the eval file was tokenized for a vocabulary of {info.vocab_size} "
+                              f"tokens{_whose(info.vocab_size)}, but the model has V={vocab_size}"
+                              f"{_whose(vocab_size)}; {remake}")
+    if info.vocab_size is None and info.token_bytes == 2 and vocab_size > DELIMITER:
+        raise LLMCFormatError(f"{path}: an llm.c uint16 eval file (GPT-2 tokens, no vocabulary recorded), but the "
+                              f"model has V={vocab_size}{_whose(vocab_size)}; {remake}")
+
+
 def load(path: str | os.PathLike, B: int, T: int, vocab_size: int | None = None) -> list[Example]:
-    """Read an eval file and check up front that llm.c could score it at (B, T) (for `-h 1`):
-    FileNotFoundError saying how to make the file when it is missing, LLMCFormatError/ValueError else."""
+    """Read an eval file and check up front that llm.c could score it at (B, T) (for `-h 1`) and, given
+    the model's vocab_size, that it was tokenized for that vocabulary (check_vocab): FileNotFoundError
+    saying how to make the file when it is missing, LLMCFormatError/ValueError else."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: HellaSwag eval file not found; {HOW_TO_MAKE}")
     examples_per_batch(B)
+    if vocab_size is not None:
+        check_vocab(path, read_eval_info(path), vocab_size)
     examples = read_eval_file(path)
     if not examples:
         raise LLMCFormatError(f"{path}: the eval file holds no examples")
