@@ -303,9 +303,36 @@ def _classifier_lse(logits_BTV, V):
     return jax.nn.logsumexp(z, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+# Logits past this many elements (1 GiB in fp32) are never materialized whole: the classifier runs
+# in chunks along T (Llama 3's V = 128256 at B*T = 8192 would be 4 GiB of fp32 logits).
+CLASSIFIER_CHUNK_ELEMENTS = 2**28
+
+
 def fused_classifier(x_BTC, wte, targets_BT, V: int):
-    """Mean cross-entropy of the tied-embedding logits; the padded columns V..Vp never contribute."""
+    """Mean cross-entropy of the tied-embedding logits; the padded columns V..Vp never contribute.
+
+    Small logits: one pass that saves them for the backward (llm.c's layout). Large ones: chunks
+    along T (see classifier_chunks), gradients computed in the forward as llm.c's fused classifier
+    does, so no (B, T, Vp) array ever exists and nothing is recomputed."""
+    B, T, _ = x_BTC.shape
+    chunks = classifier_chunks(B, T, wte.shape[0])
+    if chunks == 1:
+        return _classifier_whole(x_BTC, wte, targets_BT, V)
+    return _classifier_chunked(x_BTC, wte, targets_BT, V, chunks)
+
+
+def classifier_chunks(B: int, T: int, Vp: int, limit: int | None = None) -> int:
+    """How many T-chunks keep each chunk's logits within the limit: the smallest divisor of T that
+    does (chunks along T keep B, the data-parallel axis, whole in every chunk)."""
+    limit = CLASSIFIER_CHUNK_ELEMENTS if limit is None else limit
+    for n in range(1, T + 1):
+        if T % n == 0 and B * (T // n) * Vp <= limit:
+            return n
+    return T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _classifier_whole(x_BTC, wte, targets_BT, V: int):
     return _classifier_fwd(x_BTC, wte, targets_BT, V)[0]
 
 
@@ -331,7 +358,57 @@ def _classifier_bwd(V, res, dloss):
     return dx, dwte.astype(wte.dtype), None
 
 
-fused_classifier.defvjp(_classifier_fwd, _classifier_bwd)
+_classifier_whole.defvjp(_classifier_fwd, _classifier_bwd)
+
+
+def _chunk_step(wte, V, n_rows, grads: bool):
+    """One T-chunk: its rows' losses and, with grads, dx and dwte += dlogits^T x for dloss = 1 / n_rows."""
+    def step(dwte, xs):
+        x, targets = xs                                               # (B, Tc, C), (B, Tc)
+        lg = logits(x, wte)
+        lse = _classifier_lse(lg, V)
+        target_logit = jnp.take_along_axis(lg, targets[..., None], axis=-1)[..., 0].astype(F32)
+        row_loss = lse - target_logit
+        if not grads:
+            return dwte, (row_loss, None)
+        col = jnp.arange(lg.shape[-1])
+        probs = jnp.where(col < V, jnp.exp(lg.astype(F32) - lse[..., None]), 0.0)
+        dlogits = ((probs - (col == targets[..., None])) / n_rows).astype(x.dtype)
+        dx = _dot(dlogits, wte.astype(x.dtype), ((2,), (0,)), x.dtype)
+        dwte = dwte + _dot(dlogits.reshape(-1, lg.shape[-1]), x.reshape(-1, x.shape[-1]), ((0,), (0,)))
+        return dwte, (row_loss, dx)
+    return step
+
+
+def _classifier_scan(x_BTC, wte, targets_BT, V, chunks, grads: bool):
+    B, T, C = x_BTC.shape
+    Tc = T // chunks
+    xs = (x_BTC.reshape(B, chunks, Tc, C).swapaxes(0, 1), targets_BT.reshape(B, chunks, Tc).swapaxes(0, 1))
+    dwte0 = jnp.zeros(wte.shape, F32) if grads else jnp.zeros((), F32)
+    dwte, (row_loss, dx) = lax.scan(_chunk_step(wte, V, B * T, grads), dwte0, xs)
+    loss = jnp.mean(row_loss.swapaxes(0, 1).reshape(B, T))        # the same reduction as the one-pass path
+    if not grads:
+        return loss, None, None
+    return loss, dx.swapaxes(0, 1).reshape(B, T, C), dwte.astype(wte.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _classifier_chunked(x_BTC, wte, targets_BT, V: int, chunks: int):
+    return _classifier_scan(x_BTC, wte, targets_BT, V, chunks, grads=False)[0]
+
+
+def _classifier_chunked_fwd(x_BTC, wte, targets_BT, V, chunks):
+    loss, dx, dwte = _classifier_scan(x_BTC, wte, targets_BT, V, chunks, grads=True)
+    return loss, (dx, dwte)
+
+
+def _classifier_chunked_bwd(V, chunks, res, dloss):
+    dx, dwte = res
+    # the gradients were taken for dloss = 1 (training: the loss is the last op), exact there
+    return (dx * dloss).astype(dx.dtype), (dwte * dloss).astype(dwte.dtype), None
+
+
+_classifier_chunked.defvjp(_classifier_chunked_fwd, _classifier_chunked_bwd)
 
 
 def classifier_reference(x_BTC, wte, targets_BT, V: int):
