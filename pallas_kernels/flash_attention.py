@@ -6,11 +6,17 @@ the log-sum-exp of each score row; the backward recomputes the probabilities til
 log-sum-exp (p = exp(s - lse)), with one kernel for dk/dv (a program per key block) and one for dq
 (a program per query block), so no program ever writes where another does (no atomics).
 
-Layout (B, T, NH, HS), as jax.nn.dot_product_attention. Matmul operands stay in the input dtype
-(p and ds are cast to it, as ops.attention does) with float32 accumulation; the softmax statistics
-are float32. T need not be a block multiple: every load and store past T is masked, and keys past T
-get zero probability. Causal programs stop at the diagonal, and only the tiles that straddle the
-diagonal or the end of the sequence pay for the mask.
+Grouped-query attention (Llama 3): k and v may have NKV heads, NKV dividing NH; query head h reads
+kv head h // n_rep (n_rep = NH // NKV, the order of train_llama3.py's repeat_kv) through the
+BlockSpec index maps, so no replicated K/V buffer is ever built. The dk/dv kernel then runs one
+program per (batch, kv head, key block) that loops over the n_rep query heads of its group and sums
+their contributions in its float32 accumulators: dk and dv come back (B, T, NKV, HS) directly.
+
+Layout (B, T, NH, HS) for q, (B, T, NKV, HS) for k and v, as jax.nn.dot_product_attention. Matmul
+operands stay in the input dtype (p and ds are cast to it, as ops.attention does) with float32
+accumulation; the softmax statistics are float32. T need not be a block multiple: every load and
+store past T is masked, and keys past T get zero probability. Causal programs stop at the diagonal,
+and only the tiles that straddle the diagonal or the end of the sequence pay for the mask.
 """
 from __future__ import annotations
 
@@ -139,21 +145,33 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, T, causal, scale, block_
     _store_block(lse_ref, q_start, m + jnp.log(l), T)
 
 
+def _load_head_rows(ref, start, n: int, T: int, r):
+    """Rows [start, start+n) of query head r of a (T, n_rep, HS) group ref, or of an (n_rep, T)
+    statistic; rows past T read as zeros."""
+    keep = _iota(start, n) < T
+    if ref.ndim == 2:
+        return plt.load(ref.at[r, pl.ds(start, n)], mask=keep, other=0)
+    return plt.load(ref.at[pl.ds(start, n), r, :], mask=keep[:, None], other=0)
+
+
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, T, causal, scale, block_q):
-    """One key block: dv = sum_q p^T dO, dk = sum_q ds^T q over the query blocks that see it.
+    """One key block of one kv head: dv = sum_q p^T dO, dk = sum_q ds^T q over the query blocks that
+    see it, of each of the n_rep query heads that share this kv head (q, dO are (T, n_rep, HS)).
 
     Query rows past T read as zeros (q, dO, lse, delta), so their p is finite and their dO and ds
     are zero: they add nothing, and only the causal mask is needed here."""
     block_k, HS = k_ref.shape
+    n_rep = q_ref.shape[1]
     k_start = pl.program_id(2) * block_k
     k_cols = _iota(k_start, block_k)
     k, v = _load_block(k_ref, k_start, T), _load_block(v_ref, k_start, T)
 
-    def step(i, carry, masked):
+    def step(i, carry, masked, r):
         dk, dv = carry
         q_start = i * block_q
-        q, do = _load_rows(q_ref, q_start, block_q, T), _load_rows(do_ref, q_start, block_q, T)
-        lse, delta = _load_rows(lse_ref, q_start, block_q, T), _load_rows(delta_ref, q_start, block_q, T)
+        q, do = _load_head_rows(q_ref, q_start, block_q, T, r), _load_head_rows(do_ref, q_start, block_q, T, r)
+        lse = _load_head_rows(lse_ref, q_start, block_q, T, r)
+        delta = _load_head_rows(delta_ref, q_start, block_q, T, r)
         s = _scores(q, k, _iota(q_start, block_q), k_cols, T, causal, scale, masked)
         p = jnp.exp(s - lse[:, None])
         dv = dv + dot_f32(p.astype(do.dtype), do, (0, 0))
@@ -162,13 +180,18 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         return dk + dot_f32(ds, q, (0, 0)), dv
 
     n_q = pl.cdiv(T, block_q)
-    carry = (jnp.zeros((block_k, HS), F32), jnp.zeros((block_k, HS), F32))
     first = 0
     if causal:   # start at the first query block that reaches this key block; mask the diagonal tiles
         first = (k_start + block_k - 1 + block_q - 1) // block_q    # rows from here see all its keys
         first = jnp.minimum(first, n_q)
-        carry = _loop(k_start // block_q, first, step, carry, masked=True)
-    dk, dv = _loop(first, n_q, step, carry, masked=False)
+
+    def head(r, carry):   # the group's query heads, summed into the one pair of accumulators
+        if causal:
+            carry = _loop(k_start // block_q, first, step, carry, masked=True, r=r)
+        return _loop(first, n_q, step, carry, masked=False, r=r)
+
+    carry = (jnp.zeros((block_k, HS), F32), jnp.zeros((block_k, HS), F32))
+    dk, dv = lax.fori_loop(0, n_rep, head, carry)
     _store_block(dk_ref, k_start, dk, T)
     _store_block(dv_ref, k_start, dv, T)
 
@@ -200,13 +223,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, T, ca
 # pallas_calls
 
 def _tile_spec(block: int, HS: int) -> pl.BlockSpec:
-    """Block i of a (B, T, NH, HS) array for grid point (b, h, i)."""
+    """Block i of head h of a (B, T, heads, HS) array for grid point (b, h, i)."""
     return pl.BlockSpec((None, block, None, HS), lambda b, h, i: (b, i, h, 0))
 
 
-def _whole_spec(T: int, HS: int) -> pl.BlockSpec:
-    """All T rows of one (b, h) slice of a (B, T, NH, HS) array, for a kernel to loop over."""
-    return pl.BlockSpec((None, T, None, HS), lambda b, h, i: (b, 0, h, 0))
+def _whole_spec(T: int, HS: int, n_rep: int = 1) -> pl.BlockSpec:
+    """All T rows of one (b, head) slice of a (B, T, heads, HS) array, for a kernel to loop over; with
+    n_rep > 1 the array is K or V and query head h (grid axis 1) reads kv head h // n_rep."""
+    return pl.BlockSpec((None, T, None, HS), lambda b, h, i: (b, 0, h // n_rep, 0))
+
+
+def _group_spec(T: int, HS: int, n_rep: int) -> pl.BlockSpec:
+    """All T rows of the n_rep query heads g*n_rep .. g*n_rep+n_rep-1 of a (B, T, NH, HS) array, for
+    grid point (b, g, i) of the dk/dv kernel: (T, n_rep, HS) refs."""
+    return pl.BlockSpec((None, T, n_rep, HS), lambda b, g, i: (b, 0, g, 0))
 
 
 def _row_spec(block: int | None, T: int) -> pl.BlockSpec:
@@ -219,12 +249,13 @@ def _row_spec(block: int | None, T: int) -> pl.BlockSpec:
 def _forward(cfg: _Config, q, k, v):
     """(out, lse): out in q's dtype, lse (B, NH, T) float32."""
     B, T, NH, HS = q.shape
+    n_rep = NH // k.shape[2]
     blocks = cfg.blocks
     bq = blocks.block_q
     kernel = functools.partial(_fwd_kernel, T=T, causal=cfg.causal, scale=cfg.scale, block_k=blocks.block_k)
     return pl.pallas_call(
         kernel, grid=(B, NH, pl.cdiv(T, bq)),
-        in_specs=[_tile_spec(bq, HS), _whole_spec(T, HS), _whole_spec(T, HS)],
+        in_specs=[_tile_spec(bq, HS), _whole_spec(T, HS, n_rep), _whole_spec(T, HS, n_rep)],
         out_specs=[_tile_spec(bq, HS), _row_spec(bq, T)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, NH, T), F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
@@ -234,15 +265,18 @@ def _forward(cfg: _Config, q, k, v):
 
 
 def _backward(cfg: _Config, q, k, v, do, lse, delta):
-    """(dq, dk, dv), each in its input's dtype."""
+    """(dq, dk, dv), each in its input's shape and dtype."""
     B, T, NH, HS = q.shape
+    NKV = k.shape[2]
+    n_rep = NH // NKV
     blocks = cfg.blocks
-    whole, stat = _whole_spec(T, HS), _row_spec(None, T)
+    group = _group_spec(T, HS, n_rep)
+    stat = pl.BlockSpec((None, n_rep, T), lambda b, g, i: (b, g, 0))   # the group's n_rep rows of lse, delta
     bk = blocks.block_k_dkv
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, T=T, causal=cfg.causal, scale=cfg.scale, block_q=blocks.block_q_dkv),
-        grid=(B, NH, pl.cdiv(T, bk)),
-        in_specs=[whole, _tile_spec(bk, HS), _tile_spec(bk, HS), whole, stat, stat],
+        grid=(B, NKV, pl.cdiv(T, bk)),
+        in_specs=[group, _tile_spec(bk, HS), _tile_spec(bk, HS), group, stat, stat],
         out_specs=[_tile_spec(bk, HS), _tile_spec(bk, HS)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
@@ -250,11 +284,11 @@ def _backward(cfg: _Config, q, k, v, do, lse, delta):
         name="flash_attention_dkdv",
     )(q, k, v, do, lse, delta)
     bq = blocks.block_q_dq
-    tile, row = _tile_spec(bq, HS), _row_spec(bq, T)
+    tile, row, kv = _tile_spec(bq, HS), _row_spec(bq, T), _whole_spec(T, HS, n_rep)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, T=T, causal=cfg.causal, scale=cfg.scale, block_k=blocks.block_k_dq),
         grid=(B, NH, pl.cdiv(T, bq)),
-        in_specs=[tile, whole, whole, tile, row, row],
+        in_specs=[tile, kv, kv, tile, row, row],
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
@@ -293,8 +327,11 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _check(q, k, v, block_sizes: BlockSizes) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_dtype(name, x)
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one (B, T, NH, HS) shape, got {q.shape}, {k.shape}, {v.shape}")
+    grouped = (q.ndim == 4 and k.ndim == 4 and k.shape == v.shape and k.shape[:2] == q.shape[:2]
+               and k.shape[3] == q.shape[3] and k.shape[2] >= 1 and q.shape[2] % k.shape[2] == 0)
+    if not grouped:
+        raise ValueError(f"q (B, T, NH, HS) and k, v (B, T, NKV, HS) must share one B, T, HS, with NKV dividing "
+                         f"NH (NKV = NH: multi-head), got {q.shape}, {k.shape}, {v.shape}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, T, NH, HS = q.shape
@@ -312,9 +349,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                     sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
                     num_warps: int | None = None, num_stages: int | None = None,
                     interpret: bool | None = None) -> jax.Array:
-    """softmax(q k^T * sm_scale [+ causal mask]) v per (batch, head), in q's dtype; q, k, v are
-    (B, T, NH, HS). sm_scale defaults to 1/sqrt(HS). Differentiable: the backward is two Pallas
-    kernels that recompute the probabilities from the saved log-sum-exp.
+    """softmax(q k^T * sm_scale [+ causal mask]) v per (batch, head), in q's dtype; q is
+    (B, T, NH, HS), k and v (B, T, NKV, HS) with NKV dividing NH (query head h reads kv head
+    h // (NH // NKV); NKV = NH is multi-head attention). sm_scale defaults to 1/sqrt(HS).
+    Differentiable: the backward is two Pallas kernels that recompute the probabilities from the
+    saved log-sum-exp; dk and dv come back in k's and v's own (B, T, NKV, HS) shape.
 
     num_warps=4, num_stages=2 by default for all three kernels: unmeasured guesses for an H100.
     """
@@ -330,9 +369,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
 def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                               sm_scale: float | None = None) -> jax.Array:
     """Plain-jnp attention with the same semantics and dtype policy (float32 softmax, p cast to v's
-    dtype before p @ v), for JAX to differentiate."""
-    T, HS = q.shape[1], q.shape[3]
+    dtype before p @ v), for JAX to differentiate; grouped k, v are repeated to NH heads."""
+    T, NH, HS = q.shape[1], q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(HS) if sm_scale is None else float(sm_scale)
+    k, v = (jnp.repeat(x, NH // x.shape[2], axis=2) for x in (k, v))    # head h <- kv head h // n_rep
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32) * scale
     if causal:
         s = jnp.where(jnp.tril(jnp.ones((T, T), dtype=bool)), s, -jnp.inf)

@@ -69,10 +69,3 @@ def test_kv_cache_decoding_matches_full_forwards(params):
     for pos in range(5, 16):
         logits, cache = generate.decode_step(params, CFG, cache, idx[:, pos], pos)
         np.testing.assert_allclose(np.asarray(logits), full[:, pos], atol=1e-5, rtol=0)
-
-
-def test_pallas_kernels_are_refused_for_llama(params):
-    from llmc_jax.nn.kernels import Kernels
-    x, _ = _batch(1, 8)
-    with pytest.raises(ValueError, match="xla ops only"):
-        llama.logits(params, x, CFG, ModelOptions(kernels=Kernels.resolve("pallas")))

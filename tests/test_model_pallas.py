@@ -1,5 +1,6 @@
 """The model with --kernels pallas (kernels in interpret mode on the CPU) against the xla op set and
-the autodiff oracle; the kernel choice the CLI resolves."""
+the autodiff oracle, GPT-2 and Llama 3; the kernel choice the CLI resolves."""
+import os
 import re
 
 import jax
@@ -9,8 +10,10 @@ import pytest
 
 from conftest import TEST_CONFIG, random_batch, rel_error
 from llmc_jax import gradcheck
-from llmc_jax.models import gpt2, gpt2_reference
+from llmc_jax.models import gpt2, gpt2_reference, llama
 from llmc_jax.models.config import PARAM_NAMES
+from llmc_jax.models.llama_config import from_descriptor
+from llmc_jax.nn.gqa_attention import gqa_attention
 from llmc_jax.nn.kernels import Kernels, ModelOptions
 
 PALLAS = Kernels.resolve("pallas")
@@ -118,3 +121,90 @@ def test_train_with_pallas_kernels_reproduces_llmc_losses(tmp_path, capsys):
     assert re.search(r"\| kernels\s+\| pallas\s+\|", out), out
     train_l, _ = _stdout_losses(out)
     np.testing.assert_allclose(train_l, expected["train_losses"][:5], atol=2e-5, rtol=0)
+
+
+# ---- Llama 3 -------------------------------------------------------------------------------------
+
+LLAMA = from_descriptor("llama3:tiny")      # NH=4, NKV=2 (n_rep 2), HS=16, C=64
+LLAMA_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "llama3_tiny")
+
+
+@pytest.fixture(scope="module")
+def llama_params_and_batch():
+    p = llama.init_params(LLAMA, seed=3)
+    rng = np.random.default_rng(5)            # non-unit norm weights, so their gradients are exercised
+    for name in ("ln1w", "ln2w", "lnfw"):
+        p[name] = p[name] + rng.normal(0, 0.1, p[name].shape).astype(np.float32)
+    tok = rng.integers(0, LLAMA.V, size=(2, 38)).astype(np.int32)    # T=37: every kernel edge masked
+    return {k: jnp.asarray(v) for k, v in p.items()}, jnp.asarray(tok[:, :-1]), jnp.asarray(tok[:, 1:])
+
+
+def test_llama_pallas_matches_xla_fp32(llama_params_and_batch):
+    """--kernels pallas for Llama 3 is flash attention over the grouped K/V and the Pallas residual +
+    RMSNorm (matmul_gelu does not apply); fp32, so only summation order differs: 1e-5 as GPT-2's."""
+    p, x, y = llama_params_and_batch
+    loss_p, g_p = jax.jit(llama.value_and_grad(LLAMA, ModelOptions(kernels=PALLAS)))(p, x, y)
+    loss_x, g_x = jax.jit(llama.value_and_grad(LLAMA))(p, x, y)
+    assert abs(float(loss_p) - float(loss_x)) < 1e-5 * float(loss_x)
+    assert set(g_p) == set(LLAMA.param_shapes())
+    for name in g_x:
+        assert g_p[name].shape == g_x[name].shape and g_p[name].dtype == jnp.float32, name
+        assert rel_error(g_p[name], g_x[name]) < 1e-5, f"{name}: {rel_error(g_p[name], g_x[name])}"
+
+
+def test_llama_pallas_bf16_close_to_xla(llama_params_and_batch):
+    """bf16 activations: flash attention rounds each key block's p (scaled by the running max) to
+    bf16, the xla op the normalised p, so the two round at different places: the same 3e-2 as the
+    xla op set's bf16 test against autodiff (9.4e-3 measured, as xla vs autodiff); gradients stay
+    float32 (master weights)."""
+    p, x, y = llama_params_and_batch
+    loss_p, g_p = jax.jit(llama.value_and_grad(LLAMA, ModelOptions(dtype=jnp.bfloat16, kernels=PALLAS)))(p, x, y)
+    loss_x, g_x = jax.jit(llama.value_and_grad(LLAMA, ModelOptions(dtype=jnp.bfloat16)))(p, x, y)
+    assert abs(float(loss_p) - float(loss_x)) < 3e-2 * float(loss_x)
+    for name in g_x:
+        assert g_p[name].dtype == jnp.float32, name
+        assert rel_error(g_p[name], g_x[name]) < 3e-2, f"{name}: {rel_error(g_p[name], g_x[name])}"
+
+
+def test_llama_pallas_prefill_then_xla_decode(llama_params_and_batch):
+    """The prompt runs the chosen (Pallas) attention over the whole cache buffer (S=21: ragged);
+    decoding from that cache runs the cache's XLA attention: both equal the full xla forward (fp32)."""
+    from llmc_jax.evals import generate
+    p, x, _ = llama_params_and_batch
+    idx = np.asarray(x[:, :14])
+    full = np.asarray(jax.jit(lambda p, i: llama.logits(p, i, LLAMA))(p, jnp.asarray(idx)))
+    logits, cache = generate.prefill(p, LLAMA, idx[:, :13], cache_len=21, kernels=PALLAS)
+    np.testing.assert_allclose(np.asarray(logits), full[:, 12], atol=1e-5, rtol=0)
+    logits, _ = generate.decode_step(p, LLAMA, cache, idx[:, 13], 13)
+    np.testing.assert_allclose(np.asarray(logits), full[:, 13], atol=1e-5, rtol=0)
+
+
+def test_cudnn_attention_refused_off_gpu_for_llama(llama_params_and_batch):
+    if jax.default_backend() == "gpu":
+        pytest.skip("this host has a GPU")
+    p, x, _ = llama_params_and_batch
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        jax.eval_shape(lambda p, x: llama.logits(p, x, LLAMA, ModelOptions(kernels=Kernels(attention="cudnn"))), p, x)
+
+
+def test_dot_product_attention_groups_heads_as_gqa_attention():
+    """--attention cudnn passes k, v with NKV heads to jax.nn.dot_product_attention, which groups
+    query head h onto kv head h // (NH // NKV) as gqa_attention does; its xla implementation (the
+    same API semantics as cuDNN's, runnable here) shows the grouping order agrees (fp32, 1e-5)."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(0, 1, (1, 9, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(0, 1, (1, 9, 2, 16)), jnp.float32) for _ in range(2))
+    got, want = jax.jit(lambda q, k, v: (
+        jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla").reshape(1, 9, 64),
+        gqa_attention(q, k, v)))(q, k, v)
+    assert rel_error(got, want) < 1e-5
+
+
+def test_llama_gradcheck_with_pallas_kernels(capsys):
+    """python -m llmc_jax.gradcheck on llm.c's Llama 3 fixture with --kernels pallas: the Pallas
+    model's gradients against autodiff of the plain-jnp oracle (gradcheck's fp32 1e-4)."""
+    rc = gradcheck.main(["-e", os.path.join(LLAMA_FIXTURE, "model.bin"), "-b", "1", "-t", "32",
+                         "--kernels", "pallas"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "kernels pallas" in out and "all OK" in out and out.count("| OK") == len(LLAMA.param_shapes())

@@ -1,6 +1,7 @@
 """Pallas flash attention (interpret mode on the CPU) against its jnp reference, a float64 NumPy
-forward and backward, and llmc_jax.nn.ops.attention_reference on llm.c's packed qkv; plus CUDA
-lowering at GPT-2 sizes and input errors."""
+forward and backward, and llmc_jax.nn.ops.attention_reference on llm.c's packed qkv; grouped-query
+attention (k, v with NKV < NH heads) against llmc_jax.nn.gqa_attention and float64 NumPy; plus CUDA
+lowering at GPT-2 and Llama 3 sizes and input errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from conftest import rel_error
 from llmc_jax.nn import ops
+from llmc_jax.nn.gqa_attention import gqa_attention
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
 from tests.cuda_lowering import triton_calls
 
@@ -129,6 +131,42 @@ def test_vmap_non_causal_T_below_one_block():
             assert rel_error(g[n], g64) < TOL_F32
 
 
+# ---- grouped-query attention (Llama 3) -------------------------------------------------------------
+
+def _numpy_gqa(q, k, v, do, scale):
+    """float64 truth: K/V replicated to NH heads (llm.c's repkv), multi-head attention, and the
+    replicated heads' dk/dv summed back onto their kv head."""
+    NH, NKV = q.shape[2], k.shape[2]
+    rep = lambda x: np.repeat(np.asarray(x, np.float64), NH // NKV, axis=2)   # head h <- kv head h // n_rep
+    out, (dq, dk, dv) = _numpy_attention(q, rep(k), rep(v), do, True, scale)
+    group = lambda g: g.reshape(g.shape[:2] + (NKV, NH // NKV, g.shape[3])).sum(axis=3)
+    return out, (dq, group(dk), group(dv))
+
+
+@pytest.mark.parametrize("B,T,NH,NKV,blocks", [
+    pytest.param(2, 37, 4, 2, SMALL, id="T37-nrep2"),     # 37: ragged in every block size
+    pytest.param(1, 50, 8, 2, SWAPPED, id="T50-nrep4"),
+])
+def test_grouped_query_forward_and_gradients(B, T, NH, NKV, blocks):
+    """Causal GQA, fp32: dk/dv come back (B, T, NKV, HS), each the sum over its n_rep query heads
+    (the dk/dv kernel's loop over the group); same TOL_F32 as the multi-head cases."""
+    HS = 16
+    q, _, _, do = _inputs((B, T, NH, HS), jnp.float32, seed=1)
+    _, k, v, _ = _inputs((B, T, NKV, HS), jnp.float32, seed=2)
+    pallas = jax.jit(lambda *a: _value_and_vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks), *a))
+    out, grads = pallas(q, k, v, do)
+    out_x, grads_x = jax.jit(_value_and_vjp, static_argnums=0)(gqa_attention, q, k, v, do.reshape(B, T, NH * HS))
+    out64, grads64 = _numpy_gqa(q, k, v, do, HS ** -0.5)
+
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    assert rel_error(out.reshape(B, T, NH * HS), out_x) < TOL_F32
+    assert rel_error(out, out64) < TOL_F32
+    for name, g, g_x, g64, x in zip("qkv", grads, grads_x, grads64, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert rel_error(g, g_x) < TOL_F32, (name, rel_error(g, g_x))
+        assert rel_error(g, g64) < TOL_F32, (name, rel_error(g, g64))
+
+
 # GPT-2 124M attention (B=4, T=1024, NH=12, HS=64) with the default (H100) blocks, and a T that
 # is no block multiple, non-causal; lowering only, nothing runs.
 @pytest.mark.parametrize("T,causal,dtype", [(1024, True, jnp.float32), (1024, True, BF16), (1000, False, BF16)],
@@ -142,16 +180,31 @@ def test_lowers_to_triton_for_cuda(T, causal, dtype):
     assert triton_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) >= 3
 
 
+# Llama 3.2-1B (C=2048, NH=32, NKV=8, HS=64) and Llama 3.1-8B (C=4096, NH=32, NKV=8, HS=128)
+# attention with the default blocks, small B and T (the kernels' shapes do not depend on them).
+@pytest.mark.parametrize("HS", [64, 128], ids=["llama3.2-1B", "llama3.1-8B"])
+def test_grouped_query_lowers_to_triton_for_cuda(HS):
+    q = jax.ShapeDtypeStruct((2, 256, 32, HS), BF16)
+    kv = jax.ShapeDtypeStruct((2, 256, 8, HS), BF16)
+    fwd = lambda q, k, v: flash_attention(q, k, v, interpret=False)
+    loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
+    assert triton_calls(fwd, q, kv, kv) >= 1
+    assert triton_calls(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv) >= 3
+
+
 @pytest.mark.parametrize("shapes,dtypes,blocks,error,match", [
     ([(2, 8, 2, 24)] * 3, [jnp.float32] * 3, None, ValueError, "power of two"),
     ([(2, 8, 2, 8)] * 3, [jnp.float32] * 3, None, ValueError, "power of two >= 16"),
     ([(2, 8, 2, 16), (2, 9, 2, 16), (2, 8, 2, 16)], [jnp.float32] * 3, None, ValueError, "share one"),
+    ([(2, 8, 6, 16), (2, 8, 4, 16), (2, 8, 4, 16)], [jnp.float32] * 3, None, ValueError, "NKV dividing NH"),
+    ([(2, 8, 4, 16), (2, 8, 2, 16), (2, 8, 1, 16)], [jnp.float32] * 3, None, ValueError, "share one"),
     ([(16, 32)] * 3, [jnp.float32] * 3, None, ValueError, "B, T, NH, HS"),
     ([(2, 8, 2, 16)] * 3, [jnp.float16] * 3, None, TypeError, "float32 or bfloat16"),
     ([(2, 8, 2, 16)] * 3, [jnp.float32, BF16, jnp.float32], None, TypeError, "one dtype"),
     ([(2, 8, 2, 16)] * 3, [jnp.float32] * 3, BlockSizes(block_k=48), ValueError, "block_k=48"),
     ([(2, 8, 2, 16)] * 3, [jnp.float32] * 3, BlockSizes(block_q_dq=8), ValueError, "block_q_dq=8"),
-], ids=["HS24", "HS8", "shape-mismatch", "ndim", "float16", "mixed-dtype", "block48", "block8"])
+], ids=["HS24", "HS8", "shape-mismatch", "NKV-not-dividing-NH", "k-v-heads-differ", "ndim", "float16",
+        "mixed-dtype", "block48", "block8"])
 def test_bad_input_errors(shapes, dtypes, blocks, error, match):
     q, k, v = (jnp.zeros(s, d) for s, d in zip(shapes, dtypes))
     with pytest.raises(error, match=match):

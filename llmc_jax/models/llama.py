@@ -6,6 +6,11 @@ What differs is the block: RMSNorm (eps from the file) fused with the residual a
 qkv matmul split [q (NH heads) | k (NKV) | v (NKV)], RoPE on q and k (interleaved pairs, Llama 3.1
 scaling), grouped-query attention that never replicates K/V, SwiGLU on the fused [up | gate] fc
 output; no position table and a separate lm_head (tied as an option).
+
+Kernels (ModelOptions.kernels, through op_set): `attention` picks the grouped-query attention of
+training and prefill (xla, Pallas flash attention, or cuDNN), `layernorm` the fused residual +
+RMSNorm (xla or Pallas); `matmul_gelu` does not apply (SwiGLU). Decoding one token from the KV
+cache always runs the cache's own XLA attention.
 """
 from __future__ import annotations
 
@@ -21,10 +26,8 @@ from jax.ad_checkpoint import checkpoint_name
 from llmc_jax.formats.llama3_format import read_debug_state, read_model, read_model_header, write_model  # noqa: F401  (the family's files)
 from llmc_jax.models.llama_config import LlamaConfig
 from llmc_jax.nn import ops
-from llmc_jax.nn.gqa_attention import gqa_attention
-from llmc_jax.nn.kernels import XLA, ModelOptions, rematerialize
+from llmc_jax.nn.kernels import ModelOptions, OpSet, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
-from llmc_jax.nn.rmsnorm import residual_rmsnorm
 from llmc_jax.nn.rope import rope, rope_frequencies
 from llmc_jax.nn.swiglu import swiglu
 
@@ -50,20 +53,21 @@ def split_qkv(qkv_BTQ: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.A
     return q, k, v
 
 
-def _attend(q, k, v, cache: KVCache | None, layer, pos):
+def _attend(attention: Callable, q, k, v, cache: KVCache | None, layer, pos):
     """Causal grouped-query attention, through the cache when there is one (see kv_cache)."""
     if cache is None:
-        return gqa_attention(q, k, v), None
+        return attention(q, k, v), None
     cache = cache.write(layer, k, v, pos)
     if q.shape[1] > 1:                 # a prompt from position 0: the training attention over itself
-        return gqa_attention(q, k, v), cache
+        return attention(q, k, v), cache
     return cache.attend(layer, q[:, 0], pos), cache
 
 
-def make_block(config: LlamaConfig, recompute: int, pos) -> Callable:
+def make_block(config: LlamaConfig, opset: OpSet, recompute: int, pos) -> Callable:
     """The transformer block as a scan body: ((x, delta), cache), (lp, layer) -> same carry; delta
     is the previous block's branch output, added by this block's fused residual+RMSNorm."""
     eps, table = config.norm_eps, jnp.asarray(freqs(config))
+    residual_rmsnorm = opset.residual_rmsnorm
 
     def block(carry, xs):
         (x, delta), cache = carry
@@ -73,7 +77,7 @@ def make_block(config: LlamaConfig, recompute: int, pos) -> Callable:
         qkv = checkpoint_name(ops.matmul(n1, lp["qkvw"], None), "qkv")
         q, k, v = split_qkv(qkv, config)
         q, k = rope(q, table, pos), rope(k, table, pos)
-        atty, cache = _attend(q, k, v, cache, layer, pos)
+        atty, cache = _attend(opset.gqa_attention, q, k, v, cache, layer, pos)
         atty = checkpoint_name(atty, "atty")
         x, n2 = residual_rmsnorm(x, ops.matmul(atty, lp["attprojw"], None), lp["ln2w"], eps)
         n2 = checkpoint_name(n2, "n2")
@@ -85,22 +89,20 @@ def make_block(config: LlamaConfig, recompute: int, pos) -> Callable:
 def forward(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelOptions = ModelOptions(), *,
             cache: KVCache | None = None, pos=0) -> tuple[jax.Array, KVCache | None]:
     """(final-RMSNorm output (B, T, C) in the compute dtype, the cache or None); as gpt2.forward."""
-    if opts.kernels != XLA:
-        raise ValueError(f"Llama 3 runs the op library's xla ops only (no Pallas kernels for its layers "
-                         f"yet); got --kernels {opts.kernels}")
     T = idx_BT.shape[1]
     if cache is None and T > config.maxT:
         raise ValueError(f"sequence length T={T} exceeds the model's maxT={config.maxT}")
     if cache is not None and T > 1 and not (isinstance(pos, int) and pos == 0):
         raise ValueError("a prompt of several tokens is written into the cache from position 0 only")
     x = ops.token_embedding(params["wte"], idx_BT, jnp.zeros((), opts.dtype))
-    block = make_block(config, opts.recompute, pos)
+    opset = op_set(opts.kernels)
+    block = make_block(config, opset, opts.recompute, pos)
     if opts.layer_sharding is not None:
         inner = block
         block = lambda carry, xs: inner(carry, (jax.lax.with_sharding_constraint(xs[0], opts.layer_sharding), xs[1]))
     xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L))
     ((x, delta), cache), _ = jax.lax.scan(block, ((x, jnp.zeros_like(x)), cache), xs)
-    return residual_rmsnorm(x, delta, params["lnfw"], config.norm_eps)[1], cache
+    return opset.residual_rmsnorm(x, delta, params["lnfw"], config.norm_eps)[1], cache
 
 
 def _lm_head(params: Params) -> jax.Array:

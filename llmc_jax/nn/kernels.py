@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llmc_jax.nn import ops
+from llmc_jax.nn.gqa_attention import gqa_attention as _xla_gqa_attention
+from llmc_jax.nn.rmsnorm import residual_rmsnorm as _xla_residual_rmsnorm
 
 # The --kernels families, and the implementations each swappable op has.
 FAMILIES = ("xla", "pallas")
@@ -26,7 +28,10 @@ OP_CHOICES = {"attention": ("xla", "pallas", "cudnn"), "layernorm": ("xla", "pal
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """One implementation name per swappable op (see OP_CHOICES)."""
+    """One implementation name per swappable op (see OP_CHOICES). Each family takes what applies to
+    it: `layernorm` names the normalization fused with the residual add (GPT-2's LayerNorm, Llama
+    3's RMSNorm), `attention` both multi-head and grouped-query attention; Llama 3 has no fused
+    matmul+GELU (SwiGLU), so `matmul_gelu` does not apply to it."""
 
     attention: str = "xla"
     layernorm: str = "xla"
@@ -121,6 +126,9 @@ class OpSet(NamedTuple):
     matmul_gelu: Callable             # (x, w, b) -> gelu(x @ w.T + b)
     attention: Callable               # (qkv_BT3C, NH) -> (B, T, C), causal
     classifier: Callable
+    # Llama 3's
+    residual_rmsnorm: Callable        # (x, r, w, eps) -> (x + r, rmsnorm(x + r)), eps a static float
+    gqa_attention: Callable           # (q (B, T, NH, HS), k, v (B, T, NKV, HS)) -> (B, T, NH*HS), causal
 
 
 def _xla_residual_layernorm(x, r, w, b):
@@ -141,7 +149,16 @@ def _qkv_attention(attention_BTNH: Callable) -> Callable:
     return attention
 
 
+def _merged_heads(attention_BTNH: Callable) -> Callable:
+    """Adapt a (q, k, v) -> (B, T, NH, HS) attention to the (B, T, NH*HS) output Llama projects."""
+    def attention(q_BTNH, k_BTKH, v_BTKH):
+        B, T, NH, HS = q_BTNH.shape
+        return attention_BTNH(q_BTNH, k_BTKH, v_BTKH).reshape(B, T, NH * HS)
+    return attention
+
+
 def _cudnn_attention(q, k, v):
+    """cuDNN's fused attention; k and v may have fewer (NKV) heads than q: cuDNN groups them itself."""
     if jax.default_backend() != "gpu" or q.dtype != jnp.bfloat16:
         raise ValueError("--attention cudnn needs an NVIDIA GPU and bfloat16 activations (--dtype bfloat16)")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
@@ -149,20 +166,23 @@ def _cudnn_attention(q, k, v):
 
 @functools.lru_cache(maxsize=None)
 def op_set(kernels: Kernels = XLA) -> OpSet:
-    """The op library's functions, with attention, the residual+layernorm and the MLP's matmul+GELU
-    swapped for the kernels `kernels` names. The plain matmuls stay XLA's (cuBLAS is the fastest)."""
+    """The op library's functions, with attention (multi-head and grouped-query), the residual +
+    layernorm / RMSNorm and the MLP's matmul+GELU swapped for the kernels `kernels` names. The plain
+    matmuls stay XLA's (cuBLAS is the fastest)."""
     attention, layernorm, residual_layernorm = ops.attention, ops.layernorm, _xla_residual_layernorm
-    matmul_gelu = _xla_matmul_gelu
+    gqa_attention, residual_rmsnorm, matmul_gelu = _xla_gqa_attention, _xla_residual_rmsnorm, _xla_matmul_gelu
     if kernels.attention == "pallas":
         from pallas_kernels.flash_attention import flash_attention
-        attention = _qkv_attention(flash_attention)
+        attention, gqa_attention = _qkv_attention(flash_attention), _merged_heads(flash_attention)
     elif kernels.attention == "cudnn":
-        attention = _qkv_attention(_cudnn_attention)
+        attention, gqa_attention = _qkv_attention(_cudnn_attention), _merged_heads(_cudnn_attention)
     if kernels.layernorm == "pallas":
-        from pallas_kernels import layernorm as pallas_ln
+        from pallas_kernels import layernorm as pallas_ln, rmsnorm as pallas_rms
         layernorm, residual_layernorm = pallas_ln.layernorm, pallas_ln.residual_layernorm
+        residual_rmsnorm = pallas_rms.residual_rmsnorm
     if kernels.matmul_gelu == "pallas":
         from pallas_kernels.matmul_gelu import matmul_gelu
     return OpSet(encoder=ops.encoder, layernorm=layernorm, residual_layernorm=residual_layernorm,
                  matmul=ops.matmul, matmul_gelu=matmul_gelu, attention=attention,
-                 classifier=ops.fused_classifier)
+                 classifier=ops.fused_classifier, residual_rmsnorm=residual_rmsnorm,
+                 gqa_attention=gqa_attention)
