@@ -303,9 +303,9 @@ def _classifier_lse(logits_BTV, V):
     return jax.nn.logsumexp(z, axis=-1)
 
 
-# Logits past this many elements (1 GiB in fp32) are never materialized whole: the classifier runs
+# Logits past this many elements (256 MiB in fp32) are never materialized whole: the classifier runs
 # in chunks along T (Llama 3's V = 128256 at B*T = 8192 would be 4 GiB of fp32 logits).
-CLASSIFIER_CHUNK_ELEMENTS = 2**28
+CLASSIFIER_CHUNK_ELEMENTS = 2**26
 
 
 def fused_classifier(x_BTC, wte, targets_BT, V: int):
@@ -314,8 +314,11 @@ def fused_classifier(x_BTC, wte, targets_BT, V: int):
     Small logits: one pass that saves them for the backward (llm.c's layout). Large ones: chunks
     along T (see classifier_chunks), gradients computed in the forward as llm.c's fused classifier
     does, so no (B, T, Vp) array ever exists and nothing is recomputed."""
-    B, T, _ = x_BTC.shape
-    chunks = classifier_chunks(B, T, wte.shape[0])
+    B, T, C = x_BTC.shape
+    # the chunked path holds two fp32 (Vp, C) buffers more (dwte as a residual and as the scan's
+    # carry): it saves memory only once the rows outnumber them (measured, XLA:CPU, Llama 3.2-1B at
+    # T=1024, -r 1: B=1 8.6 -> 10.5 GB of temps, B=2 11.6 -> 12.4, B=4 17.6 -> 16.8, B=8 30.3 -> 26.6)
+    chunks = classifier_chunks(B, T, wte.shape[0]) if B * T >= 2 * C else 1
     if chunks == 1:
         return _classifier_whole(x_BTC, wte, targets_BT, V)
     return _classifier_chunked(x_BTC, wte, targets_BT, V, chunks)
