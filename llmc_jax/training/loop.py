@@ -8,13 +8,20 @@ HellaSwag (s > 0 and s % v == 0, and the last step), sampling (s > 0 and s % s_e
 last step), checkpoint (s > 0 and s % n == 0, and the last step), then, unless s is the last step,
 one optimizer update. So -x N runs N updates and evaluates once more after the last one. The step
 a run resumed at had its events before its checkpoint was written; they are not repeated.
+
+The host never waits on a step it has just started: step s's line (its loss, norm and the finite
+check computed inside the jitted step) is read and printed while step s+1 runs, and the next
+batch is read from the shards on a thread meanwhile (BatchPrefetch). Before any event the
+pending line is printed first, so stdout and main.log keep llm.c's content and order.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple, NoReturn, TextIO
 
 import numpy as np
@@ -39,6 +46,7 @@ class Session:
     eot: int
     device: Any
     last_good: int | None       # the newest checkpoint this run can name as its resume point
+    batches: "BatchPrefetch | None" = None
 
 
 class Event(NamedTuple):
@@ -220,15 +228,27 @@ def loop(run: Run, s: Session) -> int:
     timing = _Timing()
     due_events = events(run, s)
     flops_per_step = run.model.flops_per_token(run.T) * run.total_batch
-    for step in range(start_step, run.max_steps + 1):
-        last = step == run.max_steps
-        if step != run.resume_step:       # the resumed step's events ran before its checkpoint
-            for event in due_events:
-                if event.due(step, last):
-                    event.fn(run, s, step)
-        if last:
-            break
-        _train_step(run, s, step, timing, flops_per_step, first=step == start_step)
+    s.batches = BatchPrefetch(run, s.train_loaders)
+    pending: _Pending | None = None
+    try:
+        for step in range(start_step, run.max_steps + 1):
+            last = step == run.max_steps
+            due = [e for e in due_events if e.due(step, last)] if step != run.resume_step else []
+            if due and pending is not None:    # events see the state after the line before them
+                _report(run, s, pending, timing, flops_per_step)
+                pending = None
+            for event in due:
+                event.fn(run, s, step)
+            if last:
+                break
+            started = _dispatch(run, s, step, first=step == start_step)
+            if pending is not None:            # the previous step's line, while this one runs
+                _report(run, s, pending, timing, flops_per_step)
+            pending = started
+        if pending is not None:
+            _report(run, s, pending, timing, flops_per_step)
+    finally:
+        s.batches.close()
     if timing.steps:
         print0(run, f"total average iteration time: {1000 * timing.total / timing.steps:f} ms")
     if s.log:
@@ -241,16 +261,56 @@ class _Timing:
     ema_tok_s: float = 0.0
     total: float = 0.0
     steps: int = 0
+    last_ready: float = 0.0      # when the host saw the previous step's numbers
 
 
-def _train_step(run: Run, s: Session, step: int, timing: _Timing, flops_per_step: int, first: bool) -> None:
-    """One optimizer update and its stdout and main.log lines (llm.c's format)."""
-    from llmc_jax.training import mfu, parallel
+class _Pending(NamedTuple):
+    """A started step whose numbers the host has not read yet."""
+    step: int
+    metrics: Any
+    lr: float
+    started: float
+    first: bool
+
+
+class BatchPrefetch:
+    """The next step's host batch, read from the shards on a thread while the current step runs.
+
+    The loaders' states are copied before each read, so a checkpoint records the batches the steps
+    consumed (`consumed_states`), not the one read ahead."""
+
+    def __init__(self, run: Run, loaders: list):
+        self.run, self.loaders = run, loaders
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc-batch")
+        self.ahead = None
+
+    def _read(self):
+        from llmc_jax.training import parallel
+        states = [copy.deepcopy(loader.state_dict()) for loader in self.loaders]
+        if self.run.flags.overfit:
+            for loader in self.loaders:
+                loader.reset()
+        return parallel.next_batches(self.loaders, self.run.grad_accum), states
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        batch = (self.ahead.result() if self.ahead is not None else self._read())[0]
+        self.ahead = self.pool.submit(self._read)
+        return batch
+
+    def consumed_states(self) -> list[dict]:
+        if self.ahead is not None:
+            return self.ahead.result()[1]
+        return [copy.deepcopy(loader.state_dict()) for loader in self.loaders]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _dispatch(run: Run, s: Session, step: int, first: bool) -> _Pending:
+    """Start one optimizer update (asynchronously: nothing here waits for the device)."""
+    from llmc_jax.training import parallel
     t0 = time.perf_counter()
-    if run.flags.overfit:
-        for loader in s.train_loaders:
-            loader.reset()
-    x, y = parallel.next_batches(s.train_loaders, run.grad_accum)
+    x, y = s.batches.next()
     if run.num_processes > 1:
         x = parallel.global_rows(x, run.mesh, run.num_devices, axis=1)
         y = parallel.global_rows(y, run.mesh, run.num_devices, axis=1)
@@ -258,18 +318,29 @@ def _train_step(run: Run, s: Session, step: int, timing: _Timing, flops_per_step
         x, y = parallel.shard_batch(x, s.shardings), parallel.shard_batch(y, s.shardings)
     lr = run.learning_rate(step)
     s.state, metrics = s.step_fn(s.state, x, y, np.float32(lr), np.int32(step))
-    # a host sync: the step's numbers are needed for the line below
-    loss, norm, lz, nz = (float(metrics.loss), float(metrics.norm), float(metrics.loss_z), float(metrics.norm_z))
-    skipped, finite = bool(metrics.skipped), bool(metrics.finite)
-    dt = time.perf_counter() - t0
+    return _Pending(step, metrics, lr, t0, first)
+
+
+def _report(run: Run, s: Session, p: _Pending, timing: _Timing, flops_per_step: int) -> None:
+    """A started step's stdout and main.log lines (llm.c's format); waits for its numbers. Its time
+    runs from the previous step's numbers (or its own start, after events) to its own."""
+    from llmc_jax.training import mfu
+    import jax
+    m = jax.device_get(p.metrics)                  # one transfer for all six numbers
+    loss, norm, lz, nz = (float(m.loss), float(m.norm), float(m.loss_z), float(m.norm_z))
+    skipped, finite = bool(m.skipped), bool(m.finite)
+    ready = time.perf_counter()
+    dt = ready - max(p.started, timing.last_ready)
+    timing.last_ready = ready
     tok_s = run.total_batch / dt
-    if not first:
+    if not p.first:
         timing.total += dt
         timing.steps += 1
         timing.ema_tok_s = 0.95 * timing.ema_tok_s + 0.05 * tok_s
         tok_s = timing.ema_tok_s / (1 - 0.95 ** timing.steps)
     util = mfu.mfu(flops_per_step, dt, run.num_devices, s.device.device_kind)
     util_s = f"{100 * util:.1f}% bf16 MFU" if util is not None else "n/a MFU"
+    step, lr = p.step, p.lr
     if skipped:
         print0(run, f"skipping update due to loss z-score of {lz:.2f} / grad z-score of {nz:.2f}")
     print0(run, f"step {step + 1:4d}/{run.max_steps} | loss {loss:7.6f} ({lz:+.2f}z)| norm {norm:6.4f} "
@@ -330,7 +401,7 @@ def _checkpoint(run: Run, s: Session, step: int) -> None:
     keep = _resume_point(s.last_good)
     try:
         checkpoint.save(out_dir, step, run.model, s.state,
-                        {r: loader.state_dict() for r, loader in zip(run.local_ranks, s.train_loaders)}, meta,
+                        dict(zip(run.local_ranks, s.batches.consumed_states())), meta,
                         model_version=3 if run.dtype == "float32" else 5,
                         data=_data_record(s.train_loaders, s.val_loaders))
     except checkpoint.NonFiniteStateError as e:
