@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llmc_jax.training import cli  # noqa: E402
 from llmc_jax.errors import ArgumentParser, UsageError, run_command, user_files  # noqa: E402
 
+# the --kernels choices: the two families, and "cudnn" = the xla family with cuDNN's fused attention
+KERNEL_CHOICES = ("xla", "pallas", "cudnn")
 BOUNDS = {"batch_size": cli.POSITIVE, "seq_len": cli.POSITIVE, "grad_accum": cli.POSITIVE, "steps": cli.POSITIVE,
           "warmup": cli.NONNEG}
 
@@ -34,7 +36,8 @@ def parse_args(argv=None):
                    help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("-r", "--recompute", type=int, default=0, choices=(0, 1, 2))
     p.add_argument("--backward", default="manual,autodiff", help="comma list of manual, autodiff")
-    p.add_argument("--kernels", default="xla", help="comma list of xla, pallas")
+    p.add_argument("--kernels", default="xla",
+                   help="comma list of xla, pallas, cudnn (XLA's ops with cuDNN's fused attention: GPU, bfloat16)")
     p.add_argument("--compile-only", action="store_true",
                    help="lower and compile each variant on abstract inputs (nothing allocated) and stop")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
@@ -43,7 +46,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cli.check_bounds(p, args, BOUNDS)
     for flag, value, allowed in (("--backward", args.backward, ("manual", "autodiff")),
-                                 ("--kernels", args.kernels, ("xla", "pallas"))):
+                                 ("--kernels", args.kernels, KERNEL_CHOICES)):
         bad = [v.strip() for v in value.split(",") if v.strip() not in allowed]
         if bad:
             raise UsageError(f"{flag} {value}: {', '.join(bad) or 'an empty item'} is not one of {', '.join(allowed)}")
@@ -70,16 +73,23 @@ def variants(args) -> list[str]:
     return [f"{b.strip()}-{k.strip()}" for b in args.backward.split(",") for k in args.kernels.split(",")]
 
 
+def resolve_kernels(kernels: str, recompute: int):
+    """The Kernels one --kernels choice names (see KERNEL_CHOICES), under -r `recompute`."""
+    from llmc_jax.nn.kernels import Kernels
+    if kernels == "cudnn":
+        return Kernels.resolve("xla", recompute=recompute, attention="cudnn")
+    return Kernels.resolve(kernels, recompute=recompute)
+
+
 def step_inputs(name: str, cfg, args, dtype: str, params=None):
     """(step config, jitted trainer step, its arguments): abstract ShapeDtypeStructs without params."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from llmc_jax.training import train_step
-    from llmc_jax.nn.kernels import Kernels
 
-    backward, kernels = name.split("-")
-    sc = train_step.StepConfig(model=cfg, dtype=dtype, kernels=Kernels.resolve(kernels, recompute=args.recompute),
+    backward, kernels = name.split("-", 1)
+    sc = train_step.StepConfig(model=cfg, dtype=dtype, kernels=resolve_kernels(kernels, args.recompute),
                                backward=backward, recompute=args.recompute)
     A, B, T = args.grad_accum, args.batch_size, args.seq_len
     if params is None:
