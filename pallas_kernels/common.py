@@ -11,6 +11,7 @@ masks its edge blocks rather than relying on the tests to catch a missing mask.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +68,63 @@ def gelu_grad_f32(u):
 
 __all__ = ["F32", "LN_EPS", "GELU_SCALE", "GELU_CUBIC", "resolve_interpret", "compiler_params", "check_dtype",
            "next_power_of_2", "dot_f32", "gelu_f32", "gelu_grad_f32", "pl", "plt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# row kernels (layernorm, RMSNorm)
+
+# The whole (padded) row of a tile lives in registers; wider rows would need a column loop.
+MAX_C = 8192
+
+
+class RowConfig(NamedTuple):
+    """A row kernel's (layernorm, RMSNorm) static settings: the custom_vjp's non-differentiable argument."""
+    eps: float
+    block_rows: int
+    dw_block_rows: int
+    num_warps: int | None
+    num_stages: int | None
+    interpret: bool
+
+
+def _pow2(name: str, v: int) -> None:
+    if not isinstance(v, int) or v < 1 or v & (v - 1):
+        raise ValueError(f"{name} must be a positive power of two (Triton block sizes are), got {v!r}")
+
+
+def row_config(N: int, eps: float, block_rows: int, dw_block_rows: int, num_warps: int | None,
+            num_stages: int | None, interpret: bool | None) -> RowConfig:
+    _pow2("block_rows", block_rows)
+    _pow2("dw_block_rows", dw_block_rows)
+    if dw_block_rows < block_rows:
+        raise ValueError(f"dw_block_rows ({dw_block_rows}) must be >= block_rows ({block_rows}): each "
+                         "backward program walks its dw_block_rows rows in tiles of block_rows")
+    # Few rows: shrink the blocks rather than loop over tiles that are all masked off.
+    rows = next_power_of_2(N)
+    block_rows = min(block_rows, rows)
+    return RowConfig(float(eps), block_rows, max(block_rows, min(dw_block_rows, rows)),
+                   num_warps, num_stages, resolve_interpret(interpret))
+
+
+def row_params(cfg: RowConfig, tile_elems: int):
+    """Triton parameters; unless given, about 16 float32 values of a tile per thread, 4..16 warps."""
+    warps = cfg.num_warps if cfg.num_warps is not None else min(16, max(4, tile_elems // 512))
+    return compiler_params(warps, cfg.num_stages)
+
+
+def check_rows(x: jax.Array, weights: dict[str, jax.Array]) -> int:
+    """C of a row kernel's input x (..., C) and its (C,) weights, or a ValueError saying what is wrong."""
+    for name, a in (("x", x), *weights.items()):
+        check_dtype(name, a)
+    if x.ndim < 1:
+        raise ValueError("x must have a channel axis: shape (..., C)")
+    C = x.shape[-1]
+    if any(w.shape != (C,) for w in weights.values()):
+        raise ValueError(f"{' and '.join(weights)} must have shape (C,) = ({C},) for x of shape {x.shape}, "
+                         f"got {' and '.join(str(w.shape) for w in weights.values())}")
+    if not 1 <= C <= MAX_C:
+        raise ValueError(f"C = {C} is out of range: this kernel holds a whole row in registers and "
+                         f"takes 1 <= C <= {MAX_C}")
+    if x.size == 0:
+        raise ValueError(f"x of shape {x.shape} has no rows to normalise")
+    return C

@@ -17,69 +17,13 @@ GPT-2's 768/1280/1600 are not powers of two):
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import (F32, LN_EPS, check_dtype, compiler_params, next_power_of_2, pl, plt,
-                                   resolve_interpret)
-
-# The whole (padded) row of a tile lives in registers; wider rows would need a column loop.
-MAX_C = 8192
-
-
-class _Config(NamedTuple):
-    """Static (hashable) settings, the custom_vjp's non-differentiable argument."""
-    eps: float
-    block_rows: int
-    dw_block_rows: int
-    num_warps: int | None
-    num_stages: int | None
-    interpret: bool
-
-
-def _pow2(name: str, v: int) -> None:
-    if not isinstance(v, int) or v < 1 or v & (v - 1):
-        raise ValueError(f"{name} must be a positive power of two (Triton block sizes are), got {v!r}")
-
-
-def _config(N: int, eps: float, block_rows: int, dw_block_rows: int, num_warps: int | None,
-            num_stages: int | None, interpret: bool | None) -> _Config:
-    _pow2("block_rows", block_rows)
-    _pow2("dw_block_rows", dw_block_rows)
-    if dw_block_rows < block_rows:
-        raise ValueError(f"dw_block_rows ({dw_block_rows}) must be >= block_rows ({block_rows}): each "
-                         "backward program walks its dw_block_rows rows in tiles of block_rows")
-    # Few rows: shrink the blocks rather than loop over tiles that are all masked off.
-    rows = next_power_of_2(N)
-    block_rows = min(block_rows, rows)
-    return _Config(float(eps), block_rows, max(block_rows, min(dw_block_rows, rows)),
-                   num_warps, num_stages, resolve_interpret(interpret))
-
-
-def _params(cfg: _Config, tile_elems: int):
-    """Triton parameters; unless given, about 16 float32 values of a tile per thread, 4..16 warps."""
-    warps = cfg.num_warps if cfg.num_warps is not None else min(16, max(4, tile_elems // 512))
-    return compiler_params(warps, cfg.num_stages)
-
-
-def _check(x: jax.Array, w: jax.Array, b: jax.Array) -> int:
-    for name, a in (("x", x), ("w", w), ("b", b)):
-        check_dtype(name, a)
-    if x.ndim < 1:
-        raise ValueError("x must have a channel axis: shape (..., C)")
-    C = x.shape[-1]
-    if w.shape != (C,) or b.shape != (C,):
-        raise ValueError(f"w and b must have shape (C,) = ({C},) for x of shape {x.shape}, "
-                         f"got {w.shape} and {b.shape}")
-    if not 1 <= C <= MAX_C:
-        raise ValueError(f"C = {C} is out of range: this kernel holds a whole row in registers and "
-                         f"takes 1 <= C <= {MAX_C}")
-    if x.size == 0:
-        raise ValueError(f"x of shape {x.shape} has no rows to normalise")
-    return C
+from pallas_kernels.common import (F32, LN_EPS, RowConfig, check_rows, next_power_of_2, pl, plt, row_config,
+                                   row_params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +98,7 @@ def _bwd_kernel(*refs, N: int, C: int, block_rows: int, residual: bool):
 # ----------------------------------------------------------------------------------------------
 # pallas_calls on (N, C) rows
 
-def _forward(cfg: _Config, x: jax.Array, r: jax.Array | None, w: jax.Array, b: jax.Array):
+def _forward(cfg: RowConfig, x: jax.Array, r: jax.Array | None, w: jax.Array, b: jax.Array):
     """(out, mean, rstd), or (s, out, mean, rstd) with s = x + r when r is given."""
     N, C = x.shape
     BC, br = next_power_of_2(C), cfg.block_rows
@@ -170,13 +114,13 @@ def _forward(cfg: _Config, x: jax.Array, r: jax.Array | None, w: jax.Array, b: j
         grid=(pl.cdiv(N, br),),
         in_specs=[tile] * (1 + residual) + [vec, vec],
         out_specs=(tile,) * (1 + residual) + (row, row),
-        compiler_params=_params(cfg, br * BC),
+        compiler_params=row_params(cfg, br * BC),
         interpret=cfg.interpret,
         name="residual_layernorm_fwd" if residual else "layernorm_fwd",
     )(*((x, r) if residual else (x,)), w, b)
 
 
-def _backward(cfg: _Config, x, w, b, mean, rstd, dout, ds=None):
+def _backward(cfg: RowConfig, x, w, b, mean, rstd, dout, ds=None):
     """(dx, dw, db): dx in x's dtype (plus ds when given), dw and db in w's and b's dtypes."""
     N, C = x.shape
     BC, rows = next_power_of_2(C), cfg.dw_block_rows
@@ -191,7 +135,7 @@ def _backward(cfg: _Config, x, w, b, mean, rstd, dout, ds=None):
         grid=(num_blocks,),
         in_specs=[tile, pl.BlockSpec((BC,), lambda i: (0,)), row, row] + [tile] * (1 + residual),
         out_specs=(tile, partial, partial),
-        compiler_params=_params(cfg, cfg.block_rows * BC),
+        compiler_params=row_params(cfg, cfg.block_rows * BC),
         interpret=cfg.interpret,
         name="residual_layernorm_bwd" if residual else "layernorm_bwd",
     )(x, w, mean, rstd, dout, *((ds,) if residual else ()))
@@ -249,8 +193,8 @@ def layernorm(x: jax.Array, w: jax.Array, b: jax.Array, *, eps: float = LN_EPS, 
               dw_block_rows: int = 32, num_warps: int | None = None, num_stages: int | None = None,
               interpret: bool | None = None) -> jax.Array:
     """LayerNorm over the last axis of x (..., C) with weight w and bias b of shape (C,)."""
-    C = _check(x, w, b)
-    cfg = _config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
+    C = check_rows(x, {"w": w, "b": b})
+    cfg = row_config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
     return _layernorm(cfg, x.reshape(-1, C), w, b).reshape(x.shape)
 
 
@@ -260,11 +204,11 @@ def residual_layernorm(x: jax.Array, r: jax.Array, w: jax.Array, b: jax.Array, *
                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """(x + r, layernorm(x + r)) from one forward kernel, as llm.c's fused residual forward: the sum
     is rounded to the activation dtype and the layernorm is of that rounded sum."""
-    C = _check(x, w, b)
+    C = check_rows(x, {"w": w, "b": b})
     if r.shape != x.shape or r.dtype != x.dtype:
         raise ValueError(f"r must match x in shape and dtype: x is {x.dtype}{list(x.shape)}, "
                          f"r is {r.dtype}{list(r.shape)}")
-    cfg = _config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
+    cfg = row_config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
     s, out = _residual_layernorm(cfg, x.reshape(-1, C), r.reshape(-1, C), w, b)
     return s.reshape(x.shape), out.reshape(x.shape)
 

@@ -22,25 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import F32, check_dtype, next_power_of_2, pl, plt
+from pallas_kernels.common import (F32, RowConfig, check_rows, next_power_of_2, pl, plt, row_config, row_params)
 # the row kernels' shared settings (block sizes, warps): one definition for both norms
-from pallas_kernels.layernorm import MAX_C, _Config, _config, _params
 
 
-def _check(x: jax.Array, w: jax.Array) -> int:
-    for name, a in (("x", x), ("w", w)):
-        check_dtype(name, a)
-    if x.ndim < 1:
-        raise ValueError("x must have a channel axis: shape (..., C)")
-    C = x.shape[-1]
-    if w.shape != (C,):
-        raise ValueError(f"w must have shape (C,) = ({C},) for x of shape {x.shape}, got {w.shape}")
-    if not 1 <= C <= MAX_C:
-        raise ValueError(f"C = {C} is out of range: this kernel holds a whole row in registers and "
-                         f"takes 1 <= C <= {MAX_C}")
-    if x.size == 0:
-        raise ValueError(f"x of shape {x.shape} has no rows to normalise")
-    return C
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +89,7 @@ def _bwd_kernel(*refs, N: int, C: int, block_rows: int, residual: bool):
 # ----------------------------------------------------------------------------------------------
 # pallas_calls on (N, C) rows
 
-def _forward(cfg: _Config, x: jax.Array, r: jax.Array | None, w: jax.Array):
+def _forward(cfg: RowConfig, x: jax.Array, r: jax.Array | None, w: jax.Array):
     """(out, rstd), or (h, out, rstd) with h = x + r when r is given."""
     N, C = x.shape
     BC, br = next_power_of_2(C), cfg.block_rows
@@ -117,13 +102,13 @@ def _forward(cfg: _Config, x: jax.Array, r: jax.Array | None, w: jax.Array):
         grid=(pl.cdiv(N, br),),
         in_specs=[tile] * (1 + residual) + [pl.BlockSpec((BC,), lambda i: (0,))],
         out_specs=(tile,) * (1 + residual) + (pl.BlockSpec((br,), lambda i: (i,)),),
-        compiler_params=_params(cfg, br * BC),
+        compiler_params=row_params(cfg, br * BC),
         interpret=cfg.interpret,
         name="residual_rmsnorm_fwd" if residual else "rmsnorm_fwd",
     )(*((x, r) if residual else (x,)), w)
 
 
-def _backward(cfg: _Config, x, w, rstd, dout, dh=None):
+def _backward(cfg: RowConfig, x, w, rstd, dout, dh=None):
     """(dx, dw): dx in x's dtype (plus dh when given, in float32 before the rounding), dw in w's."""
     N, C = x.shape
     BC, rows = next_power_of_2(C), cfg.dw_block_rows
@@ -137,7 +122,7 @@ def _backward(cfg: _Config, x, w, rstd, dout, dh=None):
         in_specs=[tile, pl.BlockSpec((BC,), lambda i: (0,)), pl.BlockSpec((rows,), lambda i: (i,))]
         + [tile] * (1 + residual),
         out_specs=(tile, pl.BlockSpec((None, BC), lambda i: (i, 0))),
-        compiler_params=_params(cfg, cfg.block_rows * BC),
+        compiler_params=row_params(cfg, cfg.block_rows * BC),
         interpret=cfg.interpret,
         name="residual_rmsnorm_bwd" if residual else "rmsnorm_bwd",
     )(x, w, rstd, dout, *((dh,) if residual else ()))
@@ -193,8 +178,8 @@ def rmsnorm(x: jax.Array, w: jax.Array, eps: float, *, block_rows: int = 4, dw_b
             num_warps: int | None = None, num_stages: int | None = None,
             interpret: bool | None = None) -> jax.Array:
     """RMSNorm over the last axis of x (..., C) with weight w (C,); output in x's dtype."""
-    C = _check(x, w)
-    cfg = _config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
+    C = check_rows(x, {"w": w})
+    cfg = row_config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
     return _rmsnorm(cfg, x.reshape(-1, C), w).reshape(x.shape)
 
 
@@ -203,11 +188,11 @@ def residual_rmsnorm(x: jax.Array, r: jax.Array, w: jax.Array, eps: float, *, bl
                      interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """(x + r, rmsnorm(x + r)) from one forward kernel, as llm.c's fused_residual_rmsnorm_forward:
     the sum is rounded to the activation dtype and the norm is of that rounded sum."""
-    C = _check(x, w)
+    C = check_rows(x, {"w": w})
     if r.shape != x.shape or r.dtype != x.dtype:
         raise ValueError(f"r must match x in shape and dtype: x is {x.dtype}{list(x.shape)}, "
                          f"r is {r.dtype}{list(r.shape)}")
-    cfg = _config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
+    cfg = row_config(x.size // C, eps, block_rows, dw_block_rows, num_warps, num_stages, interpret)
     h, out = _residual_rmsnorm(cfg, x.reshape(-1, C), r.reshape(-1, C), w)
     return h.reshape(x.shape), out.reshape(x.shape)
 
