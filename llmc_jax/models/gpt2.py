@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llmc_jax.formats.llmc_format import read_debug_state, read_model, read_model_header, write_model  # noqa: F401  (the family's files)
 from llmc_jax.formats.llmc_init import init_params  # noqa: F401  (llm.c's init, bit for bit)
 from llmc_jax.models.config import PARAM_NAMES, GPTConfig
-from llmc_jax.nn import kv_cache, ops
+from llmc_jax.nn import fp8, kv_cache, ops
 from llmc_jax.nn.kernels import ModelOptions, OpSet, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
 
@@ -29,32 +29,52 @@ LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
 _SAVED = {1: ("ln1", "qkv", "atty", "ln2", "fch"), 2: ("qkv", "atty", "fch")}
 
 
-def make_block(opset: OpSet, NH: int, recompute: int, pos) -> Callable:
-    """The transformer block as a scan body: ((x, delta), cache), (lp, layer) -> same carry.
+def _matmuls(opset: OpSet, fp8_opts: fp8.Fp8Options | None, lm: dict | None) -> tuple[Callable, Callable]:
+    """(mm(name, x, w, b), fc_gelu(x, w, b)) for one layer: the op library's, or fp8_matmul with this
+    layer's metas `lm` for the matmuls fp8_opts names. In FP8 the MLP is matmul-then-GELU (no fused
+    Pallas matmul_gelu: it has no FP8 path), the pre-activation still named "fch" for -r 1/2."""
+    def mm(name: str, x, w, b):
+        if lm is None or name not in fp8_opts.matmuls:
+            return opset.matmul(x, w, b)
+        return fp8.fp8_matmul(x, w, b, lm[name], recipe=fp8_opts.recipe, margin=fp8_opts.margin)
+
+    def fc_gelu(x, w, b):
+        if lm is None or "fc" not in fp8_opts.matmuls:
+            return opset.matmul_gelu(x, w, b)
+        return ops.gelu(checkpoint_name(mm("fc", x, w, b), "fch"))
+    return mm, fc_gelu
+
+
+def make_block(opset: OpSet, NH: int, recompute: int, pos, fp8_opts: fp8.Fp8Options | None = None) -> Callable:
+    """The transformer block as a scan body: ((x, delta), cache), (lp, layer, fp8 metas) -> same carry.
 
     The carry holds the residual stream x and the previous block's last branch output delta, not
     yet added, so that add and this block's first layernorm are one fused op (llm.c's fused
     residual forward). With recompute > 0 it is rematerialized as llm.c's -r: 1 recomputes GELU in
-    the backward, 2 recomputes GELU and both layernorms."""
+    the backward, 2 recomputes GELU and both layernorms. The fp8 metas (None: off) are this layer's
+    slice of the stacked ones: scanned, not closed over, so each meta feeds one call (fp8.py)."""
     def block(carry, xs):
         (x, delta), cache = carry
-        lp, layer = xs
+        lp, layer, lm = xs
+        mm, fc_gelu = _matmuls(opset, fp8_opts, lm)
         x, ln1 = opset.residual_layernorm(x, delta, lp["ln1w"], lp["ln1b"])
         ln1 = checkpoint_name(ln1, "ln1")
-        qkv = checkpoint_name(opset.matmul(ln1, lp["qkvw"], lp["qkvb"]), "qkv")
+        qkv = checkpoint_name(mm("qkv", ln1, lp["qkvw"], lp["qkvb"]), "qkv")
         atty, cache = kv_cache.attention(opset.attention, qkv, NH, cache, layer, pos)
         atty = checkpoint_name(atty, "atty")
         x, ln2 = opset.residual_layernorm(x, opset.matmul(atty, lp["attprojw"], lp["attprojb"]),
                                           lp["ln2w"], lp["ln2b"])
         ln2 = checkpoint_name(ln2, "ln2")
-        delta = opset.matmul(opset.matmul_gelu(ln2, lp["fcw"], lp["fcb"]), lp["fcprojw"], lp["fcprojb"])
+        delta = mm("fcproj", fc_gelu(ln2, lp["fcw"], lp["fcb"]), lp["fcprojw"], lp["fcprojb"])
         return ((x, delta), cache), None
     return rematerialize(block, recompute, _SAVED)
 
 
 def forward(params: Params, idx_BT: jax.Array, config: GPTConfig, opts: ModelOptions = ModelOptions(), *,
-            cache: KVCache | None = None, pos=0) -> tuple[jax.Array, KVCache | None]:
+            cache: KVCache | None = None, pos=0, fp8_metas: dict | None = None) -> tuple[jax.Array, KVCache | None]:
     """(final-layernorm output (B, T, C) in the compute dtype, the cache or None).
+
+    fp8_metas ({matmul: MatmulMetas stacked on L}, with opts.fp8 set): the FP8 layer matmuls' state.
 
     cache None: training and evaluation. With a cache: T > 1 tokens are a prompt at positions
     0..T-1 (pos must be 0), one token is decoded at position `pos` (may be traced); see kv_cache."""
@@ -68,11 +88,13 @@ def forward(params: Params, idx_BT: jax.Array, config: GPTConfig, opts: ModelOpt
     if not (isinstance(pos, int) and pos == 0):     # decode: the position's row of the table
         wpe = jax.lax.dynamic_slice_in_dim(wpe, pos, T)
     x = opset.encoder(params["wte"], wpe, idx_BT, jnp.zeros((), opts.dtype))
-    block = make_block(opset, config.NH, opts.recompute, pos)
+    if (fp8_metas is None) != (opts.fp8 is None):
+        raise ValueError("FP8 needs both ModelOptions.fp8 and the metas (fp8_metas), or neither")
+    block = make_block(opset, config.NH, opts.recompute, pos, opts.fp8)
     if opts.layer_sharding is not None:
         inner = block
-        block = lambda carry, xs: inner(carry, (jax.lax.with_sharding_constraint(xs[0], opts.layer_sharding), xs[1]))
-    xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L))
+        block = lambda carry, xs: inner(carry, (jax.lax.with_sharding_constraint(xs[0], opts.layer_sharding), *xs[1:]))
+    xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L), fp8_metas)
     ((x, delta), cache), _ = jax.lax.scan(block, ((x, jnp.zeros_like(x)), cache), xs)
     return opset.residual_layernorm(x, delta, params["lnfw"], params["lnfb"])[1], cache
 
@@ -87,15 +109,22 @@ def logits(params: Params, idx_BT: jax.Array, config: GPTConfig, opts: ModelOpti
 
 
 def loss(params: Params, idx_BT: jax.Array, targets_BT: jax.Array, config: GPTConfig,
-         opts: ModelOptions = ModelOptions()) -> jax.Array:
+         opts: ModelOptions = ModelOptions(), fp8_metas: dict | None = None) -> jax.Array:
     """Mean cross-entropy over B*T tokens, softmax over the first V of the Vp logits."""
-    h = forward(params, idx_BT, config, opts)[0]
+    h = forward(params, idx_BT, config, opts, fp8_metas=fp8_metas)[0]
     return op_set(opts.kernels).classifier(h, params["wte"], targets_BT, config.V)
 
 
 def value_and_grad(config: GPTConfig, opts: ModelOptions = ModelOptions()) -> Callable:
     """(params, idx, targets) -> (loss, grads) through the hand-written backward."""
     return jax.value_and_grad(lambda params, idx_BT, targets_BT: loss(params, idx_BT, targets_BT, config, opts))
+
+
+def value_and_grad_fp8(config: GPTConfig, opts: ModelOptions) -> Callable:
+    """(params, fp8_metas, idx, targets) -> (loss, (grads, meta grads)): the metas are differentiated
+    too, and their "gradients" are the amaxes each FP8 matmul observed (fp8.py), stacked on L."""
+    return jax.value_and_grad(lambda params, metas, idx_BT, targets_BT:
+                              loss(params, idx_BT, targets_BT, config, opts, metas), argnums=(0, 1))
 
 
 def empty_cache(config: GPTConfig, B: int, S: int, dtype) -> KVCache:

@@ -101,6 +101,30 @@ class MatmulMetas(NamedTuple):
 # which fp8 format each MatmulMetas field quantizes to
 MATMUL_DTYPES = MatmulMetas(x=E4M3, w=E4M3, dout=E5M2)
 
+# the layer matmuls llm.c's PR #760 runs in FP8 (attention, attproj and the classifier stay bf16)
+LAYER_MATMULS = ("qkv", "fc", "fcproj")
+
+
+class Fp8Options(NamedTuple):
+    """What a model forward needs to run its layer matmuls in FP8: hashable (a jit static, part of
+    ModelOptions). The metas themselves are arrays and travel as an argument, not here."""
+
+    recipe: str = "delayed"
+    margin: float = 0.0
+    matmuls: tuple[str, ...] = LAYER_MATMULS
+
+
+def init_layer_metas(L: int, history_len: int = DEFAULT_HISTORY,
+                     matmuls: tuple[str, ...] = LAYER_MATMULS) -> dict[str, MatmulMetas]:
+    """{matmul name: MatmulMetas stacked on (L,)}: one meta per layer per matmul, so that each
+    meta feeds exactly one fp8_matmul call when the layer scan takes them as xs."""
+    return {name: init_matmul_metas(history_len, shape=(L,)) for name in matmuls}
+
+
+def update_layer_metas(metas: dict, grads: dict, margin: float = 0.0) -> dict:
+    """update_matmul_metas on every matmul's stacked metas (after the step, delayed scaling)."""
+    return {name: update_matmul_metas(metas[name], grads[name], margin) for name in metas}
+
 
 def init_meta(history_len: int = DEFAULT_HISTORY, scale: float = 1.0, shape: tuple[int, ...] = ()) -> Fp8Meta:
     """A fresh meta: `scale` (1.0: no scaling on the first delayed step) and an all-zero history.

@@ -95,12 +95,14 @@ class ModelOptions(NamedTuple):
     """What changes a model's traced forward, besides its config: hashable, a jit static argument.
 
     layer_sharding (ZeRO-3): where one layer's tensors must be inside the layer scan, e.g.
-    replicated; XLA then all-gathers each layer's shards as the scan reaches it."""
+    replicated; XLA then all-gathers each layer's shards as the scan reaches it.
+    fp8: the forward's FP8 recipe; the per-layer metas are then an argument of forward/loss."""
 
     dtype: Any = jnp.float32
     kernels: Kernels = XLA
     recompute: int = 0
     layer_sharding: Any = None
+    fp8: Any = None                   # fp8.Fp8Options: qkv, fc, fcproj in FP8 (needs the metas); None: off
 
 
 RECOMPUTE = (0, 1, 2)

@@ -1,7 +1,7 @@
 """Training checkpoints in the output dir, laid out as llm.c's, for one process or several:
 
     model_%08d.bin   the llm.c model (loadable with -e by llm.c and by us), written by process 0
-    state_%08d/      the train state (params, AdamW moments, count, lr, outlier detectors) as an Orbax
+    state_%08d/      the train state (params, AdamW moments, count, lr, outlier detectors, FP8 metas) as an Orbax
                      checkpoint: every process writes its own shards; restored onto the shardings of
                      the resuming run, so another device count, process count or ZeRO stage can resume
     meta_%08d.json   every device rank's data loader state and the run's flags, written by process 0
@@ -23,7 +23,7 @@ import re
 import shutil
 import threading
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,10 +139,52 @@ def _attempt(fn, *args) -> str | None:
     return None
 
 
+class _StateWithoutFp8(NamedTuple):
+    """A train state as checkpoints hold it when FP8 is off: the four fields of every checkpoint
+    written before TrainState had `fp8`, so those resume and off-runs write the same tree as before."""
+
+    params: Any
+    opt_state: Any
+    loss_detector: Any
+    norm_detector: Any
+
+
+def _on_disk(tree: Any) -> Any:
+    """What Orbax saves and restores for a TrainState (or a like-shaped tree of shardings or
+    templates): the state itself with FP8 metas, without the empty fp8 field otherwise."""
+    if getattr(tree, "fp8", None) is None and hasattr(tree, "norm_detector"):
+        return _StateWithoutFp8(tree.params, tree.opt_state, tree.loss_detector, tree.norm_detector)
+    return tree
+
+
+def _from_disk(restored: Any, template: Any) -> Any:
+    return type(template)(*restored, None) if isinstance(restored, _StateWithoutFp8) else restored
+
+
+def _saved_with_fp8(ckptr: Any, path: str) -> bool | None:
+    """Whether the state dir holds FP8 metas (None: its metadata cannot tell; Orbax decides)."""
+    try:
+        tree = ckptr.metadata(path).item_metadata.tree
+    except Exception:     # noqa: BLE001 - an unreadable dir is reported by the restore itself
+        return None
+    return "fp8" in tree if isinstance(tree, dict) else None
+
+
+def _check_fp8_match(ckptr: Any, path: str, template: Any) -> None:
+    """One line where the checkpoint and this run disagree on --fp8 (the state trees differ)."""
+    if not hasattr(template, "norm_detector"):
+        return
+    saved, want = _saved_with_fp8(ckptr, path), getattr(template, "fp8", None) is not None
+    if saved is not None and saved != want:
+        have = "FP8 metas (a --fp8 delayed/current run)" if saved else "no FP8 metas (a --fp8 off run)"
+        raise CheckpointError(f"{path} holds {have}, and this run has --fp8 {'on' if want else 'off'}; "
+                              "resume with the --fp8 setting of the run that wrote it")
+
+
 def _save_state(path: str, train_state: Any) -> None:
     try:
         with _orbax_quiet(), _checkpointer() as ckptr:   # leaving the block waits for every shard
-            ckptr.save(path, train_state, force=True)
+            ckptr.save(path, _on_disk(train_state), force=True)
     except BaseException:
         _release_orbax_threads()
         raise
@@ -238,11 +280,14 @@ def load_state(out_dir: str, step: int, template: Any, shardings: Any = None) ->
     Orbax failure is a CheckpointError in one line."""
     if shardings is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), template)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), template, shardings)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                          _on_disk(template), _on_disk(shardings))
     path = paths(out_dir, step)["state"]
+    with _orbax_quiet(), _checkpointer() as ckptr:
+        _check_fp8_match(ckptr, path, template)
     try:
         with _orbax_quiet(), _checkpointer() as ckptr:
-            return ckptr.restore(path, target)
+            return _from_disk(ckptr.restore(path, target), template)
     except ValueError as e:       # Orbax names the leaf and both shapes or tree structures
         raise CheckpointError(f"{path} does not fit this run's model and optimizer (another model or flags?): "
                               f"{describe(e, 300)}") from None

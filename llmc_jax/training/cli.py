@@ -70,11 +70,17 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     (None, "--backward", str, "manual", "manual (hand-derived custom_vjp ops) or autodiff (jax.grad of the "
                                         "plain reference model)"),
     (None, "--coordinator", str, None, "HOST:PORT of the jax.distributed coordinator (with -pn/-pr)"),
+    (None, "--fp8", str, "off", "FP8 matmuls (GPT-2's qkv, fc, fcproj; llm.c PR #760): off, delayed (per-tensor "
+                                "scales from an amax history) or current (scales from this step's amaxes)"),
+    (None, "--fp8-history", int, 32, "FP8 amax history length (steps)"),
+    (None, "--fp8-margin", float, 0.0, "FP8 scale headroom: the largest amax maps to fp8_max / 2**margin "
+                                       "(0.807 = llm.c's 256/32768 targets)"),
 ]
 
 CHOICES = {"lr_scheduler": ("cosine", "linear", "constant", "wsd"), "dtype": ("float32", "bfloat16"),
            "kernels": kernels.FAMILIES, **kernels.OP_CHOICES,
-           "backward": ("manual", "autodiff"), "recompute": (0, 1, 2), "zero_stage": (0, 1, 2, 3)}
+           "backward": ("manual", "autodiff"), "recompute": (0, 1, 2), "zero_stage": (0, 1, 2, 3),
+           "fp8": ("off", "delayed", "current")}
 
 
 class Bound(NamedTuple):
@@ -103,7 +109,7 @@ BOUNDS: dict[str, Bound] = {
     "val_every": NONNEG, "sample_every": NONNEG, "gen_tokens": POSITIVE, "checkpoint_every": NEVER_OR_NONNEG,
     "checkpoint_keep": NONNEG, "checkpoint_major": NONNEG, "seed": NONNEG,
     "resume": SWITCH, "hellaswag": SWITCH, "overfit": SWITCH, "allow_tf32": SWITCH,
-    "master_weights": SWITCH, "shuffle": SWITCH,
+    "master_weights": SWITCH, "shuffle": SWITCH, "fp8_history": POSITIVE, "fp8_margin": NONNEG,
 }
 
 # The built-in corpus run: a small byte-level GPT-2 that learns visibly in a few CPU minutes.

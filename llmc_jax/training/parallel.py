@@ -97,7 +97,7 @@ def state_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Colle
     """NamedShardings for a train_step.TrainState (same pytree structure).
 
     z>=1: AdamW mu and nu split per leaf; z==3: params too; everything else (step count, learning
-    rate, outlier detectors) replicated."""
+    rate, outlier detectors, FP8 metas) replicated."""
     z = _check_stage(zero_stage)
     rep = replicated(mesh)
     all_rep = lambda tree: jax.tree.map(lambda _: rep, tree)
@@ -110,7 +110,10 @@ def state_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Colle
                                            nu=sharded_like(opt.nu, mesh, layer_params))
     else:
         opt_sh = all_rep(opt)
-    return type(state)(params, opt_sh, all_rep(state.loss_detector), all_rep(state.norm_detector))
+    # the FP8 metas (tiny, needed whole by every device's forward) replicated at every stage:
+    # sharded_like's rules would split their history axis for nothing
+    return type(state)(params, opt_sh, all_rep(state.loss_detector), all_rep(state.norm_detector),
+                       all_rep(getattr(state, "fp8", None)))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -63,7 +63,9 @@ class Run:
         return train_step.StepConfig(model=self.model, dtype=self.dtype, kernels=self.kernels, backward=f.backward,
                                      recompute=f.recompute, grad_clip=f.grad_clip, skip_loss_z=f.skip_loss_z,
                                      skip_grad_z=f.skip_grad_z, beta1=f.beta1, beta2=f.beta2, eps=f.eps,
-                                     weight_decay=f.weight_decay)
+                                     weight_decay=f.weight_decay, fp8=getattr(f, "fp8", "off"),
+                                     fp8_history=getattr(f, "fp8_history", 32),
+                                     fp8_margin=getattr(f, "fp8_margin", 0.0))
 
     def learning_rate(self, step: int) -> float:
         from llmc_jax.training import optim
@@ -95,6 +97,7 @@ def resolve(args: argparse.Namespace) -> Run:
     from llmc_jax.nn.kernels import default_dtype
     dtype = args.dtype or default_dtype(platform)
     kernels = cli.resolve_kernels(args, recompute=args.recompute, platform=platform, dtype=dtype)
+    kernels = _fp8_kernels(args, kernels)
     train_data, val_data = args.train_data, args.val_data
     if args.builtin_corpus:
         from llmc_jax.formats.corpus import builtin_corpus
@@ -119,6 +122,7 @@ def resolve(args: argparse.Namespace) -> Run:
     train_pattern = val_data if args.overfit else train_data
     try:
         model = _model_config(args, init)
+        _check_fp8(args, model)
         from llmc_jax.formats import llmc_format
         llmc_format.check_seq_len(model, T, init)
         train_tokens, val_per_epoch = _measure_data(train_pattern, val_data, B, T, D, model.V)
@@ -142,6 +146,28 @@ def resolve(args: argparse.Namespace) -> Run:
     except ValueError as e:
         raise UsageError(f"learning-rate schedule: {e} (check -k, -u against -x)") from None
     return run
+
+
+def _fp8_kernels(args: argparse.Namespace, kernels: Kernels) -> Kernels:
+    """Under --fp8 the MLP runs fp8_matmul then GELU: the fused Pallas matmul_gelu has no FP8 path, so
+    the --kernels pallas family falls back to xla there (as under -r 1/2); naming it is an error."""
+    if args.fp8 == "off" or kernels.matmul_gelu != "pallas":
+        return kernels
+    if args.matmul_gelu == "pallas":
+        raise UsageError(f"--matmul-gelu pallas has no FP8 path: with --fp8 {args.fp8} the fc matmul runs in "
+                         "FP8 and GELU after it; use --matmul-gelu xla (or leave it to --kernels)")
+    return dataclasses.replace(kernels, matmul_gelu="xla")
+
+
+def _check_fp8(args: argparse.Namespace, model) -> None:
+    """--fp8 needs the hand-written backward of a family with FP8 matmuls (GPT-2, so far)."""
+    if args.fp8 == "off":
+        return
+    from llmc_jax.models.family import family_of
+    if args.backward != "manual":
+        raise UsageError(f"--fp8 {args.fp8} needs --backward manual (the reference models have no FP8 path)")
+    if not hasattr(family_of(model), "value_and_grad_fp8"):
+        raise UsageError(f"--fp8 {args.fp8}: {type(model).__name__} models have no FP8 path yet (GPT-2 only); use --fp8 off")
 
 
 def _frozen(args: argparse.Namespace):
@@ -227,6 +253,7 @@ def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, obj
         ("sample_every", f.sample_every), ("genT", f.gen_tokens), ("overfit_single_batch", f.overfit),
         ("use_master_weights", f.master_weights), ("recompute", f.recompute),
         ("dtype", run.dtype), ("kernels", str(run.kernels)), ("backward", f.backward),
+        *_fp8_rows(f),
         ("device", f"{device.platform} {device.device_kind} x{run.num_devices}"),
         ("jax", jax_version),
         ("model", f"{run.init} {m.describe()}"),
@@ -235,3 +262,10 @@ def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, obj
         ("num_processes", run.num_processes), ("num_devices", run.num_devices), ("zero_stage", f.zero_stage),
         ("run hellaswag", "yes" if run.hellaswag else "no"),
     ]
+
+
+def _fp8_rows(f: Any) -> list[tuple[str, object]]:
+    """The config table's FP8 row, only for an FP8 run (an --fp8 off table stays as it was)."""
+    if getattr(f, "fp8", "off") == "off":
+        return []
+    return [("fp8", f"{f.fp8} (qkv, fc, fcproj; history {f.fp8_history}, margin {f.fp8_margin:g})")]

@@ -3,6 +3,10 @@
 One step = a `lax.scan` over grad-accumulation micro-batches (fp32 gradient sum, mean loss),
 the global grad norm, llm.c's outlier z-scores, clipping, and AdamW on the master weights; an
 update whose loss or grad-norm z-score is over its threshold is skipped (the step still counts).
+
+With --fp8 (StepConfig.fp8 != "off") the state also holds the FP8 layer matmuls' metas (TrainState.fp8);
+their "gradients" (observed amaxes, nn/fp8.py) are combined over micro-batches (and devices) with max,
+never enter AdamW, the grad norm or clipping, and update the metas after the step.
 """
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmc_jax.training import optim
 from llmc_jax.models.family import family_of, reference_of
+from llmc_jax.nn import fp8 as fp8_ops
 from llmc_jax.nn.kernels import XLA, Kernels, ModelOptions
+
+FP8_RECIPES = ("off", *fp8_ops.RECIPES)
 
 
 class TrainState(NamedTuple):
@@ -24,6 +31,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     loss_detector: optim.DetectorState
     norm_detector: optim.DetectorState
+    fp8: dict | None = None     # {matmul: fp8.MatmulMetas stacked on L} under --fp8; None (no leaves) when off
 
 
 class StepMetrics(NamedTuple):
@@ -51,6 +59,15 @@ class StepConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
+    fp8: str = "off"              # off, delayed or current: qkv, fc, fcproj in FP8 (nn/fp8.py)
+    fp8_history: int = fp8_ops.DEFAULT_HISTORY
+    fp8_margin: float = 0.0
+
+    @property
+    def fp8_options(self) -> fp8_ops.Fp8Options | None:
+        if self.fp8 not in FP8_RECIPES:
+            raise ValueError(f"fp8 must be one of {', '.join(FP8_RECIPES)}, got {self.fp8!r}")
+        return None if self.fp8 == "off" else fp8_ops.Fp8Options(self.fp8, float(self.fp8_margin))
 
     def optimizer(self) -> optax.GradientTransformation:
         return optim.make_optimizer(beta1=self.beta1, beta2=self.beta2, eps=self.eps,
@@ -58,9 +75,16 @@ class StepConfig:
 
     def model_options(self, layer_sharding=None) -> ModelOptions:
         return ModelOptions(dtype=jnp.dtype(self.dtype), kernels=self.kernels, recompute=self.recompute,
-                            layer_sharding=layer_sharding)
+                            layer_sharding=layer_sharding, fp8=self.fp8_options)
 
     def value_and_grad(self, layer_sharding=None):
+        """(params, x, y) -> (loss, grads); under FP8 (params, metas, x, y) -> (loss, (grads, meta grads))."""
+        if self.fp8_options is not None:
+            family = family_of(self.model)
+            if self.backward != "manual" or not hasattr(family, "value_and_grad_fp8"):
+                raise ValueError(f"--fp8 {self.fp8} needs --backward manual and a model family with an FP8 "
+                                 f"path (GPT-2); got --backward {self.backward}, {family.__name__}")
+            return family.value_and_grad_fp8(self.model, self.model_options(layer_sharding))
         if self.backward == "manual":
             return family_of(self.model).value_and_grad(self.model, self.model_options(layer_sharding))
         if self.backward == "autodiff":
@@ -69,7 +93,9 @@ class StepConfig:
 
 
 def init_train_state(params: dict, sc: StepConfig) -> TrainState:
-    return TrainState(params, sc.optimizer().init(params), optim.detector_init(), optim.detector_init())
+    """Fresh optimizer and detector state; under --fp8 fresh metas (scale 1, empty history) per layer."""
+    metas = None if sc.fp8_options is None else fp8_ops.init_layer_metas(sc.model.L, sc.fp8_history)
+    return TrainState(params, sc.optimizer().init(params), optim.detector_init(), optim.detector_init(), metas)
 
 
 def _skip(z, threshold: float):
@@ -96,6 +122,28 @@ def _per_device(value_and_grad, mesh):
                          check_vma=False)
 
 
+def _per_device_fp8(value_and_grad, mesh):
+    """_per_device for the FP8 value_and_grad: the metas replicated in, and their gradients (the
+    observed amaxes) combined with pmax: each device saw only its rows, the scale needs the max."""
+    from llmc_jax.training.parallel import DATA_AXIS
+
+    def local(params, metas, x_BT, y_BT):
+        loss, (grads, meta_grads) = value_and_grad(params, metas, x_BT, y_BT)
+        return jax.lax.pmean(loss, DATA_AXIS), (jax.lax.pmean(grads, DATA_AXIS), jax.lax.pmax(meta_grads, DATA_AXIS))
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
+                         out_specs=(P(), (P(), P())), check_vma=False)
+
+
+def _with_meta_grads(value_and_grad, fp8_on: bool):
+    """A uniform (params, metas, x, y) -> (loss, grads, meta grads or None) over both signatures."""
+    if fp8_on:
+        def vg(params, metas, x_BT, y_BT):
+            loss, (grads, meta_grads) = value_and_grad(params, metas, x_BT, y_BT)
+            return loss, grads, meta_grads
+        return vg
+    return lambda params, metas, x_BT, y_BT: (*value_and_grad(params, x_BT, y_BT), None)
+
+
 def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_stage: int = 0):
     """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T).
 
@@ -106,28 +154,36 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     per_device = mesh is not None and mesh.size > 1 and sc.backward == "manual" and sc.kernels.uses_pallas
     # ZeRO-3 (params sharded, so gradients are too): each layer gathered as the scan reaches it
     gather_layers = mesh is not None and grad_shardings is not None and zero_stage >= 3 and not per_device
+    fp8_on = sc.fp8_options is not None
     value_and_grad = sc.value_and_grad(NamedSharding(mesh, P()) if gather_layers else None)
     if per_device:
-        value_and_grad = _per_device(value_and_grad, mesh)
+        value_and_grad = (_per_device_fp8 if fp8_on else _per_device)(value_and_grad, mesh)
+    value_and_grad = _with_meta_grads(value_and_grad, fp8_on)
     if grad_shardings is None:
         constrain = lambda g: g
     else:
         constrain = lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)
 
-    def fn(params, x_ABT, y_ABT):
+    def fn(params, x_ABT, y_ABT, metas=None):
+        """(mean loss, mean grads), plus the max-combined meta grads when `metas` (FP8) are given."""
         def micro(acc, xy):
-            loss, grads = value_and_grad(params, xy[0], xy[1])
-            acc_loss, acc_grads = acc
+            loss, grads, meta_grads = value_and_grad(params, metas, xy[0], xy[1])
+            acc_loss, acc_grads, acc_meta = acc
             acc_grads = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads))
-            return (acc_loss + loss.astype(jnp.float32), acc_grads), None
+            acc_meta = None if metas is None else fp8_ops.combine_amax_grads(acc_meta, meta_grads)
+            return (acc_loss + loss.astype(jnp.float32), acc_grads, acc_meta), None
 
         A = x_ABT.shape[0]
         if A == 1:   # no accumulation: no zero-filled buffer and no extra pass over the gradients
-            loss, grads = value_and_grad(params, x_ABT[0], y_ABT[0])
-            return loss.astype(jnp.float32), constrain(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+            loss, grads, meta_grads = value_and_grad(params, metas, x_ABT[0], y_ABT[0])
+            out = loss.astype(jnp.float32), constrain(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+            return out if metas is None else (*out, meta_grads)
         zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros), (x_ABT, y_ABT))
-        return loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum)   # mean over B*T*A, as llm.c
+        meta_zeros = None if metas is None else jax.tree.map(jnp.zeros_like, metas)   # amaxes are >= 0
+        (loss_sum, grad_sum, meta_grads), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros, meta_zeros),
+                                                           (x_ABT, y_ABT))
+        out = loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum)   # mean over B*T*A, as llm.c
+        return out if metas is None else (*out, meta_grads)
     return fn
 
 
@@ -143,7 +199,12 @@ def make_train_step(sc: StepConfig, shardings=None):
 
     def step_fn(state: TrainState, x_ABT, y_ABT, lr, step):
         params = state.params
-        loss, grads = grad_fn(params, x_ABT, y_ABT)
+        if state.fp8 is None:
+            loss, grads = grad_fn(params, x_ABT, y_ABT)
+            new_fp8 = None
+        else:     # the meta grads (amaxes) only update the metas: not in the norm, clipping or AdamW
+            loss, grads, meta_grads = grad_fn(params, x_ABT, y_ABT, state.fp8)
+            new_fp8 = fp8_ops.update_layer_metas(state.fp8, meta_grads, sc.fp8_margin)
         norm = optim.global_norm(grads)
         loss_det, loss_z = optim.detector_update(state.loss_detector, loss)
         norm_det, norm_z = optim.detector_update(state.norm_detector, norm)
@@ -154,9 +215,10 @@ def make_train_step(sc: StepConfig, shardings=None):
         updates, new_opt_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if sc.skip_loss_z > 0 or sc.skip_grad_z > 0:   # only then pay for the select
-            new_params, new_opt_state = jax.lax.cond(
-                skipped, lambda: (params, state.opt_state), lambda: (new_params, new_opt_state))
-        new_state = TrainState(new_params, new_opt_state, loss_det, norm_det)
+            # a skipped update keeps the old metas too: a bad batch's amax never enters the window
+            new_params, new_opt_state, new_fp8 = jax.lax.cond(
+                skipped, lambda: (params, state.opt_state, state.fp8), lambda: (new_params, new_opt_state, new_fp8))
+        new_state = TrainState(new_params, new_opt_state, loss_det, norm_det, new_fp8)
         finite = jnp.isfinite(loss) & jnp.isfinite(norm)
         return new_state, StepMetrics(loss, norm, loss_z, norm_z, skipped, finite)
 
@@ -169,9 +231,13 @@ def make_train_step(sc: StepConfig, shardings=None):
 
 
 def make_eval_step(sc: StepConfig):
-    """(params, x_BT, y_BT) -> mean loss, the forward pass only."""
+    """(params, x_BT, y_BT) -> mean loss, the forward pass only.
+
+    Under --fp8 it takes only the params (the loop passes no metas), so it measures the unquantized
+    model (the compute dtype's matmuls), not the FP8 forward."""
     if sc.backward == "autodiff":
         fn = lambda p, x, y: reference_of(sc.model).loss(p, x, y, sc.model, dtype=jnp.dtype(sc.dtype))
     else:
-        fn = lambda p, x, y: family_of(sc.model).loss(p, x, y, sc.model, sc.model_options())
+        opts = sc.model_options()._replace(fp8=None)
+        fn = lambda p, x, y: family_of(sc.model).loss(p, x, y, sc.model, opts)
     return jax.jit(fn)
