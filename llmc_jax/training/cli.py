@@ -50,7 +50,7 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     ("-f", "--allow-tf32", int, 1, "1 = allow TF32 matmuls in float32 runs on GPU"),
     ("-w", "--master-weights", int, 1, "1 = keep fp32 master weights in bfloat16 runs"),
     ("-z", "--zero-stage", int, 0, "ZeRO stage: 0 replicated, 1 optimizer state, 2 + gradients, 3 + params"),
-    ("-r", "--recompute", int, 1, "recompute in the backward: 0 nothing, 1 GELU, 2 GELU and layernorms"),
+    ("-r", "--recompute", int, 1, "recompute in the backward: 0 nothing, 1 GELU (SwiGLU), 2 also the layernorms (RMSNorms)"),
     ("-pn", "--num-processes", int, None, "number of processes (multi-host; default: the task count under "
                                             "SLURM or Open MPI, else 1)"),
     ("-pr", "--process-rank", int, 0, "rank of this process (multi-host)"),
@@ -64,7 +64,7 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     (None, "--kernels", str, "xla", "op kernels: xla (portable) or pallas (GPU kernels)"),
     (None, "--attention", str, None, "attention: xla, pallas (flash attention) or cudnn (GPU, bf16); "
                                      "default: as --kernels"),
-    (None, "--layernorm", str, None, "layernorm (fused with the residual add): xla or pallas; default: as --kernels"),
+    (None, "--layernorm", str, None, "the norm fused with the residual add (GPT-2 layernorm, Llama RMSNorm): xla or pallas; default: as --kernels"),
     (None, "--matmul-gelu", str, None, "the MLP's matmul + bias + GELU: xla or pallas (fused; -r 0 only: "
                                        "under -r 1/2 --kernels pallas falls back to xla here); default: as --kernels"),
     (None, "--backward", str, "manual", "manual (hand-derived custom_vjp ops) or autodiff (jax.grad of the "
