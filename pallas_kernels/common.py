@@ -128,3 +128,20 @@ def check_rows(x: jax.Array, weights: dict[str, jax.Array]) -> int:
     if x.size == 0:
         raise ValueError(f"x of shape {x.shape} has no rows to normalise")
     return C
+
+
+def row_tile_masks(N: int, C: int, block_rows: int, BC: int):
+    """(row_ok, col_ok, mask) of this program's (block_rows, BC) tile of an (N, C) array."""
+    row_ok = pl.program_id(0) * block_rows + jnp.arange(block_rows) < N
+    col_ok = jnp.arange(BC) < C
+    return row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+def load_rows(x_ref, r_ref, sum_ref, mask) -> jax.Array:
+    """The tile of x in float32; with a residual r_ref, x + r rounded to the activation dtype first and
+    stored to sum_ref (llm.c's fused residual: the sum is rounded, then normalised)."""
+    x = plt.load(x_ref, mask=mask, other=0.0)
+    if r_ref is not None:
+        x = (x.astype(F32) + plt.load(r_ref, mask=mask, other=0.0).astype(F32)).astype(sum_ref.dtype)
+        plt.store(sum_ref, x, mask=mask)
+    return x.astype(F32)

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import (F32, LN_EPS, RowConfig, check_rows, next_power_of_2, pl, plt, row_config,
-                                   row_params)
+from pallas_kernels.common import (check_rows, F32, LN_EPS, load_rows, next_power_of_2, pl, plt, row_config,
+                                   row_params, row_tile_masks, RowConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,16 +34,10 @@ def _fwd_kernel(*refs, N: int, C: int, eps: float, residual: bool):
         x_ref, r_ref, w_ref, b_ref, s_ref, out_ref, mean_ref, rstd_ref = refs
     else:
         x_ref, w_ref, b_ref, out_ref, mean_ref, rstd_ref = refs
+        r_ref = s_ref = None
     block_rows, BC = out_ref.shape
-    row_ok = pl.program_id(0) * block_rows + jnp.arange(block_rows) < N
-    col_ok = jnp.arange(BC) < C
-    mask = row_ok[:, None] & col_ok[None, :]
-
-    x = plt.load(x_ref, mask=mask, other=0.0)
-    if residual:  # llm.c's fused residual: the sum is rounded to the activation dtype, then normalised
-        x = (x.astype(F32) + plt.load(r_ref, mask=mask, other=0.0).astype(F32)).astype(s_ref.dtype)
-        plt.store(s_ref, x, mask=mask)
-    x = x.astype(F32)
+    row_ok, col_ok, mask = row_tile_masks(N, C, block_rows, BC)
+    x = load_rows(x_ref, r_ref, s_ref, mask)
     mean = jnp.sum(x, axis=1) / C
     xc = jnp.where(mask, x - mean[:, None], 0.0)
     rstd = lax.rsqrt(jnp.sum(xc * xc, axis=1) / C + eps)

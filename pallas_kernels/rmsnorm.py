@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import (F32, RowConfig, check_rows, next_power_of_2, pl, plt, row_config, row_params)
+from pallas_kernels.common import (check_rows, F32, load_rows, next_power_of_2, pl, plt, row_config,
+                                   row_params, row_tile_masks, RowConfig)
 # the row kernels' shared settings (block sizes, warps): one definition for both norms
 
 
@@ -36,16 +37,10 @@ def _fwd_kernel(*refs, N: int, C: int, eps: float, residual: bool):
         x_ref, r_ref, w_ref, h_ref, out_ref, rstd_ref = refs
     else:
         x_ref, w_ref, out_ref, rstd_ref = refs
+        r_ref = h_ref = None
     block_rows, BC = out_ref.shape
-    row_ok = pl.program_id(0) * block_rows + jnp.arange(block_rows) < N
-    col_ok = jnp.arange(BC) < C
-    mask = row_ok[:, None] & col_ok[None, :]
-
-    x = plt.load(x_ref, mask=mask, other=0.0)
-    if residual:  # llm.c's fused residual: the sum is rounded to the activation dtype, then normalised
-        x = (x.astype(F32) + plt.load(r_ref, mask=mask, other=0.0).astype(F32)).astype(h_ref.dtype)
-        plt.store(h_ref, x, mask=mask)
-    x = x.astype(F32)
+    row_ok, col_ok, mask = row_tile_masks(N, C, block_rows, BC)
+    x = load_rows(x_ref, r_ref, h_ref, mask)
     rstd = lax.rsqrt(jnp.sum(x * x, axis=1) / C + eps)           # masked columns are 0: the sum is over C
     n = (x * rstd[:, None]).astype(out_ref.dtype).astype(F32)    # .type_as(x) before the weight
     w = plt.load(w_ref, mask=col_ok, other=0.0).astype(F32)
