@@ -145,3 +145,16 @@ def load_rows(x_ref, r_ref, sum_ref, mask) -> jax.Array:
         x = (x.astype(F32) + plt.load(r_ref, mask=mask, other=0.0).astype(F32)).astype(sum_ref.dtype)
         plt.store(sum_ref, x, mask=mask)
     return x.astype(F32)
+
+
+def row_sub_tile(first_row, j, block_rows: int, N: int, col_ok):
+    """Sub-tile j (block_rows rows) of a backward program's rows: (row_ok, mask, rows, load), where
+    load(ref) reads the sub-tile of ref in float32 with every edge masked."""
+    start = pl.multiple_of(j * block_rows, block_rows)
+    row_ok = first_row + start + jnp.arange(block_rows) < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = pl.ds(start, block_rows)
+
+    def load(ref):
+        return plt.load(ref.at[rows, :], mask=mask, other=0.0).astype(F32)
+    return row_ok, mask, rows, load

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.common import (check_rows, F32, LN_EPS, load_rows, next_power_of_2, pl, plt, row_config,
-                                   row_params, row_tile_masks, RowConfig)
+                                   row_params, row_sub_tile, row_tile_masks,
+                                   RowConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,14 +62,7 @@ def _bwd_kernel(*refs, N: int, C: int, block_rows: int, residual: bool):
 
     def tile(j, acc):
         dw, db = acc
-        start = pl.multiple_of(j * block_rows, block_rows)
-        row_ok = first_row + start + jnp.arange(block_rows) < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows = pl.ds(start, block_rows)
-
-        def load(ref):
-            return plt.load(ref.at[rows, :], mask=mask, other=0.0).astype(F32)
-
+        row_ok, mask, rows, load = row_sub_tile(first_row, j, block_rows, N, col_ok)
         mean = plt.load(mean_ref.at[rows], mask=row_ok, other=0.0)
         rstd = plt.load(rstd_ref.at[rows], mask=row_ok, other=0.0)
         norm = jnp.where(mask, (load(x_ref) - mean[:, None]) * rstd[:, None], 0.0)

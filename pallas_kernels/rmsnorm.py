@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.common import (check_rows, F32, load_rows, next_power_of_2, pl, plt, row_config,
-                                   row_params, row_tile_masks, RowConfig)
+                                   row_params, row_sub_tile, row_tile_masks,
+                                   RowConfig)
 # the row kernels' shared settings (block sizes, warps): one definition for both norms
 
 
@@ -59,14 +60,7 @@ def _bwd_kernel(*refs, N: int, C: int, block_rows: int, residual: bool):
     first_row = pl.program_id(0) * rows_per_program
 
     def tile(j, dw):
-        start = pl.multiple_of(j * block_rows, block_rows)
-        row_ok = first_row + start + jnp.arange(block_rows) < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows = pl.ds(start, block_rows)
-
-        def load(ref):
-            return plt.load(ref.at[rows, :], mask=mask, other=0.0).astype(F32)
-
+        row_ok, mask, rows, load = row_sub_tile(first_row, j, block_rows, N, col_ok)
         rstd = plt.load(rstd_ref.at[rows], mask=row_ok, other=0.0)
         xhat = load(x_ref) * rstd[:, None]
         dout = load(dout_ref)
