@@ -65,3 +65,13 @@ def random_batch(config: GPTConfig, B: int, T: int, seed: int = 1):
 @pytest.fixture
 def tiny_params():
     return random_params(TEST_CONFIG)
+
+
+def llama_test_params(config, seed: int = 3, norm_seed: int = 5) -> dict[str, np.ndarray]:
+    """A Llama init with non-unit norm weights, so that the norms' gradients are exercised too."""
+    from llmc_jax.models import llama
+    p = llama.init_params(config, seed=seed)
+    rng = np.random.default_rng(norm_seed)
+    for name in ("ln1w", "ln2w", "lnfw"):
+        p[name] = p[name] + rng.normal(0, 0.1, p[name].shape).astype(np.float32)
+    return p

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_error
+from conftest import llama_test_params, rel_error
 from llmc_jax.evals import generate
 from llmc_jax.models import llama, llama_reference
 from llmc_jax.models.family import family_of, load_model, reference_of
@@ -17,11 +17,7 @@ CFG = from_descriptor("llama3:tiny")      # NH=4, NKV=2 (n_rep 2), HS=16 (all th
 
 @pytest.fixture(scope="module")
 def params():
-    p = llama.init_params(CFG, seed=3)
-    rng = np.random.default_rng(5)            # non-unit norm weights, so their gradients are exercised
-    for name in ("ln1w", "ln2w", "lnfw"):
-        p[name] = p[name] + rng.normal(0, 0.1, p[name].shape).astype(np.float32)
-    return {k: jnp.asarray(v) for k, v in p.items()}
+    return {k: jnp.asarray(v) for k, v in llama_test_params(CFG).items()}
 
 
 def _batch(B, T, seed=0):

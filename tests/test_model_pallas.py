@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TEST_CONFIG, random_batch, rel_error
+from conftest import TEST_CONFIG, llama_test_params, random_batch, rel_error
 from llmc_jax import gradcheck
 from llmc_jax.models import gpt2, gpt2_reference, llama
 from llmc_jax.models.config import PARAM_NAMES
@@ -131,11 +131,8 @@ LLAMA_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "llama3_tiny")
 
 @pytest.fixture(scope="module")
 def llama_params_and_batch():
-    p = llama.init_params(LLAMA, seed=3)
-    rng = np.random.default_rng(5)            # non-unit norm weights, so their gradients are exercised
-    for name in ("ln1w", "ln2w", "lnfw"):
-        p[name] = p[name] + rng.normal(0, 0.1, p[name].shape).astype(np.float32)
-    tok = rng.integers(0, LLAMA.V, size=(2, 38)).astype(np.int32)    # T=37: every kernel edge masked
+    p = llama_test_params(LLAMA)
+    tok = np.random.default_rng(5).integers(0, LLAMA.V, size=(2, 38)).astype(np.int32)    # T=37: every edge masked
     return {k: jnp.asarray(v) for k, v in p.items()}, jnp.asarray(tok[:, :-1]), jnp.asarray(tok[:, 1:])
 
 
