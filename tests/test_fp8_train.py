@@ -81,7 +81,7 @@ def test_meta_grads_are_the_max_over_micro_batches():
 def test_resume_restores_the_metas_exactly(tmp_path, capsys):
     """6 steps with a checkpoint at 3, resumed with -y 1, equals 6 straight: main.log and the metas."""
     flags = ["-e", "tiny", "-i", f"{FIXTURE}/train.bin", "-j", f"{FIXTURE}/val.bin", "-b", "4", "-t", "64",
-             "-l", "1e-3", "-u", "0", "-v", "3", "-m", "1", "-s", "0", "--dtype", "float32", "--fp8", "delayed",
+             "-l", "1e-3", "-u", "0", "-v", "0", "-s", "0", "--dtype", "float32", "--fp8", "delayed",
              "-n", "3"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert train.main(flags + ["-x", "6", "-o", a]) == 0

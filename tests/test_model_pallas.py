@@ -47,17 +47,6 @@ def test_pallas_model_matches_xla_and_autodiff_fp32(batch_and_params, xla_fp32):
         assert rel_error(g_p[name], g_a[name]) < 1e-5, f"{name}: {rel_error(g_p[name], g_a[name])}"
 
 
-def test_pallas_model_bf16_close_to_autodiff(batch_and_params):
-    p, x, y = batch_and_params
-    loss_p, g_p = jax.jit(gpt2.value_and_grad(CFG, ModelOptions(dtype=jnp.bfloat16, kernels=PALLAS)))(p, x, y)
-    loss_a, g_a = jax.jit(gpt2_reference.value_and_grad(CFG, dtype=jnp.bfloat16))(p, x, y)
-    # bf16 activations rounded at different places: the same 3e-2 as the xla op set's bf16 test
-    assert abs(float(loss_p) - float(loss_a)) < 3e-2 * float(loss_a)
-    for name in PARAM_NAMES:
-        assert g_p[name].dtype == jnp.float32
-        assert rel_error(g_p[name], g_a[name]) < 3e-2, f"{name}: {rel_error(g_p[name], g_a[name])}"
-
-
 def test_pallas_with_recompute_keeps_gradients(batch_and_params, xla_fp32):
     """-r 2 keeps only the MLP pre-activation, so the fc layer falls back to matmul + GELU; the
     pallas layernorm and attention are still recomputed/used, and the gradients do not move."""
@@ -68,12 +57,6 @@ def test_pallas_with_recompute_keeps_gradients(batch_and_params, xla_fp32):
     assert abs(float(loss_r) - float(loss_x)) < 1e-5 * float(loss_x)
     for name in PARAM_NAMES:
         assert rel_error(g_r[name], g_x[name]) < 1e-5, name
-
-
-def test_gradcheck_with_pallas_kernels(capsys):
-    assert gradcheck.main(["-e", "tiny", "-b", "1", "-t", "32", "--kernels", "pallas"]) == 0
-    out = capsys.readouterr().out
-    assert "kernels pallas" in out and "all OK" in out and out.count(" OK") >= len(PARAM_NAMES)
 
 
 def test_kernel_choice_is_resolved_once():
@@ -147,20 +130,6 @@ def test_llama_pallas_matches_xla_fp32(llama_params_and_batch):
     for name in g_x:
         assert g_p[name].shape == g_x[name].shape and g_p[name].dtype == jnp.float32, name
         assert rel_error(g_p[name], g_x[name]) < 1e-5, f"{name}: {rel_error(g_p[name], g_x[name])}"
-
-
-def test_llama_pallas_bf16_close_to_xla(llama_params_and_batch):
-    """bf16 activations: flash attention rounds each key block's p (scaled by the running max) to
-    bf16, the xla op the normalised p, so the two round at different places: the same 3e-2 as the
-    xla op set's bf16 test against autodiff (9.4e-3 measured, as xla vs autodiff); gradients stay
-    float32 (master weights)."""
-    p, x, y = llama_params_and_batch
-    loss_p, g_p = jax.jit(llama.value_and_grad(LLAMA, ModelOptions(dtype=jnp.bfloat16, kernels=PALLAS)))(p, x, y)
-    loss_x, g_x = jax.jit(llama.value_and_grad(LLAMA, ModelOptions(dtype=jnp.bfloat16)))(p, x, y)
-    assert abs(float(loss_p) - float(loss_x)) < 3e-2 * float(loss_x)
-    for name in g_x:
-        assert g_p[name].dtype == jnp.float32, name
-        assert rel_error(g_p[name], g_x[name]) < 3e-2, f"{name}: {rel_error(g_p[name], g_x[name])}"
 
 
 def test_llama_pallas_prefill_then_xla_decode(llama_params_and_batch):

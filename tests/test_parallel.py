@@ -94,7 +94,7 @@ def test_losses_and_params_match_single_device(worker, z):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("z", [0, 1, 2, 3])
+@pytest.mark.parametrize("z", [1, 3])
 def test_llama_losses_and_params_match_single_device(worker, z):
     """Llama 3 (NKV < NH, untied lm_head) through the same ZeRO stages: the same tolerances as GPT-2's,
     and at -z 1..3 its optimizer state is split (the (V, C) embedding 8 ways along V)."""
