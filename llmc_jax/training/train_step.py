@@ -111,27 +111,18 @@ def _per_device(value_and_grad, mesh):
     XLA cannot partition a Pallas kernel (an opaque custom call): under plain jit on a batch-sharded
     input it would gather the whole batch onto every device. Inside shard_map each device runs the
     kernels on its B/D rows; the mean over devices of the per-device mean loss and gradients is the
-    mean over all rows (every device holds as many). check_vma=False: Pallas' interpret mode fails
-    the varying-axes check."""
-    from llmc_jax.training.parallel import DATA_AXIS
-
-    def local(params, x_BT, y_BT):
-        loss, grads = value_and_grad(params, x_BT, y_BT)
-        return jax.lax.pmean(loss, DATA_AXIS), jax.lax.pmean(grads, DATA_AXIS)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P()),
-                         check_vma=False)
-
-
-def _per_device_fp8(value_and_grad, mesh):
-    """_per_device for the FP8 value_and_grad: the metas replicated in, and their gradients (the
-    observed amaxes) combined with pmax: each device saw only its rows, the scale needs the max."""
+    mean over all rows (every device holds as many). The FP8 metas' gradients (observed amaxes; None
+    when off) are combined with pmax: each device saw only its rows, the scale needs the max.
+    Takes and gives _with_meta_grads' uniform signature. check_vma=False: Pallas' interpret mode
+    fails the varying-axes check."""
     from llmc_jax.training.parallel import DATA_AXIS
 
     def local(params, metas, x_BT, y_BT):
-        loss, (grads, meta_grads) = value_and_grad(params, metas, x_BT, y_BT)
-        return jax.lax.pmean(loss, DATA_AXIS), (jax.lax.pmean(grads, DATA_AXIS), jax.lax.pmax(meta_grads, DATA_AXIS))
+        loss, grads, meta_grads = value_and_grad(params, metas, x_BT, y_BT)
+        meta_grads = None if meta_grads is None else jax.lax.pmax(meta_grads, DATA_AXIS)
+        return jax.lax.pmean(loss, DATA_AXIS), jax.lax.pmean(grads, DATA_AXIS), meta_grads
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
-                         out_specs=(P(), (P(), P())), check_vma=False)
+                         out_specs=(P(), P(), P()), check_vma=False)
 
 
 def _with_meta_grads(value_and_grad, fp8_on: bool):
@@ -156,9 +147,9 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     gather_layers = mesh is not None and grad_shardings is not None and zero_stage >= 3 and not per_device
     fp8_on = sc.fp8_options is not None
     value_and_grad = sc.value_and_grad(NamedSharding(mesh, P()) if gather_layers else None)
-    if per_device:
-        value_and_grad = (_per_device_fp8 if fp8_on else _per_device)(value_and_grad, mesh)
     value_and_grad = _with_meta_grads(value_and_grad, fp8_on)
+    if per_device:
+        value_and_grad = _per_device(value_and_grad, mesh)
     if grad_shardings is None:
         constrain = lambda g: g
     else:
