@@ -4,6 +4,7 @@ unsharded and at -z 0..3 on an 8-device mesh, and prints one JSON object with th
 shapes and collective counts of the compiled steps."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -86,6 +87,9 @@ def run(sc, params, zero_stage, mesh, n=8):
         info["params_after"] = {k: list(v.addressable_shards[0].data.shape) for k, v in state.params.items()}
         info["mu_after"] = {k: list(v.addressable_shards[0].data.shape) for k, v in state.opt_state.mu.items()}
     final = {k: np.asarray(v) for k, v in state.params.items()}
+    if state.fp8 is not None:     # the FP8 metas after training: {matmul: {x|w|dout: [scales, histories]}}
+        info["fp8"] = {name: {f: [np.asarray(meta.scale).tolist(), np.asarray(meta.amax_history)[:, :STEPS].tolist()]
+                              for f, meta in zip(m._fields, m)} for name, m in state.fp8.items()}
     return losses, final, info
 
 
@@ -119,6 +123,19 @@ def llama_stages(mesh, n):
     return out
 
 
+def fp8_stages(params, mesh, n):
+    """--fp8 delayed (qkv, fc, fcproj) unsharded, at -z 3 (XLA partitions the step; every amax is a
+    global max) and with Pallas layernorm at -z 1 (each device runs its rows inside shard_map; the
+    observed amaxes are combined with pmax): losses and the metas after STEPS steps."""
+    sc = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0, fp8="delayed")
+    out = {}
+    for name, stage, kernels in (("ref", None, "xla"), ("z3", 3, "xla"), ("pallas_z1", 1, "pallas")):
+        sck = dataclasses.replace(sc, kernels=Kernels.resolve("xla", layernorm=kernels))
+        losses, _, info = run(sck, params, stage, None if stage is None else mesh, n)
+        out[name] = {"losses": losses, "metas": info["fp8"]}
+    return out
+
+
 def main():
     n = jax.device_count()
     sc = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0)
@@ -143,6 +160,7 @@ def main():
     losses, final, _ = run(sc_pallas, params, 1, mesh, n)
     out["pallas_z1"] = {"losses": losses,
                         "max_param_diff": max(float(np.max(np.abs(final[k] - ref_params[k]))) for k in final)}
+    out["fp8"] = fp8_stages(params, mesh, n)
     print(json.dumps(out))
 
 

@@ -103,6 +103,12 @@ TRAIN_FLAG_CASES = [
     (["-z", "4"], r"-z/--zero-stage"), (["-r", "3"], r"-r/--recompute"), (["--dtype", "float16"], r"--dtype"),
     (["-d", "300"], r"-d 300 is not a multiple"),
     (["-t", "128"], r"exceeds the model's maxT=64"),
+    (["--fp8", "on"], r"--fp8: invalid choice"),
+    (["--fp8", "delayed", "--fp8-matmuls", "qkv,mlp"],
+     r"--fp8-matmuls 'qkv,mlp': expected a comma-separated subset of qkv,attproj,fc,fcproj \(unknown: mlp\)"),
+    (["--fp8", "delayed", "--fp8-matmuls", ","], r"--fp8-matmuls ',': expected a comma-separated subset"),
+    (["--fp8", "delayed", "--backward", "autodiff"], r"--fp8 delayed needs --backward manual"),
+    (["--fp8", "delayed", "--fp8-history", "0"], r"--fp8-history 0: must be >= 1"),
 ]
 
 

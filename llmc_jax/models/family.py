@@ -34,18 +34,21 @@ class ModelFamily(Protocol):
     LAYER_PARAMS: tuple[str, ...]   # params stacked on a leading L axis: the layer scan's; never sharded on it
 
     def forward(self, params: dict, idx_BT: Any, config: Any, opts: Any = ..., *, cache: Any = None,
-                pos: Any = 0) -> tuple[Any, Any]:
-        """(final hidden states (B, T, C), cache): training, eval, prefill and decode alike."""
+                pos: Any = 0, fp8_metas: Any = None) -> tuple[Any, Any]:
+        """(final hidden states (B, T, C), cache): training, eval, prefill and decode alike; the
+        layer matmuls opts.fp8 names run in FP8 with fp8_metas (stacked on L)."""
 
     def head(self, params: dict, h_BTC: Any) -> Any:
         """(B, T, Vp) logits of the hidden states."""
 
     def logits(self, params: dict, idx_BT: Any, config: Any, opts: Any = ...) -> Any: ...
 
-    def loss(self, params: dict, idx_BT: Any, targets_BT: Any, config: Any, opts: Any = ...) -> Any:
+    def loss(self, params: dict, idx_BT: Any, targets_BT: Any, config: Any, opts: Any = ...,
+             fp8_metas: Any = None) -> Any:
         """Mean cross-entropy over the B*T positions, through the hand-derived backward."""
 
-    def value_and_grad(self, config: Any, opts: Any = ...) -> Callable: ...
+    def value_and_grad(self, config: Any, opts: Any = ...) -> Callable:
+        """nn.kernels.loss_value_and_grad of loss: the metas differentiated too under opts.fp8."""
 
     def empty_cache(self, config: Any, B: int, S: int, dtype: Any) -> Any: ...
 

@@ -19,7 +19,7 @@ from llmc_jax.formats.llmc_format import read_debug_state, read_model, read_mode
 from llmc_jax.formats.llmc_init import init_params  # noqa: F401  (llm.c's init, bit for bit)
 from llmc_jax.models.config import PARAM_NAMES, GPTConfig
 from llmc_jax.nn import fp8, kv_cache, ops
-from llmc_jax.nn.kernels import ModelOptions, OpSet, op_set, rematerialize
+from llmc_jax.nn.kernels import ModelOptions, OpSet, loss_value_and_grad, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
 
 Params = dict[str, jax.Array]
@@ -30,13 +30,10 @@ _SAVED = {1: ("ln1", "qkv", "atty", "ln2", "fch"), 2: ("qkv", "atty", "fch")}
 
 
 def _matmuls(opset: OpSet, fp8_opts: fp8.Fp8Options | None, lm: dict | None) -> tuple[Callable, Callable]:
-    """(mm(name, x, w, b), fc_gelu(x, w, b)) for one layer: the op library's, or fp8_matmul with this
-    layer's metas `lm` for the matmuls fp8_opts names. In FP8 the MLP is matmul-then-GELU (no fused
-    Pallas matmul_gelu: it has no FP8 path), the pre-activation still named "fch" for -r 1/2."""
-    def mm(name: str, x, w, b):
-        if lm is None or name not in fp8_opts.matmuls:
-            return opset.matmul(x, w, b)
-        return fp8.fp8_matmul(x, w, b, lm[name], recipe=fp8_opts.recipe, margin=fp8_opts.margin)
+    """(mm(name, x, w, b), fc_gelu(x, w, b)) for one layer: the op library's matmuls, or fp8_matmul
+    with this layer's metas `lm` for the matmuls fp8_opts names. In FP8 the MLP is matmul-then-GELU
+    (no fused Pallas matmul_gelu: it has no FP8 path), the pre-activation still named "fch" for -r 1/2."""
+    mm = fp8.layer_matmul(opset.matmul, fp8_opts, lm)
 
     def fc_gelu(x, w, b):
         if lm is None or "fc" not in fp8_opts.matmuls:
@@ -62,7 +59,7 @@ def make_block(opset: OpSet, NH: int, recompute: int, pos, fp8_opts: fp8.Fp8Opti
         qkv = checkpoint_name(mm("qkv", ln1, lp["qkvw"], lp["qkvb"]), "qkv")
         atty, cache = kv_cache.attention(opset.attention, qkv, NH, cache, layer, pos)
         atty = checkpoint_name(atty, "atty")
-        x, ln2 = opset.residual_layernorm(x, opset.matmul(atty, lp["attprojw"], lp["attprojb"]),
+        x, ln2 = opset.residual_layernorm(x, mm("attproj", atty, lp["attprojw"], lp["attprojb"]),
                                           lp["ln2w"], lp["ln2b"])
         ln2 = checkpoint_name(ln2, "ln2")
         delta = mm("fcproj", fc_gelu(ln2, lp["fcw"], lp["fcb"]), lp["fcprojw"], lp["fcprojb"])
@@ -116,15 +113,10 @@ def loss(params: Params, idx_BT: jax.Array, targets_BT: jax.Array, config: GPTCo
 
 
 def value_and_grad(config: GPTConfig, opts: ModelOptions = ModelOptions()) -> Callable:
-    """(params, idx, targets) -> (loss, grads) through the hand-written backward."""
-    return jax.value_and_grad(lambda params, idx_BT, targets_BT: loss(params, idx_BT, targets_BT, config, opts))
-
-
-def value_and_grad_fp8(config: GPTConfig, opts: ModelOptions) -> Callable:
-    """(params, fp8_metas, idx, targets) -> (loss, (grads, meta grads)): the metas are differentiated
-    too, and their "gradients" are the amaxes each FP8 matmul observed (fp8.py), stacked on L."""
-    return jax.value_and_grad(lambda params, metas, idx_BT, targets_BT:
-                              loss(params, idx_BT, targets_BT, config, opts, metas), argnums=(0, 1))
+    """(params, idx, targets) -> (loss, grads) through the hand-written backward (with the FP8 metas
+    under opts.fp8: nn.kernels.loss_value_and_grad)."""
+    return loss_value_and_grad(lambda params, idx_BT, targets_BT, metas:
+                               loss(params, idx_BT, targets_BT, config, opts, metas), opts)
 
 
 def empty_cache(config: GPTConfig, B: int, S: int, dtype) -> KVCache:

@@ -11,6 +11,9 @@ Kernels (ModelOptions.kernels, through op_set): `attention` picks the grouped-qu
 training and prefill (xla, Pallas flash attention, or cuDNN), `layernorm` the fused residual +
 RMSNorm (xla or Pallas); `matmul_gelu` does not apply (SwiGLU). Decoding one token from the KV
 cache always runs the cache's own XLA attention.
+
+FP8 (ModelOptions.fp8 with the per-layer metas): the layer matmuls it names (qkv, attproj, the fused
+[up | gate] fc, fcproj) run through nn/fp8.fp8_matmul, exactly as in GPT-2's block.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llmc_jax.formats.llama3_format import read_debug_state, read_model, read_model_header, write_model  # noqa: F401  (the family's files)
 from llmc_jax.models.llama_config import LlamaConfig
-from llmc_jax.nn import ops
-from llmc_jax.nn.kernels import ModelOptions, OpSet, op_set, rematerialize
+from llmc_jax.nn import fp8, ops
+from llmc_jax.nn.kernels import ModelOptions, OpSet, loss_value_and_grad, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
 from llmc_jax.nn.rope import rope, rope_frequencies
 from llmc_jax.nn.swiglu import swiglu
@@ -63,44 +66,50 @@ def _attend(attention: Callable, q, k, v, cache: KVCache | None, layer, pos):
     return cache.attend(layer, q[:, 0], pos), cache
 
 
-def make_block(config: LlamaConfig, opset: OpSet, recompute: int, pos) -> Callable:
-    """The transformer block as a scan body: ((x, delta), cache), (lp, layer) -> same carry; delta
-    is the previous block's branch output, added by this block's fused residual+RMSNorm."""
+def make_block(config: LlamaConfig, opset: OpSet, recompute: int, pos,
+               fp8_opts: fp8.Fp8Options | None = None) -> Callable:
+    """The transformer block as a scan body: ((x, delta), cache), (lp, layer, fp8 metas) -> same
+    carry; delta is the previous block's branch output, added by this block's fused residual+RMSNorm.
+    The metas (None: FP8 off) are this layer's slice of the stacked ones, as in GPT-2's block."""
     eps, table = config.norm_eps, jnp.asarray(freqs(config))
     residual_rmsnorm = opset.residual_rmsnorm
 
     def block(carry, xs):
         (x, delta), cache = carry
-        lp, layer = xs
+        lp, layer, lm = xs
+        mm = fp8.layer_matmul(ops.matmul, fp8_opts, lm)
         x, n1 = residual_rmsnorm(x, delta, lp["ln1w"], eps)
         n1 = checkpoint_name(n1, "n1")
-        qkv = checkpoint_name(ops.matmul(n1, lp["qkvw"], None), "qkv")
+        qkv = checkpoint_name(mm("qkv", n1, lp["qkvw"], None), "qkv")
         q, k, v = split_qkv(qkv, config)
         q, k = rope(q, table, pos), rope(k, table, pos)
         atty, cache = _attend(opset.gqa_attention, q, k, v, cache, layer, pos)
         atty = checkpoint_name(atty, "atty")
-        x, n2 = residual_rmsnorm(x, ops.matmul(atty, lp["attprojw"], None), lp["ln2w"], eps)
+        x, n2 = residual_rmsnorm(x, mm("attproj", atty, lp["attprojw"], None), lp["ln2w"], eps)
         n2 = checkpoint_name(n2, "n2")
-        fch = checkpoint_name(ops.matmul(n2, lp["fcw"], None), "fch")
-        return ((x, ops.matmul(swiglu(fch), lp["fcprojw"], None)), cache), None
+        fch = checkpoint_name(mm("fc", n2, lp["fcw"], None), "fch")
+        return ((x, mm("fcproj", swiglu(fch), lp["fcprojw"], None)), cache), None
     return rematerialize(block, recompute, _SAVED)
 
 
 def forward(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelOptions = ModelOptions(), *,
-            cache: KVCache | None = None, pos=0) -> tuple[jax.Array, KVCache | None]:
-    """(final-RMSNorm output (B, T, C) in the compute dtype, the cache or None); as gpt2.forward."""
+            cache: KVCache | None = None, pos=0, fp8_metas: dict | None = None) -> tuple[jax.Array, KVCache | None]:
+    """(final-RMSNorm output (B, T, C) in the compute dtype, the cache or None); as gpt2.forward,
+    fp8_metas too."""
     T = idx_BT.shape[1]
     if cache is None and T > config.maxT:
         raise ValueError(f"sequence length T={T} exceeds the model's maxT={config.maxT}")
     if cache is not None and T > 1 and not (isinstance(pos, int) and pos == 0):
         raise ValueError("a prompt of several tokens is written into the cache from position 0 only")
     x = ops.token_embedding(params["wte"], idx_BT, jnp.zeros((), opts.dtype))
+    if (fp8_metas is None) != (opts.fp8 is None):
+        raise ValueError("FP8 needs both ModelOptions.fp8 and the metas (fp8_metas), or neither")
     opset = op_set(opts.kernels)
-    block = make_block(config, opset, opts.recompute, pos)
+    block = make_block(config, opset, opts.recompute, pos, opts.fp8)
     if opts.layer_sharding is not None:
         inner = block
-        block = lambda carry, xs: inner(carry, (jax.lax.with_sharding_constraint(xs[0], opts.layer_sharding), xs[1]))
-    xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L))
+        block = lambda carry, xs: inner(carry, (jax.lax.with_sharding_constraint(xs[0], opts.layer_sharding), *xs[1:]))
+    xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L), fp8_metas)
     ((x, delta), cache), _ = jax.lax.scan(block, ((x, jnp.zeros_like(x)), cache), xs)
     return opset.residual_rmsnorm(x, delta, params["lnfw"], config.norm_eps)[1], cache
 
@@ -119,15 +128,17 @@ def logits(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelOp
 
 
 def loss(params: Params, idx_BT: jax.Array, targets_BT: jax.Array, config: LlamaConfig,
-         opts: ModelOptions = ModelOptions()) -> jax.Array:
+         opts: ModelOptions = ModelOptions(), fp8_metas: dict | None = None) -> jax.Array:
     """Mean cross-entropy over B*T tokens through the fused classifier."""
-    h = forward(params, idx_BT, config, opts)[0]
+    h = forward(params, idx_BT, config, opts, fp8_metas=fp8_metas)[0]
     return ops.fused_classifier(h, _lm_head(params), targets_BT, config.V)
 
 
 def value_and_grad(config: LlamaConfig, opts: ModelOptions = ModelOptions()) -> Callable:
-    """(params, idx, targets) -> (loss, grads) through the hand-written backward."""
-    return jax.value_and_grad(lambda params, idx_BT, targets_BT: loss(params, idx_BT, targets_BT, config, opts))
+    """(params, idx, targets) -> (loss, grads) through the hand-written backward (with the FP8 metas
+    under opts.fp8: nn.kernels.loss_value_and_grad)."""
+    return loss_value_and_grad(lambda params, idx_BT, targets_BT, metas:
+                               loss(params, idx_BT, targets_BT, config, opts, metas), opts)
 
 
 def empty_cache(config: LlamaConfig, B: int, S: int, dtype) -> KVCache:

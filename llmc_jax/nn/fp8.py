@@ -29,8 +29,9 @@ H observed amaxes (max |v| of the unscaled tensor; index 0 is the newest). Two r
 
   delayed (default): the op quantizes with meta.scale, fixed before the step; after the step
       `update_meta` rolls the step's observed amax into the history and sets the next scale to
-      fp8_max / (max(history) * 2**margin). One step late, but the cast never waits on a reduction
-      over the tensor it casts (on a GPU the amax can be a by-product of the producing kernel).
+      fp8_max / (max(history) * 2**margin). One step late, but the scale never depends on the
+      tensor it casts. A meta that has observed nothing yet (a fresh run's first step) has no
+      scale to give: that step quantizes with the tensor's current scale instead.
   current: the op computes each tensor's scale from its own amax of this step (the same formula
       over a one-entry history); exact range, one extra reduction before every cast. The metas'
       scales are not used (except as the fallback for an all-zero tensor), histories still update.
@@ -54,7 +55,7 @@ state, so it can be reduced like one). Rules that follow from JAX summing cotang
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,9 @@ MATMUL_DTYPES = MatmulMetas(x=E4M3, w=E4M3, dout=E5M2)
 
 # the layer matmuls llm.c's PR #760 runs in FP8 (attention, attproj and the classifier stay bf16)
 LAYER_MATMULS = ("qkv", "fc", "fcproj")
+# every layer matmul of both families that can run in FP8 (--fp8-matmuls); Llama's fc is the fused
+# [up | gate] projection before SwiGLU
+ALL_LAYER_MATMULS = ("qkv", "attproj", "fc", "fcproj")
 
 
 class Fp8Options(NamedTuple):
@@ -112,6 +116,27 @@ class Fp8Options(NamedTuple):
     recipe: str = "delayed"
     margin: float = 0.0
     matmuls: tuple[str, ...] = LAYER_MATMULS
+
+
+def parse_matmuls(text: str) -> tuple[str, ...]:
+    """`--fp8-matmuls qkv,fc,fcproj` -> ("qkv", "fc", "fcproj") in ALL_LAYER_MATMULS order; raises
+    ValueError naming the unknown or missing entries."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_LAYER_MATMULS]
+    if unknown or not names:
+        raise ValueError(f"--fp8-matmuls {text!r}: expected a comma-separated subset of "
+                         f"{','.join(ALL_LAYER_MATMULS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return tuple(n for n in ALL_LAYER_MATMULS if n in names)
+
+
+def layer_matmul(matmul: Callable, options: "Fp8Options | None", layer_metas: dict | None) -> Callable:
+    """mm(name, x, w, b) for one layer of a model: fp8_matmul with this layer's metas for the matmuls
+    `options` names, `matmul` (the op library's) for the others and whenever FP8 is off."""
+    def mm(name: str, x, w, b):
+        if layer_metas is None or name not in options.matmuls:
+            return matmul(x, w, b)
+        return fp8_matmul(x, w, b, layer_metas[name], recipe=options.recipe, margin=options.margin)
+    return mm
 
 
 def init_layer_metas(L: int, history_len: int = DEFAULT_HISTORY,
@@ -211,8 +236,12 @@ def _current_scale(a, fp8_max: float, margin: float, prev) -> jax.Array:
 
 
 def _scale(recipe: str, meta: Fp8Meta, a, fp8_max: float, margin: float):
+    """The scale a tensor with amax `a` is cast with. Delayed scaling takes the meta's, except while
+    the meta has observed nothing (an all-zero history: a fresh run's first step), where a scale of 1
+    would flush most of a small output gradient below e5m2's subnormals: then its own current scale."""
     if recipe == "delayed":
-        return meta.scale.astype(F32)
+        observed = jnp.any(meta.amax_history > 0, axis=-1)
+        return jnp.where(observed, meta.scale.astype(F32), _current_scale(a, fp8_max, margin, meta.scale))
     if recipe == "current":
         return _current_scale(a, fp8_max, margin, meta.scale)
     raise ValueError(f"unknown fp8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")

@@ -102,7 +102,18 @@ class ModelOptions(NamedTuple):
     kernels: Kernels = XLA
     recompute: int = 0
     layer_sharding: Any = None
-    fp8: Any = None                   # fp8.Fp8Options: qkv, fc, fcproj in FP8 (needs the metas); None: off
+    fp8: Any = None                   # fp8.Fp8Options: the layer matmuls in FP8 (needs the metas); None: off
+
+
+def loss_value_and_grad(loss: Callable, opts: ModelOptions) -> Callable:
+    """A family's value_and_grad from its loss(params, idx, targets, fp8_metas): (params, idx, targets)
+    -> (loss, grads); under FP8 (opts.fp8) (params, fp8_metas, idx, targets) -> (loss, (grads, meta
+    grads)), the metas differentiated too: their "gradients" are the amaxes each FP8 matmul observed
+    (nn/fp8.py), stacked on L."""
+    if opts.fp8 is not None:
+        return jax.value_and_grad(lambda params, metas, idx_BT, targets_BT: loss(params, idx_BT, targets_BT, metas),
+                                  argnums=(0, 1))
+    return jax.value_and_grad(lambda params, idx_BT, targets_BT: loss(params, idx_BT, targets_BT, None))
 
 
 RECOMPUTE = (0, 1, 2)

@@ -161,24 +161,33 @@ def _from_disk(restored: Any, template: Any) -> Any:
     return type(template)(*restored, None) if isinstance(restored, _StateWithoutFp8) else restored
 
 
-def _saved_with_fp8(ckptr: Any, path: str) -> bool | None:
-    """Whether the state dir holds FP8 metas (None: its metadata cannot tell; Orbax decides)."""
+def _saved_fp8_matmuls(ckptr: Any, path: str) -> tuple[str, ...] | None:
+    """The FP8 matmuls whose metas the state dir holds (() for an --fp8 off state; None: its metadata
+    cannot tell, and Orbax decides)."""
     try:
         tree = ckptr.metadata(path).item_metadata.tree
     except Exception:     # noqa: BLE001 - an unreadable dir is reported by the restore itself
         return None
-    return "fp8" in tree if isinstance(tree, dict) else None
+    if not isinstance(tree, dict):
+        return None
+    metas = tree.get("fp8")
+    return tuple(metas) if isinstance(metas, dict) else ()
 
 
 def _check_fp8_match(ckptr: Any, path: str, template: Any) -> None:
-    """One line where the checkpoint and this run disagree on --fp8 (the state trees differ)."""
+    """One line where the checkpoint and this run disagree on --fp8 or --fp8-matmuls (the state
+    trees differ)."""
     if not hasattr(template, "norm_detector"):
         return
-    saved, want = _saved_with_fp8(ckptr, path), getattr(template, "fp8", None) is not None
-    if saved is not None and saved != want:
+    saved, want = _saved_fp8_matmuls(ckptr, path), tuple(getattr(template, "fp8", None) or ())
+    if saved is None or set(saved) == set(want):
+        return
+    if not saved or not want:
         have = "FP8 metas (a --fp8 delayed/current run)" if saved else "no FP8 metas (a --fp8 off run)"
         raise CheckpointError(f"{path} holds {have}, and this run has --fp8 {'on' if want else 'off'}; "
                               "resume with the --fp8 setting of the run that wrote it")
+    raise CheckpointError(f"{path} holds FP8 metas for --fp8-matmuls {','.join(sorted(saved))}, and this run "
+                          f"has {','.join(sorted(want))}; resume with the --fp8-matmuls of the run that wrote it")
 
 
 def _save_state(path: str, train_state: Any) -> None:

@@ -70,8 +70,10 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     (None, "--backward", str, "manual", "manual (hand-derived custom_vjp ops) or autodiff (jax.grad of the "
                                         "plain reference model)"),
     (None, "--coordinator", str, None, "HOST:PORT of the jax.distributed coordinator (with -pn/-pr)"),
-    (None, "--fp8", str, "off", "FP8 matmuls (GPT-2's qkv, fc, fcproj; llm.c PR #760): off, delayed (per-tensor "
-                                "scales from an amax history) or current (scales from this step's amaxes)"),
+    (None, "--fp8", str, "off", "FP8 layer matmuls (llm.c PR #760): off, delayed (per-tensor scales from an amax "
+                                "history) or current (scales from this step's amaxes)"),
+    (None, "--fp8-matmuls", str, "qkv,fc,fcproj", "which layer matmuls run in FP8 under --fp8: a subset of "
+                                                  "qkv,attproj,fc,fcproj (Llama's fc: the fused [up|gate])"),
     (None, "--fp8-history", int, 32, "FP8 amax history length (steps)"),
     (None, "--fp8-margin", float, 0.0, "FP8 scale headroom: the largest amax maps to fp8_max / 2**margin "
                                        "(0.807 = llm.c's 256/32768 targets)"),

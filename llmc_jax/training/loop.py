@@ -365,7 +365,7 @@ def _validate(run: Run, s: Session, step: int) -> None:
         if run.num_processes > 1:     # (B*D, T) global array; this process gives its ranks' rows
             x = parallel.global_rows(x, run.mesh, run.num_devices)
             y = parallel.global_rows(y, run.mesh, run.num_devices)
-        val_loss += float(s.eval_fn(s.state.params, x, y))
+        val_loss += float(s.eval_fn(s.state.params, x, y, s.state.fp8))
     val_loss /= max(run.val_batches, 1)
     print0(run, f"val loss {val_loss:.6f}")
     _log(run, s, f"s:{step} tel:{val_loss:.4f}", step)

@@ -65,7 +65,12 @@ class Run:
                                      skip_grad_z=f.skip_grad_z, beta1=f.beta1, beta2=f.beta2, eps=f.eps,
                                      weight_decay=f.weight_decay, fp8=getattr(f, "fp8", "off"),
                                      fp8_history=getattr(f, "fp8_history", 32),
-                                     fp8_margin=getattr(f, "fp8_margin", 0.0))
+                                     fp8_margin=getattr(f, "fp8_margin", 0.0), fp8_matmuls=self.fp8_matmuls)
+
+    @property
+    def fp8_matmuls(self) -> tuple[str, ...]:
+        from llmc_jax.nn import fp8
+        return fp8.parse_matmuls(getattr(self.flags, "fp8_matmuls", ",".join(fp8.LAYER_MATMULS)))
 
     def learning_rate(self, step: int) -> float:
         from llmc_jax.training import optim
@@ -97,6 +102,7 @@ def resolve(args: argparse.Namespace) -> Run:
     from llmc_jax.nn.kernels import default_dtype
     dtype = args.dtype or default_dtype(platform)
     kernels = cli.resolve_kernels(args, recompute=args.recompute, platform=platform, dtype=dtype)
+    _check_fp8(args)
     kernels = _fp8_kernels(args, kernels)
     train_data, val_data = args.train_data, args.val_data
     if args.builtin_corpus:
@@ -122,7 +128,6 @@ def resolve(args: argparse.Namespace) -> Run:
     train_pattern = val_data if args.overfit else train_data
     try:
         model = _model_config(args, init)
-        _check_fp8(args, model)
         from llmc_jax.formats import llmc_format
         llmc_format.check_seq_len(model, T, init)
         train_tokens, val_per_epoch = _measure_data(train_pattern, val_data, B, T, D, model.V)
@@ -151,7 +156,8 @@ def resolve(args: argparse.Namespace) -> Run:
 def _fp8_kernels(args: argparse.Namespace, kernels: Kernels) -> Kernels:
     """Under --fp8 the MLP runs fp8_matmul then GELU: the fused Pallas matmul_gelu has no FP8 path, so
     the --kernels pallas family falls back to xla there (as under -r 1/2); naming it is an error."""
-    if args.fp8 == "off" or kernels.matmul_gelu != "pallas":
+    from llmc_jax.nn import fp8
+    if args.fp8 == "off" or kernels.matmul_gelu != "pallas" or "fc" not in fp8.parse_matmuls(args.fp8_matmuls):
         return kernels
     if args.matmul_gelu == "pallas":
         raise UsageError(f"--matmul-gelu pallas has no FP8 path: with --fp8 {args.fp8} the fc matmul runs in "
@@ -159,15 +165,16 @@ def _fp8_kernels(args: argparse.Namespace, kernels: Kernels) -> Kernels:
     return dataclasses.replace(kernels, matmul_gelu="xla")
 
 
-def _check_fp8(args: argparse.Namespace, model) -> None:
-    """--fp8 needs the hand-written backward of a family with FP8 matmuls (GPT-2, so far)."""
-    if args.fp8 == "off":
-        return
-    from llmc_jax.models.family import family_of
-    if args.backward != "manual":
+def _check_fp8(args: argparse.Namespace) -> None:
+    """--fp8 needs the hand-written backward (the reference models have no FP8 path) and a valid set
+    of matmuls; both families have all four layer matmuls."""
+    from llmc_jax.nn import fp8
+    try:
+        fp8.parse_matmuls(args.fp8_matmuls)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.fp8 != "off" and args.backward != "manual":
         raise UsageError(f"--fp8 {args.fp8} needs --backward manual (the reference models have no FP8 path)")
-    if not hasattr(family_of(model), "value_and_grad_fp8"):
-        raise UsageError(f"--fp8 {args.fp8}: {type(model).__name__} models have no FP8 path yet (GPT-2 only); use --fp8 off")
 
 
 def _frozen(args: argparse.Namespace):
@@ -268,4 +275,4 @@ def _fp8_rows(f: Any) -> list[tuple[str, object]]:
     """The config table's FP8 row, only for an FP8 run (an --fp8 off table stays as it was)."""
     if getattr(f, "fp8", "off") == "off":
         return []
-    return [("fp8", f"{f.fp8} (qkv, fc, fcproj; history {f.fp8_history}, margin {f.fp8_margin:g})")]
+    return [("fp8", f"{f.fp8}: {f.fp8_matmuls} (H {f.fp8_history}, margin {f.fp8_margin:g})")]

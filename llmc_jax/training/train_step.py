@@ -59,15 +59,17 @@ class StepConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
-    fp8: str = "off"              # off, delayed or current: qkv, fc, fcproj in FP8 (nn/fp8.py)
+    fp8: str = "off"              # off, delayed or current: the fp8_matmuls in FP8 (nn/fp8.py)
     fp8_history: int = fp8_ops.DEFAULT_HISTORY
     fp8_margin: float = 0.0
+    fp8_matmuls: tuple[str, ...] = fp8_ops.LAYER_MATMULS
 
     @property
     def fp8_options(self) -> fp8_ops.Fp8Options | None:
         if self.fp8 not in FP8_RECIPES:
             raise ValueError(f"fp8 must be one of {', '.join(FP8_RECIPES)}, got {self.fp8!r}")
-        return None if self.fp8 == "off" else fp8_ops.Fp8Options(self.fp8, float(self.fp8_margin))
+        return None if self.fp8 == "off" else fp8_ops.Fp8Options(self.fp8, float(self.fp8_margin),
+                                                                   tuple(self.fp8_matmuls))
 
     def optimizer(self) -> optax.GradientTransformation:
         return optim.make_optimizer(beta1=self.beta1, beta2=self.beta2, eps=self.eps,
@@ -79,12 +81,8 @@ class StepConfig:
 
     def value_and_grad(self, layer_sharding=None):
         """(params, x, y) -> (loss, grads); under FP8 (params, metas, x, y) -> (loss, (grads, meta grads))."""
-        if self.fp8_options is not None:
-            family = family_of(self.model)
-            if self.backward != "manual" or not hasattr(family, "value_and_grad_fp8"):
-                raise ValueError(f"--fp8 {self.fp8} needs --backward manual and a model family with an FP8 "
-                                 f"path (GPT-2); got --backward {self.backward}, {family.__name__}")
-            return family.value_and_grad_fp8(self.model, self.model_options(layer_sharding))
+        if self.fp8_options is not None and self.backward != "manual":
+            raise ValueError(f"--fp8 {self.fp8} needs --backward manual; got --backward {self.backward}")
         if self.backward == "manual":
             return family_of(self.model).value_and_grad(self.model, self.model_options(layer_sharding))
         if self.backward == "autodiff":
@@ -94,7 +92,8 @@ class StepConfig:
 
 def init_train_state(params: dict, sc: StepConfig) -> TrainState:
     """Fresh optimizer and detector state; under --fp8 fresh metas (scale 1, empty history) per layer."""
-    metas = None if sc.fp8_options is None else fp8_ops.init_layer_metas(sc.model.L, sc.fp8_history)
+    opts = sc.fp8_options
+    metas = None if opts is None else fp8_ops.init_layer_metas(sc.model.L, sc.fp8_history, opts.matmuls)
     return TrainState(params, sc.optimizer().init(params), optim.detector_init(), optim.detector_init(), metas)
 
 
@@ -222,13 +221,14 @@ def make_train_step(sc: StepConfig, shardings=None):
 
 
 def make_eval_step(sc: StepConfig):
-    """(params, x_BT, y_BT) -> mean loss, the forward pass only.
+    """(params, x_BT, y_BT, fp8_metas=None) -> mean loss, the forward pass only.
 
-    Under --fp8 it takes only the params (the loop passes no metas), so it measures the unquantized
-    model (the compute dtype's matmuls), not the FP8 forward."""
+    Under --fp8 the loop passes the train state's metas: validation runs the forward the model trains
+    with (llm.c's FP8 validates through its one forward too), quantizing with the current scales and
+    observing nothing (the metas only change in the train step)."""
     if sc.backward == "autodiff":
-        fn = lambda p, x, y: reference_of(sc.model).loss(p, x, y, sc.model, dtype=jnp.dtype(sc.dtype))
+        fn = lambda p, x, y, metas=None: reference_of(sc.model).loss(p, x, y, sc.model, dtype=jnp.dtype(sc.dtype))
     else:
-        opts = sc.model_options()._replace(fp8=None)
-        fn = lambda p, x, y: family_of(sc.model).loss(p, x, y, sc.model, opts)
+        opts = sc.model_options()
+        fn = lambda p, x, y, metas=None: family_of(sc.model).loss(p, x, y, sc.model, opts, metas)
     return jax.jit(fn)
