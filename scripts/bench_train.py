@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--backward", default="manual,autodiff", help="comma list of manual, autodiff")
     p.add_argument("--kernels", default="xla",
                    help="comma list of xla, pallas, cudnn (XLA's ops with cuDNN's fused attention: GPU, bfloat16)")
+    p.add_argument("--fp8", default="off",
+                   help="comma list of off, delayed, current (llmc_jax.train's --fp8; manual backward only)")
     p.add_argument("--compile-only", action="store_true",
                    help="lower and compile each variant on abstract inputs (nothing allocated) and stop")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
@@ -46,7 +48,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cli.check_bounds(p, args, BOUNDS)
     for flag, value, allowed in (("--backward", args.backward, ("manual", "autodiff")),
-                                 ("--kernels", args.kernels, KERNEL_CHOICES)):
+                                 ("--kernels", args.kernels, KERNEL_CHOICES),
+                                 ("--fp8", args.fp8, ("off", "delayed", "current"))):
         bad = [v.strip() for v in value.split(",") if v.strip() not in allowed]
         if bad:
             raise UsageError(f"{flag} {value}: {', '.join(bad) or 'an empty item'} is not one of {', '.join(allowed)}")
@@ -70,7 +73,18 @@ def matmul_peak_gflops(M: int, K: int, N: int, dtype, repeats: int = 10) -> floa
 
 
 def variants(args) -> list[str]:
-    return [f"{b.strip()}-{k.strip()}" for b in args.backward.split(",") for k in args.kernels.split(",")]
+    """backward-kernels, with +fp8-RECIPE for an FP8 variant (manual backward only)."""
+    split = lambda v: [x.strip() for x in v.split(",")]
+    return [f"{b}-{k}" + ("" if f == "off" else f"+fp8-{f}")
+            for b in split(args.backward) for k in split(args.kernels) for f in split(getattr(args, "fp8", "off"))
+            if f == "off" or b == "manual"]
+
+
+def parse_variant(name: str) -> tuple[str, str, str]:
+    """"manual-xla+fp8-delayed" -> ("manual", "xla", "delayed"); no suffix: fp8 "off"."""
+    base, _, fp8 = name.partition("+fp8-")
+    backward, kernels = base.split("-", 1)
+    return backward, kernels, fp8 or "off"
 
 
 def resolve_kernels(kernels: str, recompute: int):
@@ -88,9 +102,9 @@ def step_inputs(name: str, cfg, args, dtype: str, params=None):
     import numpy as np
     from llmc_jax.training import train_step
 
-    backward, kernels = name.split("-", 1)
+    backward, kernels, fp8 = parse_variant(name)
     sc = train_step.StepConfig(model=cfg, dtype=dtype, kernels=resolve_kernels(kernels, args.recompute),
-                               backward=backward, recompute=args.recompute)
+                               backward=backward, recompute=args.recompute, fp8=fp8)
     A, B, T = args.grad_accum, args.batch_size, args.seq_len
     if params is None:
         shapes = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in cfg.param_shapes().items()}

@@ -64,7 +64,7 @@ from device.training import best_kernels  # noqa: E402
 # a part that crashes or overruns is killed and the rest of its group goes on in a fresh process.
 # With --smoke every jax part shares one process.
 GPU_GROUPS = [["env", "kernels", "model", "bench"], ["train-d12-b16", "train-d12-b32", "train-d12-b8"],
-              ["train-llama", "train-d48"]]
+              ["train-llama", "train-fp8", "train-d48"]]
 KILL_GRACE_S = 15          # a part past its share gets this long before it is killed
 HARD_STOP_GRACE_S = 20     # the whole run stops at --budget-s plus this
 

@@ -80,10 +80,19 @@ def test_smoke_runs_every_section_and_passes(tmp_path):
     assert all(r["ms_median"] > 0 for r in bench)
 
     train = sections["train"]["parts"]
-    ran = [r for e in train.values() for r in e["rows"] if r["status"] == "ok"]
+    ran = [r for e in train.values() for r in e["rows"] if r["status"] == "ok" and "check" not in r]
     assert {r["kernels"] for r in ran} == {"xla"} and {r["model"] for r in ran} == {"tiny", "llama3:tiny"}
     for r in ran:
         assert r["step_ms_median"] > 0 and r["tok_per_s"] > 0 and r["compile_s"] > 0 and r["temp_bytes"] is not None
+    # FP8: the off/delayed pair at one shape, what XLA made of the fp8 dots (no cuBLASLt on a CPU),
+    # and the loss on "the device" against the CPU backend (here the same backend: identical)
+    fp8_rows = train["train-fp8"]["rows"]
+    assert [(r.get("fp8"), r["status"]) for r in fp8_rows[:2]] == [("delayed", "ok"), ("off", "ok")]
+    assert fp8_rows[0]["fp8_cublaslt_calls"] == 0 and "fp8_dots_not_rewritten" in fp8_rows[0]
+    vs_cpu = fp8_rows[2]
+    assert vs_cpu["check"] == "fp8 loss vs cpu" and vs_cpu["status"] == "ok", vs_cpu
+    assert vs_cpu["max_rel_fp8"] == 0.0 and vs_cpu["max_rel_off"] == 0.0
+    assert len(vs_cpu["losses"]["delayed/device"]) == 2
     # the d48 stand-in descends: the first -b is over the smoke memory limit, the next one runs
     d48 = train["train-d48"]
     assert [r["status"] for r in d48["rows"]] == ["skipped", "ok"]

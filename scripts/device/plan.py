@@ -18,6 +18,7 @@ PARTS = [
     ("train-d12-b32", "train", 25, None),      # running peak-memory counter is exact for a row that
     ("train-d12-b8", "train", 15, None),       # raised it, an upper bound for the others
     ("train-llama", "train", 30, 8),
+    ("train-fp8", "train", 45, 8),
     ("train-d48", "train", 45, 8),
     ("torch", "torch", 70, 12),
 ]
@@ -81,6 +82,7 @@ PLANS = {
         "d48": "d48", "d48_batches": [64, 48, 32, 24, 16, 12, 8, 6, 4, 2, 1], "d48_steps": 10, "d48_warmup": 2,
         "llama": [("llama3.2:1B", 4), ("llama3:d12", 8)], "llama_kernels": ["cudnn", "pallas", "xla"],
         "llama_steps": 10, "llama_warmup": 2,
+        "fp8_train": ("d12", 16), "fp8_vs_cpu": ("d6", 2, 128, 5),
         "torch_batches": [16, 32, 8], "torch_steps": 20, "torch_warmup": 3,
         "default_est_s": {"kernels": 8, "model": 25, "gradcheck": 35, "bench": 3, "train": 30},
     },
@@ -99,6 +101,7 @@ PLANS = {
         "d48": "tiny", "d48_batches": [8, 2], "d48_steps": 1, "d48_warmup": 0,
         "llama": [("llama3:tiny", 2)], "llama_kernels": ["xla", "cudnn"],
         "llama_steps": 1, "llama_warmup": 0,
+        "fp8_train": ("tiny", 2), "fp8_vs_cpu": ("tiny", 2, 32, 2),
         "torch_batches": [None], "torch_steps": None, "torch_warmup": None,
         "default_est_s": {"kernels": 3, "model": 6, "gradcheck": 8, "bench": 1, "train": 6},
     },

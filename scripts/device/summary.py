@@ -26,7 +26,11 @@ def _kernel_rows(parts: dict) -> list[dict]:
 
 
 def _train_rows(parts: dict) -> list[dict]:
-    return [r for p in parts if p.startswith("train") for r in _rows(parts, p)]
+    return [r for p in parts if p.startswith("train") for r in _rows(parts, p) if "check" not in r]
+
+
+def _kernels_label(r: dict) -> str:
+    return str(r.get("kernels")) + ("" if r.get("fp8", "off") == "off" else "+fp8")
 
 
 def _section_notes(parts: dict, d48_model: str) -> dict:
@@ -116,7 +120,7 @@ def _jax_step_line(r: dict) -> str:
     status = r.get("status", "?") + (f" ({one_line(r.get('reason') or r.get('error'), 50)})"
                                      if r.get("status") != "ok" else "")
     return (f"  {str(r.get('model')):<12} {_f(r.get('B'), 'd'):>3} {_f(r.get('r'), 'd'):>2} "
-            f"{str(r.get('kernels')):<7} {_f(r.get('step_ms_median'), '.1f'):>8} "
+            f"{_kernels_label(r):<9} {_f(r.get('step_ms_median'), '.1f'):>8} "
             f"{_f(r.get('tok_per_s'), '.0f'):>9} {_f(r.get('mfu') and 100 * r['mfu'], '.1f'):>6} "
             f"{_f(r.get('of_measured_matmul') and 100 * r['of_measured_matmul'], '.1f'):>6} "
             f"{peak_s:>8} {_f(r.get('to_first_step_s'), '.1f'):>6}  {status}")
@@ -126,7 +130,7 @@ def _torch_step_line(r: dict) -> str:
     peak = r.get("peak_mem_bytes")
     status = r.get("status", "?") + (f" ({one_line(r.get('reason') or r.get('error'), 50)})"
                                      if r.get("status") != "ok" else f" ({r.get('variant')})")
-    return (f"  {'torch ' + str(r.get('model', 'd12')):<12} {_f(r.get('B'), 'd'):>3} {'':>2} {'sdpa':<7} "
+    return (f"  {'torch ' + str(r.get('model', 'd12')):<12} {_f(r.get('B'), 'd'):>3} {'':>2} {'sdpa':<9} "
             f"{_f(r.get('step_ms_median'), '.1f'):>8} {_f(r.get('tok_per_s'), '.0f'):>9} "
             f"{_f(r.get('mfu') and 100 * r['mfu'], '.1f'):>6} {'':>6} "
             f"{_f(peak and peak / 2 ** 30, '.1f'):>8} "
@@ -137,7 +141,7 @@ def _train_lines(tr: list[dict], to: list[dict]) -> list[str]:
     if not (tr or to):
         return []
     return ["training step (bf16 on GPU; torch = bench_torch_gpt2.py at the same shape):",
-            f"  {'model':<12} {'-b':>3} {'-r':>2} {'kernels':<7} {'ms/step':>8} {'tok/s':>9} {'MFU':>6} "
+            f"  {'model':<12} {'-b':>3} {'-r':>2} {'kernels':<9} {'ms/step':>8} {'tok/s':>9} {'MFU':>6} "
             f"{'of mm':>6} {'peak GiB':>8} {'1st s':>6}  status",
             "  (MFU: llm.c's formula vs the table peak; of mm: vs the matmul measured above; peak with <:"
             " an upper bound; 1st s: compile + first step)"] + [_jax_step_line(r) for r in tr] + [
@@ -164,4 +168,19 @@ def summary_table(results: Results, elapsed_s: float, budget_s: float, d48_model
     lines += _correctness_lines(_kernel_rows(P) + _rows(P, "model"))
     lines += _bench_lines(_rows(P, "bench"))
     lines += _train_lines(_train_rows(P), _rows(P, "torch"))
+    lines += _fp8_lines(_rows(P, "train-fp8"))
     return "\n".join(lines)
+
+
+def _fp8_lines(rows: list[dict]) -> list[str]:
+    """FP8: what XLA made of the fp8 dots, and the loss on this device against the CPU backend."""
+    lines = []
+    for r in rows:
+        if "fp8_cublaslt_calls" in r:
+            lines.append(f"fp8: {r.get('model')} -b {r.get('B')}: {r['fp8_cublaslt_calls']} cuBLASLt FP8 GEMM calls, "
+                         f"{r.get('fp8_dots_not_rewritten')} fp8 dots not rewritten")
+        if r.get("check") == "fp8 loss vs cpu":
+            lines.append(f"fp8: {r.get('model')} {r.get('steps')} steps, loss here vs the CPU backend: max rel "
+                         f"{_f(r.get('max_rel_fp8'), '.2e')} (--fp8 off: {_f(r.get('max_rel_off'), '.2e')})  "
+                         f"{r.get('status')}{(' ' + one_line(r.get('reason') or r.get('error'), 60)) if r.get('status') != 'ok' else ''}")
+    return lines

@@ -14,13 +14,13 @@ from .plan import SMOKE_MEMORY_LIMIT
 from .recorder import Recorder
 
 def _compile_step(model: str, kernels: str, ns: argparse.Namespace, dtype: str,
-                  memory_limit: int | None) -> tuple:
+                  memory_limit: int | None, fp8: str = "off") -> tuple:
     """(cfg, compiled step, row): the trainer's step compiled on abstract inputs, the row holding its
     memory as XLA accounts it against the free device memory, and skipped when it would not fit."""
     import bench_train
     from llmc_jax.models.family import from_descriptor
     cfg = from_descriptor(model)
-    sc, step, abstract = bench_train.step_inputs(f"manual-{kernels}", cfg, ns, dtype)
+    sc, step, abstract = bench_train.step_inputs(_variant(kernels, fp8), cfg, ns, dtype)
     t0 = time.perf_counter()
     compiled = step.lower(*abstract).compile()
     compile_s = time.perf_counter() - t0
@@ -31,22 +31,37 @@ def _compile_step(model: str, kernels: str, ns: argparse.Namespace, dtype: str,
     stats = memory_stats()
     free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) if stats and "bytes_limit" in stats else memory_limit
     row = {"model": model, "params": cfg.num_parameters, "B": ns.batch_size, "T": ns.seq_len, "r": ns.recompute,
-           "kernels": kernels, "kernels_resolved": str(sc.kernels), "dtype": dtype, "compile_s": compile_s,
+           "kernels": kernels, "kernels_resolved": str(sc.kernels), "dtype": dtype, "fp8": fp8, "compile_s": compile_s,
            "temp_bytes": get("temp_size_in_bytes"), "argument_bytes": get("argument_size_in_bytes"),
            "output_bytes": get("output_size_in_bytes"), "alias_bytes": get("alias_size_in_bytes"),
            "needed_bytes": need, "free_bytes": free}
+    if fp8 != "off":
+        row.update(fp8_gemms(compiled.as_text()))
     if free is not None and need > 0.97 * free:
         row.update(status="skipped", reason=f"does not fit: the step needs {size(need)}, {size(free)} free")
     return cfg, compiled, row
 
 
+def _variant(kernels: str, fp8: str) -> str:
+    return f"manual-{kernels}" + ("" if fp8 == "off" else f"+fp8-{fp8}")
+
+
+def fp8_gemms(compiled_hlo: str) -> dict:
+    """What XLA made of the FP8 dots: cuBLASLt FP8 GEMM calls (the rewrite Hopper needs) and dots
+    still on fp8 operands (not rewritten: XLA would run them upcast)."""
+    lines = compiled_hlo.splitlines()
+    lt = sum("__cublas$lt$matmul$f8" in ln for ln in lines)
+    left = sum((" dot(" in ln) and ("f8e4m3fn" in ln or "f8e5m2" in ln) for ln in lines)
+    return {"fp8_cublaslt_calls": lt, "fp8_dots_not_rewritten": left}
+
+
 def _time_steps(compiled, cfg, kernels: str, ns: argparse.Namespace, dtype: str, steps: int,
-                warmup: int) -> tuple:
+                warmup: int, fp8: str = "off") -> tuple:
     """(first-step s, first loss, last loss, step seconds, memory stats after): the compiled step run
     on device-side random weights; its state is dropped before returning."""
     import bench_train
     params = random_params(cfg)
-    _, _, (state, x, y, lr, s0) = bench_train.step_inputs(f"manual-{kernels}", cfg, ns, dtype, params)
+    _, _, (state, x, y, lr, s0) = bench_train.step_inputs(_variant(kernels, fp8), cfg, ns, dtype, params)
     del params
     t0 = time.perf_counter()
     state, m = compiled(state, x, y, lr, s0)
@@ -67,7 +82,7 @@ def _time_steps(compiled, cfg, kernels: str, ns: argparse.Namespace, dtype: str,
 
 
 def train_variant(model: str, B: int, T: int, kernels: str, recompute: int, steps: int, warmup: int,
-                  ctx: dict, memory_limit: int | None = None) -> dict:
+                  ctx: dict, memory_limit: int | None = None, fp8: str = "off") -> dict:
     """Compile the trainer's step for (model, B, T, kernels, -r) on abstract inputs, check that it
     fits the free device memory, then run it on device-side random weights: compile and first-step
     seconds, median/min ms per step over `steps` synchronized steps, tok/s, MFU (llm.c's formula,
@@ -80,11 +95,11 @@ def train_variant(model: str, B: int, T: int, kernels: str, recompute: int, step
         raise Skip("cuDNN attention needs an NVIDIA GPU")
     dtype = "bfloat16" if dev.platform == "gpu" else "float32"
     ns = argparse.Namespace(batch_size=B, seq_len=T, grad_accum=1, recompute=recompute)
-    cfg, compiled, row = _compile_step(model, kernels, ns, dtype, memory_limit)
+    cfg, compiled, row = _compile_step(model, kernels, ns, dtype, memory_limit, fp8)
     if row.get("status") == "skipped":
         return row
     before = memory_stats() or {}
-    first_s, first_loss, last_loss, times, after = _time_steps(compiled, cfg, kernels, ns, dtype, steps, warmup)
+    first_s, first_loss, last_loss, times, after = _time_steps(compiled, cfg, kernels, ns, dtype, steps, warmup, fp8)
     del compiled
     gc.collect()
     med = statistics.median(times)
@@ -184,3 +199,51 @@ def best_kernels(row_lists: list[list[dict]], ctx: dict) -> dict:
                 best = (r["tok_per_s"], r["kernels"])
     return {"best_d12_tok_s": best[0], "best_d12_kernels": best[1]} if best[1] else {}
 
+
+
+def fp8_loss_vs_cpu(model: str, B: int, T: int, steps: int) -> dict:
+    """The --fp8 delayed bf16 step, `steps` updates on one batch from the same weights, on this
+    device and on the host's CPU backend (XLA:CPU runs fp8 dots as f32 matmuls of the upcast values:
+    the ideal-accumulation reference): the largest relative loss difference, and the same for
+    --fp8 off for scale."""
+    import jax
+    import numpy as np
+    import bench_train
+    from llmc_jax.models.family import from_descriptor
+    cfg = from_descriptor(model)
+    ns = argparse.Namespace(batch_size=B, seq_len=T, grad_accum=1, recompute=1)
+    params = random_params(cfg)
+    params = {k: np.asarray(v) for k, v in params.items()}
+    losses = {}
+    for fp8 in ("off", "delayed"):
+        for where, dev in (("device", jax.devices()[0]), ("cpu", jax.devices("cpu")[0])):
+            with jax.default_device(dev):
+                _, step, (state, x, y, lr, s0) = bench_train.step_inputs(_variant("xla", fp8), cfg, ns, "bfloat16", params)
+                run = []
+                for _ in range(steps):
+                    state, m = step(state, x, y, lr, s0)
+                    run.append(float(m.loss))
+            losses[(fp8, where)] = np.asarray(run)
+    rel = lambda f: float(np.max(np.abs(losses[(f, "device")] - losses[(f, "cpu")]) / np.abs(losses[(f, "cpu")])))
+    row = {"check": "fp8 loss vs cpu", "model": model, "B": B, "T": T, "steps": steps,
+           "max_rel_fp8": rel("delayed"), "max_rel_off": rel("off"),
+           "losses": {f"{f}/{w}": v.tolist() for (f, w), v in losses.items()}}
+    if not all(np.all(np.isfinite(v)) for v in losses.values()):
+        row.update(status="fail", reason="non-finite loss")
+    return row
+
+
+def part_train_fp8(rec: Recorder, plan: dict, ctx: dict) -> None:
+    """d12 bf16 with --fp8 off and delayed at the same shape (the speed table, and whether XLA rewrote
+    the fp8 dots to cuBLASLt FP8 GEMMs), then the FP8 loss on this device against the CPU backend."""
+    model, B = plan["fp8_train"]
+    kernels = ctx.get("best_d12_kernels") or "xla"
+    est = plan["default_est_s"]["train"]
+    for fp8 in ("delayed", "off"):
+        rec.item(f"{model} -b {B} -t {plan['train_T']} {kernels} -r 1 --fp8 {fp8}", "train-fp8", est,
+                 lambda f=fp8: train_variant(model, B, plan["train_T"], kernels, 1, plan["train_steps"],
+                                             plan["train_warmup"], ctx, fp8=f),
+                 model=model, B=B, T=plan["train_T"], kernels=kernels, r=1, fp8=fp8, oom_is_skip=True)
+    cpu_model, cpu_B, cpu_T, cpu_steps = plan["fp8_vs_cpu"]
+    rec.item(f"{cpu_model} fp8 loss on the device vs the CPU", "fp8-vs-cpu", est,
+             lambda: fp8_loss_vs_cpu(cpu_model, cpu_B, cpu_T, cpu_steps), model=cpu_model)

@@ -18,10 +18,10 @@ from .environment import part_env
 from .kernel_bench import part_bench
 from .plan import EXIT_NOT_GPU, PARTS, PLANS
 from .recorder import Recorder
-from .training import best_kernels, part_train_d12, part_train_d48, part_train_llama
+from .training import best_kernels, part_train_d12, part_train_d48, part_train_fp8, part_train_llama
 
 PART_FUNCS = {"env": part_env, "kernels": part_kernels, "model": part_model, "bench": part_bench,
-              "train-d48": part_train_d48, "train-llama": part_train_llama}
+              "train-d48": part_train_d48, "train-llama": part_train_llama, "train-fp8": part_train_fp8}
 
 
 def worker_main(args: argparse.Namespace) -> int:
