@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     family, reference = family_of(cfg), reference_of(cfg)
     tol = args.tol if args.tol is not None else TOLERANCE[args.dtype]
     print(f"model {cfg.describe()} "
-          f"({cfg.num_parameters:,} params), batch B={B} T={T}, dtype {args.dtype}, kernels {kernels}")
+          f"({cfg.num_parameters:,} params), batch B={B} T={T}, dtype {args.dtype}, kernels {kernels.describe(family.KERNEL_OPS)}")
 
     params = {k: jnp.asarray(v) for k, v in params_np.items()}
     x, y = jnp.asarray(x), jnp.asarray(y)

@@ -67,6 +67,11 @@ def test_kernel_choice_is_resolved_once():
     assert mixed == Kernels(attention="cudnn", layernorm="pallas", matmul_gelu="pallas")
     assert str(mixed) == "pallas (attention=cudnn)"
     assert str(Kernels.resolve("pallas", recompute=1)) == "pallas (matmul_gelu=xla)"
+    # a family's line names only the ops it has: Llama 3 has no fused matmul+GELU
+    from llmc_jax.models import gpt2, llama
+    assert Kernels.resolve("pallas", recompute=1).describe(llama.KERNEL_OPS) == "pallas"
+    assert Kernels.resolve("pallas", recompute=1).describe(gpt2.KERNEL_OPS) == "pallas (matmul_gelu=xla)"
+    assert Kernels(matmul_gelu="pallas").describe(llama.KERNEL_OPS) == "xla"
     assert str(Kernels(attention="pallas")) == "xla (attention=pallas)"
     # -r 1/2 keep only the MLP pre-activation: the family choice falls back to xla for the fused MLP ...
     assert Kernels.resolve("pallas", recompute=1) == Kernels("pallas", "pallas", "xla")

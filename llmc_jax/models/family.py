@@ -32,6 +32,7 @@ class ModelFamily(Protocol):
     """What every model family module provides (config: its frozen, hashable config dataclass)."""
 
     LAYER_PARAMS: tuple[str, ...]   # params stacked on a leading L axis: the layer scan's; never sharded on it
+    KERNEL_OPS: tuple[str, ...]     # the Kernels choices (nn.kernels.OP_CHOICES) its forward uses
 
     def forward(self, params: dict, idx_BT: Any, config: Any, opts: Any = ..., *, cache: Any = None,
                 pos: Any = 0, fp8_metas: Any = None) -> tuple[Any, Any]:

@@ -25,6 +25,7 @@ from llmc_jax.nn.kv_cache import KVCache
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                 "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
+KERNEL_OPS = ("attention", "layernorm", "matmul_gelu")     # the Kernels choices this family uses
 # what llm.c's -r keeps for the backward; everything else in the block is recomputed
 _SAVED = {1: ("ln1", "qkv", "atty", "ln2", "fch"), 2: ("qkv", "atty", "fch")}
 

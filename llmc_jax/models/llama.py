@@ -36,6 +36,7 @@ from llmc_jax.nn.swiglu import swiglu
 
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "qkvw", "attprojw", "ln2w", "fcw", "fcprojw")
+KERNEL_OPS = ("attention", "layernorm")     # no fused matmul+GELU: SwiGLU
 # llm.c's -r: 1 recomputes SwiGLU from the kept fc output, 2 also both RMSNorms
 _SAVED = {1: ("n1", "qkv", "atty", "n2", "fch"), 2: ("qkv", "atty", "fch")}
 

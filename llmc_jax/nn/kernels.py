@@ -75,8 +75,12 @@ class Kernels:
         return "pallas" in dataclasses.astuple(self)
 
     def __str__(self) -> str:
-        """The family most ops use, then the ops that differ: "pallas", "pallas (matmul_gelu=xla)"."""
-        choice = dataclasses.asdict(self)
+        return self.describe()
+
+    def describe(self, ops: tuple[str, ...] = tuple(OP_CHOICES)) -> str:
+        """The family most of `ops` use, then those that differ: "pallas", "pallas (matmul_gelu=xla)".
+        `ops`: the ones a model family has (its KERNEL_OPS), so Llama's line never names matmul_gelu."""
+        choice = {op: impl for op, impl in dataclasses.asdict(self).items() if op in ops}
         names = list(choice.values())
         base = max(FAMILIES, key=names.count)
         others = [f"{op}={impl}" for op, impl in choice.items() if impl != base]

@@ -247,6 +247,7 @@ def _find_checkpoint(args: argparse.Namespace) -> tuple[int, dict]:
 
 def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, object]]:
     """The config table's rows, as llm.c prints them, plus llmc-jax's own (kernels resolved)."""
+    from llmc_jax.models.family import family_of
     f, m = run.flags, run.model
     return [
         ("train data pattern", run.train_data), ("val data pattern", run.val_data),
@@ -259,7 +260,7 @@ def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, obj
         ("max_steps", run.max_steps), ("val_loss_every", f.val_every), ("val_max_steps", run.val_batches),
         ("sample_every", f.sample_every), ("genT", f.gen_tokens), ("overfit_single_batch", f.overfit),
         ("use_master_weights", f.master_weights), ("recompute", f.recompute),
-        ("dtype", run.dtype), ("kernels", str(run.kernels)), ("backward", f.backward),
+        ("dtype", run.dtype), ("kernels", run.kernels.describe(family_of(m).KERNEL_OPS)), ("backward", f.backward),
         *_fp8_rows(f),
         ("device", f"{device.platform} {device.device_kind} x{run.num_devices}"),
         ("jax", jax_version),
