@@ -30,20 +30,17 @@ anyway, so the tokens are those of the uncut text. DIR/NAME.prep.json records wh
 what; a rerun with the same inputs and options skips the work (`--force` redoes it).
 
 Library (imported by prepare_tinyshakespeare.py, prepare_tinystories.py, prepare_fineweb.py):
-`Encoder` (parallel tokenization), `ShardWriter` (streaming shard writer), `iter_file_documents`,
-`download` (resumable, verified), `Progress`, `run_prepare`.
+`Encoder` (parallel tokenization), `run_prepare`, and re-exported from their own modules
+`ShardWriter` (shard_files.py), `iter_file_documents` (text_documents.py), `download` (resumable,
+verified) and `Progress` (prep_common.py).
 """
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
-import json
 import multiprocessing
 import os
-import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -54,155 +51,20 @@ if _REPO not in sys.path:  # run from a checkout without installing
 from llmc_jax.training import cli  # noqa: E402
 from llmc_jax.formats import tokenizer as tokmod  # noqa: E402
 from llmc_jax.errors import ArgumentParser, UsageError, one_line, run_command  # noqa: E402
-from llmc_jax.formats.llmc_format import HEADER_INTS, SHARD_FORMATS, read_shard_header  # noqa: E402
+from llmc_jax.formats.llmc_format import SHARD_FORMATS  # noqa: E402
 
-DEFAULT_SHARD_SIZE = 10**8
 DEFAULT_VAL_FRAC = 0.1
-MAX_UNIT_CHARS = 1 << 18        # long documents are cut into pieces of about this many characters
 BATCH_CHARS = 1 << 18           # characters per task sent to a worker
 AUTO_POOL_BYTES = 16 << 20      # inputs at least this big get a process pool by default
-MAX_SHARD_TOKENS = 2**31 - 1    # llm.c's limit (the header's token count is an int32)
 
 
 # re-exported for the dataset scripts, which import this module as their library
 from prep_common import (DownloadError, PrepareError, Progress, download, manual_hint,  # noqa: E402,F401
                          verify_file)
-
-
-# ----------------------------------------------------------------------------- reading documents
-
-DOC_SPLITS = ("file", "blank-line", "line")
-
-
-def _open_text(path: str):
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8")
-
-
-def _kind(path: str) -> str:
-    base = path[:-3] if path.endswith(".gz") else path
-    for ext in ("jsonl", "json", "parquet"):
-        if base.endswith("." + ext):
-            return ext
-    return "txt"
-
-
-def _field(obj, field: str, where: str) -> str:
-    if isinstance(obj, str):
-        return obj
-    if not isinstance(obj, dict) or field not in obj:
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise PrepareError(f"{where}: no field {field!r} (has {keys}); choose the text field with --jsonl-field")
-    text = obj[field]
-    if not isinstance(text, str):
-        raise PrepareError(f"{where}: field {field!r} is {type(text).__name__}, not text")
-    return text
-
-
-def iter_file_documents(path: str, doc_split: str = "file", field: str = "text") -> Iterator[tuple[str, int]]:
-    """(document, input bytes it accounts for) for one input file, in file order."""
-    kind = _kind(path)
-    size = os.path.getsize(path)
-    try:
-        if kind == "parquet":
-            yield from _iter_parquet(path, field, size)
-        elif kind == "jsonl":
-            with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            obj = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg}); a .jsonl file holds "
-                                               f"one JSON object per line") from None
-                        yield _field(obj, field, f"{path}:{lineno}"), len(line)
-        elif kind == "json":
-            with _open_text(path) as f:
-                data = json.load(f)
-            if not isinstance(data, list):
-                raise PrepareError(f"{path}: a .json input must hold a list of documents (objects with a "
-                                   f"{field!r} field); got {type(data).__name__}")
-            per = size // max(len(data), 1)
-            for i, obj in enumerate(data):
-                yield _field(obj, field, f"{path}[{i}]"), per
-        else:
-            with _open_text(path) as f:
-                text = f.read()
-            if doc_split == "file":
-                yield text, size
-            elif doc_split == "blank-line":
-                sections = text.split("\n\n")
-                for i, s in enumerate(sections):
-                    doc = s if i == len(sections) - 1 else s + "\n\n"
-                    yield doc, len(doc)
-            elif doc_split == "line":
-                for line in text.splitlines():
-                    yield line, len(line) + 1
-            else:
-                raise PrepareError(f"unknown --doc-split {doc_split!r}; choose one of {', '.join(DOC_SPLITS)}")
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 "
-                           f"(e.g. iconv -f latin1 -t utf-8)") from None
-
-
-def _iter_parquet(path: str, field: str, size: int) -> Iterator[tuple[str, int]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise PrepareError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
-    pf = pq.ParquetFile(path)
-    if field not in pf.schema_arrow.names:
-        raise PrepareError(f"{path}: no column {field!r} (has {pf.schema_arrow.names}); choose it with "
-                           f"--jsonl-field")
-    rows = max(pf.metadata.num_rows, 1)
-    for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        texts = batch.column(0).to_pylist()
-        per = size * len(texts) / rows / max(len(texts), 1)
-        for t in texts:
-            yield (t or ""), per
-
-
-def iter_documents(paths: Sequence[str], doc_split: str = "file", field: str = "text") -> Iterator[tuple[str, int]]:
-    for p in paths:
-        yield from iter_file_documents(p, doc_split, field)
-
-
-# ----------------------------------------------------------------------------- exact cutting
-
-# Points where the pre-tokenizers of GPT-2 (tiktoken's r50k pattern) and Llama 3 (llama3_tokenizer.PATTERN)
-# both always split, so that tokenizing the pieces separately gives exactly the tokens of the whole:
-#   * before a space that sits between two non-space characters. No piece of either pattern holds a
-#     space after a non-space character (GPT-2's pieces and Llama 3's letter/punctuation pieces take
-#     at most one space or other non-letter, and only at their start; digits, contractions and the
-#     whitespace-only pieces hold none), and neither pattern looks behind.
-#   * before a newline between an ASCII letter or digit and a non-space character. GPT-2 would allow
-#     this after any non-space, but Llama 3's punctuation piece ` ?[^\s\p{L}\p{N}]+[\r\n]*` swallows
-#     the newlines after punctuation (".\n" is one piece), so the character before the newline must
-#     be a letter or digit; ASCII ones are \p{L}/\p{N} in every regex engine.
-# Every such point is one of the points GPT-2's earlier rule, (?<=\S)(?=[ \n]\S), allowed, so GPT-2's
-# tokens are unchanged. Python's \s covers at least the characters the tokenizers' \s does, which
-# keeps the \S tests on the safe side. Byte tokens are the same wherever the text is cut.
-_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=[A-Za-z0-9])(?=\n\S)")
-
-
-def split_exact(text: str, max_chars: int | None = None) -> list[str]:
-    """Cut text into pieces of about max_chars (default MAX_UNIT_CHARS) at safe points (see _CUT);
-    the pieces join to text."""
-    max_chars = max_chars or MAX_UNIT_CHARS
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
-    while len(text) - start > max_chars:
-        m = _CUT.search(text, start + max_chars)
-        if m is None:
-            break
-        cut = m.start()
-        if cut <= start:
-            break
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
+from shard_files import (DEFAULT_SHARD_SIZE, ShardWriter, _file_id, is_done,  # noqa: E402,F401
+                         record_path, remove_outputs, write_record)
+from text_documents import (DOC_SPLITS, _field, iter_documents, iter_file_documents,  # noqa: E402,F401
+                            split_exact)
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -363,174 +225,6 @@ class Encoder:
 
 def auto_workers(total_bytes: float) -> int:
     return (os.cpu_count() or 1) if total_bytes >= AUTO_POOL_BYTES else 1
-
-
-# ----------------------------------------------------------------------------- writing shards
-
-class ShardWriter:
-    """Cuts one token stream into llm.c shards, streaming each to disk (memory stays small).
-
-    The first `val_tokens` tokens go to val shards (float("inf"): until end_val() is called), the rest
-    to train shards; a shard holds at most `shard_size` tokens (None: unbounded). Names:
-    NAME_{val,train}_NNNNNN.bin with one running index, or with single_files=True llm.c's
-    NAME_val.bin / NAME_train.bin (one file per split). A shard is written to NAME.tmp and renamed
-    when complete. token_bytes 2 writes GPT-2's format (uint16, magic 20240520 version 1), 4 llm.c's
-    Llama 3 format (uint32, magic 20240801 version 7).
-    """
-
-    def __init__(self, out_dir: str, name: str, shard_size: int | None = DEFAULT_SHARD_SIZE,
-                 val_tokens: float = 0, single_files: bool = False, verbose: bool = True,
-                 token_bytes: int = 2):
-        if shard_size is not None and shard_size <= 0:
-            raise PrepareError(f"--shard-size must be positive, got {shard_size}")
-        if token_bytes not in SHARD_FORMATS:
-            raise PrepareError(f"token_bytes={token_bytes!r}; shards hold 2 (uint16) or 4 (uint32) bytes per token")
-        self.token_bytes = token_bytes
-        self.magic, self.version, self.dtype, _ = SHARD_FORMATS[token_bytes]
-        self.out_dir, self.name = out_dir, name
-        self.shard_size = min(shard_size or MAX_SHARD_TOKENS, MAX_SHARD_TOKENS)
-        self.single_files = single_files
-        self.verbose = verbose
-        self.val_left = val_tokens
-        self.split = "val" if val_tokens > 0 else "train"
-        self.index = 0
-        self.written: list[dict] = []  # {"path", "split", "tokens"}
-        self._f = None
-        self._count = 0
-        os.makedirs(out_dir, exist_ok=True)
-
-    def path_for(self, split: str, index: int) -> str:
-        if self.single_files:
-            return os.path.join(self.out_dir, f"{self.name}_{split}.bin")
-        return os.path.join(self.out_dir, f"{self.name}_{split}_{index:06d}.bin")
-
-    def _open(self) -> None:
-        self._path = self.path_for(self.split, self.index)
-        if self.single_files and any(w["path"] == self._path for w in self.written):
-            raise PrepareError(f"{self._path}: the {self.split} split would need a second file; llm.c's "
-                               f"single-file layout holds at most {MAX_SHARD_TOKENS} tokens per split")
-        self._f = open(self._path + ".tmp", "wb")
-        self._f.write(b"\0" * (4 * HEADER_INTS))
-        self._count = 0
-
-    def _finish(self) -> None:
-        if self._f is None:
-            return
-        header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[:3] = (self.magic, self.version, self._count)
-        self._f.seek(0)
-        self._f.write(header.tobytes())
-        self._f.close()
-        self._f = None
-        os.replace(self._path + ".tmp", self._path)
-        assert read_shard_header(self._path) == self._count
-        self.written.append({"path": self._path, "split": self.split, "tokens": self._count})
-        if self.verbose:
-            nbytes = 4 * HEADER_INTS + self.token_bytes * self._count
-            print(f"wrote {self._count:,} tokens to {self._path} ({nbytes:,} bytes)", file=sys.stderr)
-        self.index += 1
-
-    def write(self, tokens: np.ndarray) -> None:
-        tokens = np.asarray(tokens)
-        if tokens.size and tokens.dtype != np.dtype(self.dtype):    # the Encoder's arrays need no check
-            lo, hi, top = int(tokens.min()), int(tokens.max()), (1 << (8 * self.token_bytes)) - 1
-            if lo < 0 or hi > top:
-                raise PrepareError(f"token id {lo if lo < 0 else hi} does not fit the uint{8 * self.token_bytes} "
-                                   f"shards being written")
-            tokens = tokens.astype(self.dtype)
-        pos, n_total = 0, len(tokens)
-        while pos < n_total:
-            if self._f is None:
-                self._open()
-            room = self.shard_size - self._count
-            if self.split == "val":
-                room = min(room, self.val_left)
-            n = int(min(room, n_total - pos))
-            self._f.write(tokens[pos:pos + n].tobytes())
-            self._count += n
-            pos += n
-            if self.split == "val":
-                self.val_left -= n
-            if self._count >= self.shard_size:
-                self._finish()
-            if self.split == "val" and self.val_left <= 0:
-                self._finish()
-                self.split = "train"
-
-    def end_val(self) -> None:
-        """Close the val split now (split by source, as TinyStories' shard 0); later tokens are train."""
-        if self.split == "val":
-            self._finish()
-            self.split = "train"
-            self.val_left = 0
-
-    def close(self) -> list[dict]:
-        self._finish()
-        return self.written
-
-    def abort(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-            try:
-                os.remove(self._path + ".tmp")
-            except OSError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def remove_outputs(out_dir: str, name: str) -> None:
-    """Delete shards (and leftovers) of an earlier run named `name`, so no stale shard joins a glob."""
-    if not os.path.isdir(out_dir):
-        return
-    pat = re.compile(re.escape(name) + r"_(val|train)(_\d{6})?\.bin(\.tmp)?$")
-    for f in os.listdir(out_dir):
-        if pat.match(f) or f == f".{name}.tokens.tmp":
-            os.remove(os.path.join(out_dir, f))
-
-
-# ----------------------------------------------------------------------------- recipe records
-
-def record_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, f"{name}.prep.json")
-
-
-def is_done(out_dir: str, name: str, recipe: dict) -> bool:
-    """True when a previous run with the same recipe completed and all its shards are intact."""
-    try:
-        with open(record_path(out_dir, name)) as f:
-            rec = json.load(f)
-        if rec.get("recipe") != json.loads(json.dumps(recipe)):
-            return False
-        return all(read_shard_header(os.path.join(out_dir, s["file"])) == s["tokens"] for s in rec["shards"])
-    except Exception:
-        return False
-
-
-def write_record(out_dir: str, name: str, recipe: dict, shards: list[dict]) -> dict:
-    rec = {"recipe": recipe,
-           "shards": [{"file": os.path.basename(s["path"]), "split": s["split"], "tokens": s["tokens"]}
-                      for s in shards],
-           "val_tokens": sum(s["tokens"] for s in shards if s["split"] == "val"),
-           "train_tokens": sum(s["tokens"] for s in shards if s["split"] == "train")}
-    tmp = record_path(out_dir, name) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f, indent=1)
-    os.replace(tmp, record_path(out_dir, name))
-    return rec
-
-
-def _file_id(path: str) -> dict:
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -28,6 +28,7 @@ SCRIPTS = os.path.join(REPO, "scripts")
 if SCRIPTS not in sys.path:
     sys.path.insert(0, SCRIPTS)
 pt = importlib.import_module("prepare_text")
+td = importlib.import_module("text_documents")      # where prepare_text's document cutting lives
 OFFLINE_URL = "http://127.0.0.1:9/"   # discard port: connection refused at once
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -169,7 +170,7 @@ def test_prepare_text_parquet(tmp_path):
 def test_process_pool_gives_the_same_shards(tmp_path, monkeypatch):
     gpt2()
     monkeypatch.setattr(pt, "BATCH_CHARS", 500)       # many tasks
-    monkeypatch.setattr(pt, "MAX_UNIT_CHARS", 300)    # long documents cut into pieces
+    monkeypatch.setattr(td, "MAX_UNIT_CHARS", 300)    # long documents cut into pieces
     src = tmp_path / "big.txt"
     src.write_text(TEXT * 40)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": TEXT[:i]}) + "\n" for i in range(0, 300, 7)))
@@ -484,7 +485,7 @@ def test_split_exact_keeps_llama3_tokens(tmp_path):
 def test_prepare_text_llama3_uint32_shards(tmp_path, monkeypatch, llama3_model):
     from llmc_jax.formats.data import DataLoader
     path, tok = llama3_model
-    monkeypatch.setattr(pt, "MAX_UNIT_CHARS", 40)     # long documents cut into pieces
+    monkeypatch.setattr(td, "MAX_UNIT_CHARS", 40)     # long documents cut into pieces
     docs = ["hello world. 12345 hello", "foo.\nbar.\nhello.\nworld.\n" * 30 + "hello world", "", TEXT,
             "it's 2024's 1234567 Hello"]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
