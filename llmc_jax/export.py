@@ -5,7 +5,8 @@
     python -m llmc_jax.export -e llama3:tiny --format hf --dtype bfloat16 -o tiny-hf
 
 `-e` takes what every command takes (an llm.c .bin of either family, an HF checkpoint directory, a
-descriptor). `--format hf` writes config.json + model.safetensors (GPT-2: GPT2LMHeadModel, Conv1D
+descriptor). `--format hf` writes config.json + model.safetensors, sharded with an index past
+`--max-shard-gb` as save_pretrained does (GPT-2: GPT2LMHeadModel, Conv1D
 layout, V rows; Llama 3: LlamaForCausalLM, rotate-half q/k rows); `--format llmc` writes llm.c's
 .bin (version 3 fp32 or 5 bf16) that train_gpt2.cu / train_llama3.py read. float32 round-trips
 bit for bit in both directions.
@@ -29,7 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-o", "--output", required=True, help="the directory (hf) or file (llmc) to write")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="stored precision (default float32, lossless); bfloat16 rounds to nearest even")
-    return p.parse_args(argv)
+    p.add_argument("--max-shard-gb", type=float, default=5.0,
+                   help="hf: weights past this many GB (10^9 bytes) go into model-0000k-of-0000N.safetensors "
+                        "shards with an index, as save_pretrained writes them (default 5)")
+    args = p.parse_args(argv)
+    if not (args.max_shard_gb > 0 and args.max_shard_gb < float("inf")):
+        raise UsageError(f"--max-shard-gb {args.max_shard_gb}: must be a finite number > 0")
+    return args
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     config, params = load_model(args.init)
     with user_files():
         if args.format == "hf":
-            hf_checkpoint.write_model(args.output, config, params, args.dtype)
+            hf_checkpoint.write_model(args.output, config, params, args.dtype, int(args.max_shard_gb * 1e9))
         else:
             family_of(config).write_model(args.output, config, params, 3 if args.dtype == "float32" else 5)
     print(f"wrote {args.output} ({args.format}, {args.dtype}): {config.describe()}", file=sys.stderr)

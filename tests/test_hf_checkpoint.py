@@ -137,6 +137,38 @@ def test_bfloat16_export_is_what_transformers_reads(tmp_path):
     np.testing.assert_array_equal(ours, bits)          # round to nearest even, as jax's cast
 
 
+def test_sharded_export_is_what_transformers_reads(tmp_path):
+    """Past --max-shard-gb the weights go into save_pretrained's shards and index (here 100 kB shards
+    of llama3:tiny's 575 kB): transformers loads them, read_model gets the same bits, and exporting
+    unsharded into the same directory leaves one checkpoint (the single file, no index or shards)."""
+    from llmc_jax.formats.safetensors_io import SafetensorsFile
+    config, params = load_model("llama3:tiny")
+    out = tmp_path / "hf"
+    assert export.main(["-e", "llama3:tiny", "--format", "hf", "--max-shard-gb", "1e-4", "-o", str(out)]) == 0
+    shards = sorted(f for f in os.listdir(out) if f.startswith("model-"))
+    assert len(shards) >= 5 and not (out / "model.safetensors").exists()
+    assert shards == [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    files = [SafetensorsFile(str(out / f)) for f in shards]
+    assert all(os.path.getsize(out / f) <= 1e5 + 2 ** 14 for f in shards)      # data + header
+    assert index["metadata"]["total_size"] == 4 * sum(np.prod(f.shape(k)) for f in files for k in f.keys())
+    _, params2 = read_model(str(out))
+    for name, value in params.items():
+        np.testing.assert_array_equal(params2[name], value, err_msg=name)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x, _ = _batch()
+    with torch.no_grad():
+        ref = theirs(torch.tensor(x)).logits.numpy()
+    ours = np.asarray(family_of(config).logits({k: jnp.asarray(v) for k, v in params.items()},
+                                               jnp.asarray(x, jnp.int32), config))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_TOL)
+    assert export.main(["-e", "llama3:tiny", "--format", "hf", "-o", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    with pytest.raises(UsageError, match="--max-shard-gb 0.0: must be a finite number > 0"):
+        export.main(["-e", "llama3:tiny", "--format", "hf", "--max-shard-gb", "0", "-o", str(out)])
+
+
 def test_safetensors_files_agree_with_the_safetensors_package(tmp_path):
     st_torch = pytest.importorskip("safetensors.torch")
     from llmc_jax.formats.safetensors_io import SafetensorsFile, write_file

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -289,10 +290,29 @@ def _llama_out(c: LlamaConfig, p: Mapping[str, np.ndarray]) -> tuple[dict, dict[
     return cfg, out
 
 
+MAX_SHARD_BYTES = 5 * 10**9      # save_pretrained's long-standing "5GB": Llama 3.1 8B ships 4 such shards
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int, bytes_per_value: int) -> list[list[str]]:
+    """Tensor names in order, cut into consecutive groups of at most max_bytes (a larger tensor alone)."""
+    groups, size = [[]], 0
+    for name, t in tensors.items():
+        n = t.size * bytes_per_value
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
 def write_model(path: str | os.PathLike, config: GPTConfig | LlamaConfig, params: Mapping[str, Any],
-                dtype: str = "float32") -> None:
-    """Write an HF checkpoint directory (config.json + model.safetensors) that from_pretrained loads;
-    float32 round-trips through read_model bit for bit."""
+                dtype: str = "float32", max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write an HF checkpoint directory that from_pretrained loads: config.json and model.safetensors,
+    or, past max_shard_bytes, model-0000k-of-0000N.safetensors with model.safetensors.index.json (as
+    save_pretrained shards). Weights of an earlier export in the other layout are removed, so the
+    directory holds one checkpoint. float32 round-trips through read_model bit for bit."""
     path = os.fspath(path)
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"HF checkpoint dtype must be float32 or bfloat16, got {dtype!r}")
@@ -300,11 +320,25 @@ def write_model(path: str | os.PathLike, config: GPTConfig | LlamaConfig, params
     cfg, tensors = (_gpt2_out if isinstance(config, GPTConfig) else _llama_out)(config, params)
     cfg["torch_dtype"] = dtype
     os.makedirs(path, exist_ok=True)
-    if os.path.exists(os.path.join(path, INDEX)):        # a sharded checkpoint's index would win on loading
-        os.remove(os.path.join(path, INDEX))
-    write_file(os.path.join(path, SINGLE), tensors, "F32" if dtype == "float32" else "BF16", {"format": "pt"})
-    text = json.dumps(cfg, indent=2) + "\n"
-    tmp = os.path.join(path, "config.json.tmp")
+    st_dtype, width = ("F32", 4) if dtype == "float32" else ("BF16", 2)
+    groups = _shards(tensors, max_shard_bytes, width)
+    files = [SINGLE] if len(groups) == 1 else [f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+                                               for k in range(1, len(groups) + 1)]
+    for f, names in zip(files, groups):             # each file atomically; the old checkpoint stays
+        write_file(os.path.join(path, f), {n: tensors[n] for n in names}, st_dtype, {"format": "pt"})
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(t.size * width for t in tensors.values())},
+                 "weight_map": {n: f for f, names in zip(files, groups) for n in names}}
+        _write_json(os.path.join(path, INDEX), index)
+    keep = set(files) | ({INDEX} if len(files) > 1 else set())
+    for f in os.listdir(path):      # the other layout's weights (or more shards) would be read instead
+        if (f in (SINGLE, INDEX) or _SHARD.match(f)) and f not in keep:
+            os.remove(os.path.join(path, f))
+    _write_json(os.path.join(path, "config.json"), cfg)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(path, "config.json"))
+        f.write(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
