@@ -82,7 +82,7 @@ PLANS = {
         "d48": "d48", "d48_batches": [64, 48, 32, 24, 16, 12, 8, 6, 4, 2, 1], "d48_steps": 10, "d48_warmup": 2,
         "llama": [("llama3.2:1B", 4), ("llama3:d12", 8)], "llama_kernels": ["cudnn", "pallas", "xla"],
         "llama_steps": 10, "llama_warmup": 2,
-        "fp8_train": ("d12", 16), "fp8_vs_cpu": ("d6", 2, 128, 5),
+        "fp8_train": ("d12", 16), "fp8_vs_cpu": ("d6", 2, 64, 4),   # the CPU side must fit the part
         "torch_batches": [16, 32, 8], "torch_steps": 20, "torch_warmup": 3,
         "default_est_s": {"kernels": 8, "model": 25, "gradcheck": 35, "bench": 3, "train": 30},
     },
