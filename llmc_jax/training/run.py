@@ -47,6 +47,7 @@ class Run:
     manifest: dict | None           # the verified DONE_N of resume_step
     hellaswag: tuple | None         # the eval examples of -h 1
     mesh: Any                       # the device mesh, None on one device
+    fp8_matmuls: tuple[str, ...]    # --fp8-matmuls, parsed (used only under --fp8)
 
     @property
     def is_main_process(self) -> bool:
@@ -63,14 +64,8 @@ class Run:
         return train_step.StepConfig(model=self.model, dtype=self.dtype, kernels=self.kernels, backward=f.backward,
                                      recompute=f.recompute, grad_clip=f.grad_clip, skip_loss_z=f.skip_loss_z,
                                      skip_grad_z=f.skip_grad_z, beta1=f.beta1, beta2=f.beta2, eps=f.eps,
-                                     weight_decay=f.weight_decay, fp8=getattr(f, "fp8", "off"),
-                                     fp8_history=getattr(f, "fp8_history", 32),
-                                     fp8_margin=getattr(f, "fp8_margin", 0.0), fp8_matmuls=self.fp8_matmuls)
-
-    @property
-    def fp8_matmuls(self) -> tuple[str, ...]:
-        from llmc_jax.nn import fp8
-        return fp8.parse_matmuls(getattr(self.flags, "fp8_matmuls", ",".join(fp8.LAYER_MATMULS)))
+                                     weight_decay=f.weight_decay, fp8=f.fp8, fp8_history=f.fp8_history,
+                                     fp8_margin=f.fp8_margin, fp8_matmuls=self.fp8_matmuls)
 
     def learning_rate(self, step: int) -> float:
         from llmc_jax.training import optim
@@ -102,8 +97,8 @@ def resolve(args: argparse.Namespace) -> Run:
     from llmc_jax.nn.kernels import default_dtype
     dtype = args.dtype or default_dtype(platform)
     kernels = cli.resolve_kernels(args, recompute=args.recompute, platform=platform, dtype=dtype)
-    _check_fp8(args)
-    kernels = _fp8_kernels(args, kernels)
+    fp8_matmuls = _check_fp8(args)
+    kernels = _fp8_kernels(args, kernels, fp8_matmuls)
     train_data, val_data = args.train_data, args.val_data
     if args.builtin_corpus:
         from llmc_jax.formats.corpus import builtin_corpus
@@ -144,7 +139,7 @@ def resolve(args: argparse.Namespace) -> Run:
               num_processes=jax.process_count(), process_index=jax.process_index(),
               local_ranks=tuple(parallel.local_ranks(mesh, D)), total_batch=total_batch,
               grad_accum=total_batch // tokens_per_fwdbwd, max_steps=max_steps, val_batches=val_batches,
-              resume_step=resume_step, manifest=manifest, hellaswag=hellaswag, mesh=mesh)
+              resume_step=resume_step, manifest=manifest, hellaswag=hellaswag, mesh=mesh, fp8_matmuls=fp8_matmuls)
     try:
         for s in (0, max_steps - 1):
             run.learning_rate(s)
@@ -153,11 +148,10 @@ def resolve(args: argparse.Namespace) -> Run:
     return run
 
 
-def _fp8_kernels(args: argparse.Namespace, kernels: Kernels) -> Kernels:
+def _fp8_kernels(args: argparse.Namespace, kernels: Kernels, fp8_matmuls: tuple[str, ...]) -> Kernels:
     """Under --fp8 the MLP runs fp8_matmul then GELU: the fused Pallas matmul_gelu has no FP8 path, so
     the --kernels pallas family falls back to xla there (as under -r 1/2); naming it is an error."""
-    from llmc_jax.nn import fp8
-    if args.fp8 == "off" or kernels.matmul_gelu != "pallas" or "fc" not in fp8.parse_matmuls(args.fp8_matmuls):
+    if args.fp8 == "off" or kernels.matmul_gelu != "pallas" or "fc" not in fp8_matmuls:
         return kernels
     if args.matmul_gelu == "pallas":
         raise UsageError(f"--matmul-gelu pallas has no FP8 path: with --fp8 {args.fp8} the fc matmul runs in "
@@ -165,16 +159,17 @@ def _fp8_kernels(args: argparse.Namespace, kernels: Kernels) -> Kernels:
     return dataclasses.replace(kernels, matmul_gelu="xla")
 
 
-def _check_fp8(args: argparse.Namespace) -> None:
-    """--fp8 needs the hand-written backward (the reference models have no FP8 path) and a valid set
-    of matmuls; both families have all four layer matmuls."""
+def _check_fp8(args: argparse.Namespace) -> tuple[str, ...]:
+    """The parsed --fp8-matmuls (both families have all four layer matmuls); --fp8 needs the
+    hand-written backward (the reference models have no FP8 path)."""
     from llmc_jax.nn import fp8
     try:
-        fp8.parse_matmuls(args.fp8_matmuls)
+        matmuls = fp8.parse_matmuls(args.fp8_matmuls)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.fp8 != "off" and args.backward != "manual":
         raise UsageError(f"--fp8 {args.fp8} needs --backward manual (the reference models have no FP8 path)")
+    return matmuls
 
 
 def _frozen(args: argparse.Namespace):
@@ -274,6 +269,6 @@ def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, obj
 
 def _fp8_rows(f: Any) -> list[tuple[str, object]]:
     """The config table's FP8 row, only for an FP8 run (an --fp8 off table stays as it was)."""
-    if getattr(f, "fp8", "off") == "off":
+    if f.fp8 == "off":
         return []
     return [("fp8", f"{f.fp8}: {f.fp8_matmuls} (H {f.fp8_history}, margin {f.fp8_margin:g})")]
