@@ -131,7 +131,11 @@ def parse_matmuls(text: str) -> tuple[str, ...]:
 
 def layer_matmul(matmul: Callable, options: "Fp8Options | None", layer_metas: dict | None) -> Callable:
     """mm(name, x, w, b) for one layer of a model: fp8_matmul with this layer's metas for the matmuls
-    `options` names, `matmul` (the op library's) for the others and whenever FP8 is off."""
+    `options` names, `matmul` (the op library's) for the others and whenever FP8 is off. Every
+    family's block makes its matmuls here, so this is where a forward given only half of FP8 fails."""
+    if (layer_metas is None) != (options is None):
+        raise ValueError("FP8 needs both ModelOptions.fp8 and the metas (fp8_metas), or neither")
+
     def mm(name: str, x, w, b):
         if layer_metas is None or name not in options.matmuls:
             return matmul(x, w, b)
