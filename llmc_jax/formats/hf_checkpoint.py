@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from llmc_jax.formats.llmc_format import LLMCFormatError
+from llmc_jax.formats.llmc_format import LLMCFormatError, atomic_write
 from llmc_jax.formats.safetensors_io import SafetensorsFile, write_file
 from llmc_jax.models.config import GPTConfig
 from llmc_jax.models.llama_config import LlamaConfig
@@ -338,7 +338,4 @@ def write_model(path: str | os.PathLike, config: GPTConfig | LlamaConfig, params
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, [np.frombuffer((json.dumps(obj, indent=2) + "\n").encode(), np.uint8)])
