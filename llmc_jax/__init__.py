@@ -8,7 +8,29 @@ first use, so `import llmc_jax` (and every numpy-only module under it) does not 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from typing import Any
+
+
+def _configure_jax() -> None:
+    """Before JAX starts (set only where the user has not):
+    - a machine with jax's CUDA plugin but no NVIDIA driver (the plugin comes with the dev extra, to
+      compile for GPUs that are not here) runs on the CPU without the plugin's traceback;
+    - on a GPU, XLA's allocator may take 95% of the memory (JAX's default is 75%), the capacity
+      every --target plan is held to (planning/targets.py: GPU_MEMORY_FRACTION)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    if "JAX_PLATFORMS" in os.environ or not any(
+            importlib.util.find_spec(m) for m in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+_configure_jax()
 
 _PUBLIC = {
     "GPTConfig": "llmc_jax.models.config",

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmc_jax.multihost import distributed
     from llmc_jax.training import loop, run as run_mod
     args = cli.parse_args(argv)
+    if args.target or args.compile_only or args.compile_report or args.find_batch:
+        from llmc_jax.planning import plan
+        return plan.main(args)      # nothing started, read or written: the steps compiled for --target
     processes = run_mod.check_flags(args)      # what needs no JAX, before jax.distributed starts
     distributed.maybe_initialize(processes)
     run = run_mod.resolve(args)

@@ -10,7 +10,9 @@ masks its edge blocks rather than relying on the tests to catch a missing mask.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -26,10 +28,30 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)   # the GELU tanh approximation's constant
 GELU_CUBIC = 0.044715
 
 
+_TARGET_BACKENDS: list[str] = []     # innermost last: set by compiling_for
+
+
+@contextlib.contextmanager
+def compiling_for(backend: str) -> Iterator[None]:
+    """Trace as for `backend` ("gpu") whatever this machine has: a plan compiling for a GPU that is not
+    here (llmc_jax.planning) needs the kernels' Triton lowering, not interpret mode, and cuDNN's checks
+    to pass. Only tracing is affected: run nothing traced inside it on this machine."""
+    _TARGET_BACKENDS.append(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKENDS.pop()
+
+
+def target_backend() -> str:
+    """The backend being traced for: compiling_for's, else JAX's default."""
+    return _TARGET_BACKENDS[-1] if _TARGET_BACKENDS else jax.default_backend()
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
-    """`None` means: interpret when the default backend is not a GPU, compile otherwise."""
+    """`None` means: interpret when the target backend is not a GPU, compile otherwise."""
     if interpret is None:
-        return jax.default_backend() not in ("gpu", "cuda", "rocm")
+        return target_backend() not in ("gpu", "cuda", "rocm")
     return bool(interpret)
 
 
@@ -66,7 +88,7 @@ def gelu_grad_f32(u):
     return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * u * u)
 
 
-__all__ = ["F32", "LN_EPS", "GELU_SCALE", "GELU_CUBIC", "resolve_interpret", "compiler_params", "check_dtype",
+__all__ = ["F32", "LN_EPS", "GELU_SCALE", "GELU_CUBIC", "compiling_for", "target_backend", "resolve_interpret", "compiler_params", "check_dtype",
            "next_power_of_2", "dot_f32", "gelu_f32", "gelu_grad_f32", "pl", "plt"]
 
 

@@ -176,7 +176,8 @@ def _merged_heads(attention_BTNH: Callable) -> Callable:
 
 def _cudnn_attention(q, k, v):
     """cuDNN's fused attention; k and v may have fewer (NKV) heads than q: cuDNN groups them itself."""
-    if jax.default_backend() != "gpu" or q.dtype != jnp.bfloat16:
+    from pallas_kernels.common import target_backend
+    if target_backend() != "gpu" or q.dtype != jnp.bfloat16:
         raise ValueError("--attention cudnn needs an NVIDIA GPU and bfloat16 activations (--dtype bfloat16)")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 

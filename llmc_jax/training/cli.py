@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file whose keys are the long option names (command line wins)")
     for flag in FLAGS:
         _add_flag(p, *flag)
+    plan = p.add_argument_group("plan a GPU run on any machine (compiles the step for GPUs that are not here; "
+                                "needs jax's CUDA plugin)")
+    plan.add_argument("--target", metavar="GPU[xN[xH]]", help="h100 or h200, N GPUs per host, H hosts "
+                                                              "(e.g. h100x8, h200x8x2)")
+    plan.add_argument("--target-config", metavar="FILE", help="any other GPU: XLA's GpuTargetConfigProto text spec")
+    plan.add_argument("--compile-only", action="store_true", help="compile the run's steps for --target, print "
+                      "memory per GPU, collectives and kernels, and stop (exit 0 fits, 1 does not)")
+    plan.add_argument("--compile-report", metavar="FILE.json", help="also write the plan as JSON")
+    plan.add_argument("--find-batch", action="store_true", help="find the largest -b that fits --target, then plan it")
     return p
 
 

@@ -125,7 +125,10 @@ class Shardings:
     state: Any                  # TrainState of NamedSharding
     batch: NamedSharding        # for x, y (A, B, T)
     replicated: NamedSharding   # lr, step, metrics
-    grads: Any | None           # per-param NamedSharding for the gradient constraint (z >= 2), else None
+    grads: Any                  # per-param NamedSharding the gradients are constrained to: the m/v sharding
+                                # from -z 2 on (reduce-scatter), replicated below (one all-reduce: left
+                                # free, XLA's propagation carried -z 1's m/v sharding into the chunked
+                                # classifier and reduce-scattered dwte once per chunk)
 
     @property
     def num_devices(self) -> int:
@@ -137,7 +140,8 @@ def make_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Collec
     z = _check_stage(zero_stage)
     return Shardings(mesh=mesh, zero_stage=z, state=state_shardings(state, mesh, z, layer_params),
                      batch=batch_sharding(mesh), replicated=replicated(mesh),
-                     grads=sharded_like(state.params, mesh, layer_params) if z >= 2 else None)
+                     grads=(sharded_like(state.params, mesh, layer_params) if z >= 2 else
+                            jax.tree.map(lambda _: replicated(mesh), state.params)))
 
 
 def shard_state(state: Any, shardings: Any) -> Any:

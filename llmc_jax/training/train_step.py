@@ -24,6 +24,9 @@ from llmc_jax.nn import fp8 as fp8_ops
 from llmc_jax.nn.kernels import XLA, Kernels, ModelOptions
 
 FP8_RECIPES = ("off", *fp8_ops.RECIPES)
+# llm.c is bitwise deterministic; on a GPU XLA is too when told to be: it then makes the scatter-adds
+# (the embedding backward's) deterministic by sorting their indices first. CPU compiles ignore it.
+DETERMINISTIC = {"xla_gpu_exclude_nondeterministic_ops": True}
 
 
 class TrainState(NamedTuple):
@@ -137,7 +140,7 @@ def _with_meta_grads(value_and_grad, fp8_on: bool):
 def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_stage: int = 0):
     """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T).
 
-    grad_shardings (ZeRO-2/3, a pytree like params): the gradients and the accumulator are
+    grad_shardings (a pytree like params, Shardings.grads): the gradients and the accumulator are
     constrained to it, so each micro-step's gradient is reduce-scattered into a sharded sum.
     mesh: the device mesh of a sharded step; with Pallas kernels the forward and backward then run
     per device inside shard_map (XLA partitions the xla op set by itself)."""
@@ -177,12 +180,13 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     return fn
 
 
-def make_train_step(sc: StepConfig, shardings=None):
+def make_train_step(sc: StepConfig, shardings=None, deterministic: bool = False):
     """(state, x_ABT, y_ABT, lr, step) -> (state, metrics); A micro-batches of (B, T) each.
 
     The state is donated: params and AdamW moments are updated in place. `shardings` (a
     parallel.Shardings) compiles the step for a device mesh with explicit in/out shardings; its
-    ZeRO stage >= 2 also constrains the gradients to the optimizer-state sharding."""
+    ZeRO stage >= 2 also constrains the gradients to the optimizer-state sharding. `deterministic`:
+    compile for a GPU with DETERMINISTIC (the trainer's GPU runs and every plan do)."""
     grad_fn = (accumulate_gradients(sc) if shardings is None else
                accumulate_gradients(sc, shardings.grads, shardings.mesh, shardings.zero_stage))
     opt = sc.optimizer()
@@ -212,15 +216,16 @@ def make_train_step(sc: StepConfig, shardings=None):
         finite = jnp.isfinite(loss) & jnp.isfinite(norm)
         return new_state, StepMetrics(loss, norm, loss_z, norm_z, skipped, finite)
 
+    options = DETERMINISTIC if deterministic else None
     if shardings is None:
-        return jax.jit(step_fn, donate_argnums=(0,))
+        return jax.jit(step_fn, donate_argnums=(0,), compiler_options=options)
     rep = shardings.replicated
-    return jax.jit(step_fn, donate_argnums=(0,),
+    return jax.jit(step_fn, donate_argnums=(0,), compiler_options=options,
                    in_shardings=(shardings.state, shardings.batch, shardings.batch, rep, rep),
                    out_shardings=(shardings.state, StepMetrics(*[rep] * len(StepMetrics._fields))))
 
 
-def make_eval_step(sc: StepConfig):
+def make_eval_step(sc: StepConfig, deterministic: bool = False):
     """(params, x_BT, y_BT, fp8_metas=None) -> mean loss, the forward pass only.
 
     Under --fp8 the loop passes the train state's metas: validation runs the forward the model trains
@@ -231,4 +236,4 @@ def make_eval_step(sc: StepConfig):
     else:
         opts = sc.model_options()
         fn = lambda p, x, y, metas=None: family_of(sc.model).loss(p, x, y, sc.model, opts, metas)
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=DETERMINISTIC if deterministic else None)
