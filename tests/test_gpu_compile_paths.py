@@ -1,0 +1,117 @@
+"""Every GPU path of the trainer compiles for GPUs that are not here (XLA's deviceless compilation)
+and does what it is meant to on them: ZeRO stages on 8 GPUs and 2 hosts x 8, -r 0/1/2, the xla,
+Pallas and cuDNN attention, FP8, both families, the sampler's prefill and decode. The references
+are the model's own sizes (parameter counts, layers) and the definitions of the stages."""
+import pytest
+
+from tests.gpu_plan import fp8_gemms, report
+
+GPT2 = "-e d6 -b 2 -t 256"          # L=6 C=384: every tensor divides by 8
+LLAMA = "-e llama3:tiny -b 2 -t 64"
+
+
+def _n_params(r):
+    return r["num_parameters"]
+
+
+@pytest.mark.parametrize("z", [0, 1, 2, 3])
+def test_zero_stages_on_8_gpus(z):
+    r = report(f"{GPT2} -z {z}")
+    n, b = _n_params(r), r["breakdown"]
+    coll = r["collectives"]
+    # d6's padded vocabulary (Vp) counts in the parameters the model holds
+    held = b["parameters"] / 4
+    assert held == pytest.approx(n if z < 3 else n / 8, rel=0.02)
+    assert b["optimizer state"] / 8 == pytest.approx(n if z == 0 else n / 8, rel=0.02)    # m and v, fp32
+    grads = coll.get("all-reduce", {}).get("bytes", 0) + coll.get("reduce-scatter", {}).get("bytes", 0)
+    if z < 3:     # every fp32 gradient is combined over the GPUs once (at -z 3 XLA splits the classifier
+        assert grads >= 4 * n * 0.98          # over the vocabulary instead: each GPU's wte rows, its dW)
+    if z < 2:     # one all-reduce of the replicated gradients, never a reduce-scatter per classifier chunk
+        assert "reduce-scatter" not in coll
+    elif z == 2:  # reduce-scattered into the m/v shards
+        assert coll["reduce-scatter"]["bytes"] >= 4 * n * 0.98
+    if z == 3:    # the layer scan gathers each layer's weights as it reaches them, forward and backward
+        assert coll["all-gather"]["count"] >= 2 * 6
+
+
+def test_two_hosts_of_8():
+    r = report(f"{GPT2} -z 1", target="h100x8x2")
+    assert r["devices"] == 16 and r["hosts"] == 2 and r["fits"]
+    assert r["breakdown"]["optimizer state"] / 8 == pytest.approx(_n_params(r) / 16, rel=0.03)
+
+
+def test_recompute_saves_activations():
+    temps = [report(f"{GPT2} -b 8 -r {r}", target="h100x1")["breakdown"]
+             ["activations, scratch (temporaries - gradients)"] for r in (0, 1, 2)]
+    assert temps[0] > temps[1] > temps[2], temps
+
+
+@pytest.mark.parametrize("family", [GPT2, LLAMA], ids=["gpt2", "llama3"])
+@pytest.mark.parametrize("kernels", ["--kernels xla", "--kernels pallas -r 0", "--attention cudnn"])
+def test_kernels_on_the_gpu(family, kernels):
+    r = report(f"{family} -z 1 {kernels}", eval_step=True)
+    k, L = r["kernels"], (6 if family == GPT2 else 2)
+    assert ("pallas (Triton)" in k) == ("pallas" in kernels)
+    assert ("cuDNN attention" in k) == ("cudnn" in kernels)
+    if "cudnn" in kernels:
+        assert k["cuDNN attention"] % L == 0      # per layer: the forward and the backward's calls
+    assert r["compile_seconds"]["validation"] is not None
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+def test_fp8_matmuls_become_fp8_gemms(recipe):
+    """Each FP8 layer matmul is 3 FP8 GEMMs a layer (forward, dx, dW; llm.c's 3 matmuls by default).
+    Llama's fused [up|gate] matmul may come out as more than one GEMM, so there: at least 3."""
+    assert fp8_gemms(report(f"{GPT2} -z 1")["kernels"]) == 0
+    r = report(f"{GPT2} -z 1 --fp8 {recipe}")
+    assert fp8_gemms(r["kernels"]) == 3 * 6 * 3
+    r = report(f"{LLAMA} -z 3 --fp8 {recipe} --fp8-matmuls qkv,attproj,fc,fcproj")
+    assert 3 * 2 * 4 <= fp8_gemms(r["kernels"]) <= 4 * 2 * 4
+
+
+def test_determinism_flag_rewrites_the_embedding_scatter():
+    """Compiled with xla_gpu_exclude_nondeterministic_ops, the embedding backward's scatter-add gets
+    its indices sorted first (deterministic); without it the same step has no sort."""
+    import jax.numpy as jnp
+    from llmc_jax.models.family import model_config
+    from llmc_jax.nn import ops
+    from tests.cuda_lowering import compile_for_gpu
+    import jax
+    cfg = model_config("d6")
+    S = jax.ShapeDtypeStruct
+    wte, wpe, idx, dx = S((cfg.Vp, cfg.C), jnp.float32), S((cfg.maxT, cfg.C), jnp.float32), S((4, 256), jnp.int32), \
+        S((4, 256, cfg.C), jnp.bfloat16)
+    def bwd(wte, wpe, idx, dx):
+        _, vjp = jax.vjp(lambda a, b: ops.encoder(a, b, idx, jnp.zeros((), jnp.bfloat16)), wte, wpe)
+        return vjp(dx)
+    plain = compile_for_gpu(bwd, wte, wpe, idx, dx).as_text()
+    r = report(f"{GPT2} -z 0", target="h100x1")
+    assert plain.count(" scatter(") >= 1 and plain.count(" sort(") == 0
+    assert r["determinism"]["scatters"] >= 1 and r["determinism"]["sorts"] >= r["determinism"]["scatters"]
+
+
+@pytest.mark.parametrize("init", ["d6", "llama3:tiny"])
+def test_sampler_prefill_and_decode_compile(init):
+    import jax
+    import jax.numpy as jnp
+    from llmc_jax.evals import generate
+    from llmc_jax.models.family import family_of, model_config
+    from llmc_jax.nn.kernels import Kernels, ModelOptions
+    from tests.cuda_lowering import TRITON_CALL, compile_for_gpu
+    cfg = model_config(init)
+    params = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in cfg.param_shapes().values()]
+    names = list(cfg.param_shapes())
+    opts = ModelOptions(dtype=jnp.bfloat16, kernels=Kernels.resolve("pallas"))
+    B, S = 2, min(cfg.maxT, 64)
+
+    def prefill(tokens, *leaves):
+        return generate._prefill_jit(dict(zip(names, leaves)), tokens, 7, config=cfg, opts=opts)
+    text = compile_for_gpu(prefill, jax.ShapeDtypeStruct((B, S), jnp.int32), *params).as_text()
+    assert text.count(TRITON_CALL) >= 1                     # the prompt runs the chosen (Pallas) attention
+    cache = jax.eval_shape(lambda: family_of(cfg).empty_cache(cfg, B, S, jnp.bfloat16))
+
+    def decode(token, pos, k, v, *leaves):
+        return generate._decode_jit(dict(zip(names, leaves)), type(cache)(k, v), token, pos, config=cfg)
+    text = compile_for_gpu(decode, jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+                           cache.k, cache.v, *params).as_text()
+    assert text.count(TRITON_CALL) == 0                     # a decoded token: the cache's own XLA attention
