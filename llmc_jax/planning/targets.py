@@ -102,6 +102,9 @@ def prepare_jax() -> None:
     import jax
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
     jax.config.update("jax_platforms", "cpu")
+    # the persistent cache holds executables for this machine's devices; a deviceless compile can
+    # neither load nor use them (XLA warns "PjRtCompiler must be constructed with a Client")
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def topology_mesh(target: Target):
