@@ -27,10 +27,8 @@ DEPTHS = ["d12", "d24", "d36", "d48"]
 
 
 def _plan(flags: str, target: str, eval_step: bool = True) -> dict:
-    from llmc_jax.planning import plan, targets
-    from llmc_jax.training import cli
-    t = targets.parse_target(target)
-    return plan.plan(cli.parse_args(flags.split()), t, targets.topology_mesh(t), eval_step=eval_step)
+    from llmc_jax.planning import plan
+    return plan.plan_flags(flags.split(), target, eval_step=eval_step)
 
 
 def configurations() -> None:

@@ -26,21 +26,15 @@ def triton_calls(fn, *args) -> int:
     return lower_for_cuda(fn, *args).count(TRITON_CALL)
 
 
-def gpu_mesh(target: str = "h100x1"):
-    """A ("data",) mesh over the GPUs of `target` (llmc_jax.planning.targets), compiled for, never run on."""
-    from llmc_jax.planning import targets
-    targets.prepare_jax()
-    return targets.topology_mesh(targets.parse_target(target))
-
 
 def compile_for_gpu(fn, *args, target: str = "h100x1"):
     """jax.jit(fn) compiled by XLA's GPU compiler (Triton and ptxas included) for `target`'s GPU, on
-    this CPU-only machine; `args` are arrays or ShapeDtypeStructs, placed whole on the first GPU."""
+    this CPU-only machine, as a plan compiles (llmc_jax.planning.plan.compile_for_gpu); `args` are
+    arrays or ShapeDtypeStructs, placed whole on the first GPU."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from pallas_kernels.common import compiling_for
-    rep = NamedSharding(gpu_mesh(target), P())
+    from llmc_jax.planning import plan, targets
+    targets.prepare_jax()
+    rep = NamedSharding(targets.topology_mesh(targets.parse_target(target)), P())
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in args]
-    with compiling_for("gpu"):
-        traced = jax.jit(fn).trace(*specs)
-    return traced.lower(lowering_platforms=("cuda",)).compile()
+    return plan.compile_for_gpu(jax.jit(fn), *specs)

@@ -102,19 +102,17 @@ def _collective_bytes(line: str, op: str, is_start: bool, group: int) -> int:
 
 
 def analyze(hlo: str, num_devices: int = 1) -> dict:
-    """{"collectives": {kind: {"count", "bytes"}}, "kernels": {name: count}, "scatters", "sorts",
-    "unknown_trip_counts"}: counts per step, bytes per device per step."""
+    """{"collectives": {kind: {"count", "bytes"}}, "kernels": {name: count}, "scatters", "sorts"}:
+    counts per step, bytes per device per step."""
     comps, entry = computations(hlo)
     times = multiplicities(comps, entry)
-    fp8_params = {name for name, lines in comps.items() if name in times and _has_fp8_param(hlo, name)}
+    fp8_params = _fp8_computations(hlo)
     coll: dict[str, dict[str, int]] = {}
     kernels: collections.Counter = collections.Counter()
-    scatters = sorts = unknown = 0
+    scatters = sorts = 0
     for name, lines in comps.items():
         n = times.get(name, 0)
         for line in lines:
-            if " while(" in line and not _TRIP.search(line):
-                unknown += 1
             m = _COLLECTIVE_OP.search(line)
             if m and "=" in line:
                 entry_ = coll.setdefault(m.group(1), {"count": 0, "bytes": 0})
@@ -130,8 +128,7 @@ def analyze(hlo: str, num_devices: int = 1) -> dict:
                     kernels[label] += n
             scatters += n * (" scatter(" in line)
             sorts += n * (" sort(" in line)
-    return {"collectives": coll, "kernels": dict(sorted(kernels.items())), "scatters": scatters, "sorts": sorts,
-            "unknown_trip_counts": unknown}
+    return {"collectives": coll, "kernels": dict(sorted(kernels.items())), "scatters": scatters, "sorts": sorts}
 
 
 def _call_name(target: str) -> str:
@@ -153,6 +150,6 @@ def _fusion_name(kind: str, line: str, fp8_computations: set[str]) -> str | None
     return None
 
 
-def _has_fp8_param(hlo: str, name: str) -> bool:
-    m = re.search(r"^%" + re.escape(name) + r"\s*\(([^)]*)\)", hlo, re.M)
-    return bool(m) and "f8e" in m.group(1)
+def _fp8_computations(hlo: str) -> set[str]:
+    """The computations with an fp8 parameter (the GEMM fusions fed FP8 operands), read in one pass."""
+    return {name for name, params in re.findall(r"^%([\w.\-]+)\s*\(([^)]*)\)", hlo, re.M) if "f8e" in params}

@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"find-batch: not even -b 1 fits one {target.description} at these flags")
             return 1
         print(f"find-batch: the largest -b that fits is {best} (at -t {args.seq_len}, {target.name})")
-        args = argparse.Namespace(**{**vars(args), "batch_size": best, "total_batch_size": -1})
+        args = _with_batch(args, best)
     report = plan(args, target, mesh)
     print(format_report(report))
     if args.compile_report:
@@ -66,31 +66,23 @@ def main(args: argparse.Namespace) -> int:
 def resolve(args: argparse.Namespace, target: Target, mesh) -> Any:
     """The Run the flags describe on the target: the GPU's defaults, no data, no weights."""
     from llmc_jax.formats import llmc_format
-    from llmc_jax.nn.kernels import default_dtype
-    from llmc_jax.training import cli, parallel
     from llmc_jax.training import run as run_mod
-    dtype = args.dtype or default_dtype("gpu")
-    kernels = cli.resolve_kernels(args, recompute=args.recompute, platform="gpu", dtype=dtype)
-    fp8_matmuls = run_mod._check_fp8(args)
-    kernels = run_mod._fp8_kernels(args, kernels, fp8_matmuls)
+    dtype, kernels, fp8_matmuls = run_mod.resolve_numerics(args, "gpu")
     try:
         model = run_mod._model_config(args, args.init)
         llmc_format.check_seq_len(model, args.seq_len, args.init)
     except (ValueError, OSError) as e:
         raise UsageError(describe(e)) from None
-    B, T, D = args.batch_size, args.seq_len, target.devices
-    total = B * T * D if args.total_batch_size == -1 else args.total_batch_size
-    if total <= 0 or total % (B * T * D):
-        raise UsageError(f"-d {total} is not a multiple of B*T*devices = {B}*{T}*{D} = {B * T * D}; "
-                         "pick -d as a multiple of it (or change -b/-t)")
+    D = target.devices
+    total_batch, grad_accum = run_mod.batch_geometry(args, D)
     not_read = "(not read: planning)"
     return run_mod.Run(
         flags=run_mod._frozen(args), platform="gpu", dtype=dtype, kernels=kernels,
         train_data=args.train_data or not_read, val_data=args.val_data or not_read, init=args.init, model=model,
-        model_table=args.model_config, B=B, T=T, num_devices=D, num_processes=target.hosts, process_index=0,
-        local_ranks=tuple(range(D)), total_batch=total, grad_accum=total // (B * T * D),
-        max_steps=max(args.max_steps, 1), val_batches=1, resume_step=None, manifest=None, hellaswag=None,
-        mesh=mesh if D > 1 else None, fp8_matmuls=fp8_matmuls)
+        model_table=args.model_config, B=args.batch_size, T=args.seq_len, num_devices=D,
+        num_processes=target.hosts, process_index=0, local_ranks=tuple(range(D)), total_batch=total_batch,
+        grad_accum=grad_accum, max_steps=max(args.max_steps, 1), val_batches=1, resume_step=None, manifest=None,
+        hellaswag=None, mesh=mesh if D > 1 else None, fp8_matmuls=fp8_matmuls)
 
 
 def abstract_state(run, mesh):
@@ -139,13 +131,19 @@ def compile_eval_step(run, mesh, state) -> Compiled:
     return _compile(fn, state.params, xy, xy, state.fp8)
 
 
-def _compile(fn, *args) -> Compiled:
+def compile_for_gpu(jitted, *args):
+    """`jitted` (a jax.jit function) traced as for a GPU (Pallas through Triton, cuDNN allowed) and
+    compiled by XLA's GPU compiler for the GPU the args' shardings place it on."""
     from pallas_kernels.common import compiling_for
+    with compiling_for("gpu"):
+        traced = jitted.trace(*args)
+    return traced.lower(lowering_platforms=("cuda",)).compile()
+
+
+def _compile(fn, *args) -> Compiled:
     t0 = time.perf_counter()
     try:
-        with compiling_for("gpu"):
-            traced = fn.trace(*args)
-        compiled = traced.lower(lowering_platforms=("cuda",)).compile()
+        compiled = compile_for_gpu(fn, *args)
     except Exception as e:      # e.g. a Pallas kernel over the SM's shared memory
         raise SystemExit(f"error: XLA could not compile the step for the target: {describe(e, 400)}") from None
     m = compiled.memory_analysis()
@@ -168,6 +166,14 @@ def plan(args: argparse.Namespace, target: Target, mesh, *, eval_step: bool = Tr
     return build_report(run, target, state, shardings, train, evaluation)
 
 
+def plan_flags(flags: list[str], target_name: str, *, eval_step: bool = True) -> dict:
+    """plan() of train flags as given on the command line, for `target_name` (h100x8, ...)."""
+    from llmc_jax.training import cli
+    prepare_jax()
+    target = parse_target(target_name)
+    return plan(cli.parse_args(flags), target, topology_mesh(target), eval_step=eval_step)
+
+
 def build_report(run, target: Target, state, shardings, train: Compiled, evaluation: Compiled | None) -> dict:
     params, opt, whole = _device_bytes(state.params), _device_bytes(state.opt_state), _device_bytes(state)
     grads = _grad_bytes(state, shardings)
@@ -182,13 +188,15 @@ def build_report(run, target: Target, state, shardings, train: Compiled, evaluat
                  "activations, scratch (temporaries - gradients)": max(train.temp - grads, 0),
                  "outputs not donated": train.output - train.alias, "train step": train.peak,
                  "validation step": eval_peak}
+    from llmc_jax.models.config import GPTConfig
+    from llmc_jax.models.family import family_of
     m = run.model
     report = {
         "target": target.name, "gpu": target.description, "devices": target.devices, "hosts": target.hosts,
         "model": f"{run.init} {m.describe()}", "num_parameters": m.num_parameters,
         "flags": {"B": run.B, "T": run.T, "grad_accum": run.grad_accum, "zero_stage": run.flags.zero_stage,
                   "recompute": run.flags.recompute, "dtype": run.dtype, "param_dtype": run.param_dtype,
-                  "kernels": run.kernels.describe(_kernel_ops(run)), "fp8": run.flags.fp8},
+                  "kernels": run.kernels.describe(family_of(m).KERNEL_OPS), "fp8": run.flags.fp8},
         "per_device_bytes": per_device, "capacity_bytes": target.capacity_bytes,
         "memory_bytes": target.memory_bytes, "fits": per_device <= target.capacity_bytes, "breakdown": breakdown,
         "collectives": stats["collectives"], "kernels": stats["kernels"],
@@ -197,7 +205,7 @@ def build_report(run, target: Target, state, shardings, train: Compiled, evaluat
         "compile_seconds": {"train": round(train.seconds, 2),
                             "validation": None if evaluation is None else round(evaluation.seconds, 2)},
     }
-    if _family_name(m) == "gpt2":
+    if isinstance(m, GPTConfig):        # llm.c's train_gpt2.cu: GPT-2 only
         report["llmc"] = llmc_alloc.allocation(m, run.B, run.T, run.flags.recompute, target.devices,
                                                run.flags.zero_stage, bool(run.flags.master_weights))
     return report
@@ -207,26 +215,15 @@ def _grad_bytes(state, shardings) -> int:
     """The fp32 gradients one device holds: sharded like the AdamW state from -z 2 on, else whole."""
     import jax
     leaves = jax.tree.leaves(state.params)
-    if shardings is None or shardings.grads is None:
+    if shardings is None:
         return sum(math.prod(x.shape) * 4 for x in leaves)
     return sum(math.prod(sh.shard_shape(x.shape)) * 4 for x, sh in zip(leaves, jax.tree.leaves(shardings.grads)))
-
-
-def _kernel_ops(run):
-    from llmc_jax.models.family import family_of
-    return family_of(run.model).KERNEL_OPS
-
-
-def _family_name(config) -> str:
-    from llmc_jax.models.family import family_of
-    return family_of(config).__name__.rsplit(".", 1)[-1]
 
 
 def find_batch(args: argparse.Namespace, target: Target, mesh) -> int:
     """The largest -b (no accumulation) whose train step fits: doubling, then bisection."""
     def fits(b: int) -> bool:
-        trial = argparse.Namespace(**{**vars(args), "batch_size": b, "total_batch_size": -1})
-        ok = plan(trial, target, mesh, eval_step=False)["fits"]
+        ok = plan(_with_batch(args, b), target, mesh, eval_step=False)["fits"]
         print(f"find-batch: -b {b} {'fits' if ok else 'does not fit'}", flush=True)
         return ok
     lo, hi = 0, 1
@@ -236,6 +233,11 @@ def find_batch(args: argparse.Namespace, target: Target, mesh) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def _with_batch(args: argparse.Namespace, B: int) -> argparse.Namespace:
+    """The flags with -b B and no accumulation (-d B*T*devices), as --find-batch tries them."""
+    return argparse.Namespace(**{**vars(args), "batch_size": B, "total_batch_size": -1})
 
 
 def _gib(n: int) -> str:

@@ -91,14 +91,9 @@ def resolve(args: argparse.Namespace) -> Run:
     """The Run the flags describe (jax.distributed already started)."""
     import jax
 
-    from llmc_jax.training import cli
     from llmc_jax.training import parallel
     platform = jax.devices()[0].platform
-    from llmc_jax.nn.kernels import default_dtype
-    dtype = args.dtype or default_dtype(platform)
-    kernels = cli.resolve_kernels(args, recompute=args.recompute, platform=platform, dtype=dtype)
-    fp8_matmuls = _check_fp8(args)
-    kernels = _fp8_kernels(args, kernels, fp8_matmuls)
+    dtype, kernels, fp8_matmuls = resolve_numerics(args, platform)
     train_data, val_data = args.train_data, args.val_data
     if args.builtin_corpus:
         from llmc_jax.formats.corpus import builtin_corpus
@@ -110,11 +105,7 @@ def resolve(args: argparse.Namespace) -> Run:
     # as llm.c lays out D ranks (device r's rows start at k*B*T*D + r*B*T)
     B, T, D = args.batch_size, args.seq_len, jax.device_count()
     mesh = parallel.make_mesh() if D > 1 else None
-    tokens_per_fwdbwd = B * T * D
-    total_batch = tokens_per_fwdbwd if args.total_batch_size == -1 else args.total_batch_size
-    if total_batch <= 0 or total_batch % tokens_per_fwdbwd:
-        raise UsageError(f"-d {total_batch} is not a multiple of B*T*devices = {B}*{T}*{D} = "
-                         f"{tokens_per_fwdbwd}; pick -d as a multiple of it (or change -b/-t)")
+    total_batch, grad_accum = batch_geometry(args, D)
     resume_step, manifest = _find_checkpoint(args) if args.resume else (None, None)
     init = args.init
     if resume_step is not None:
@@ -138,7 +129,7 @@ def resolve(args: argparse.Namespace) -> Run:
               val_data=val_data, init=init, model=model, model_table=args.model_config, B=B, T=T, num_devices=D,
               num_processes=jax.process_count(), process_index=jax.process_index(),
               local_ranks=tuple(parallel.local_ranks(mesh, D)), total_batch=total_batch,
-              grad_accum=total_batch // tokens_per_fwdbwd, max_steps=max_steps, val_batches=val_batches,
+              grad_accum=grad_accum, max_steps=max_steps, val_batches=val_batches,
               resume_step=resume_step, manifest=manifest, hellaswag=hellaswag, mesh=mesh, fp8_matmuls=fp8_matmuls)
     try:
         for s in (0, max_steps - 1):
@@ -146,6 +137,27 @@ def resolve(args: argparse.Namespace) -> Run:
     except ValueError as e:
         raise UsageError(f"learning-rate schedule: {e} (check -k, -u against -x)") from None
     return run
+
+
+def resolve_numerics(args: argparse.Namespace, platform: str) -> tuple[str, Kernels, tuple[str, ...]]:
+    """(compute dtype, kernels, FP8 matmuls) of the flags on `platform` (the local one, or a plan's
+    target): the platform's default dtype, the kernels resolved (cuDNN checked) with the FP8 fallback."""
+    from llmc_jax.nn.kernels import default_dtype
+    from llmc_jax.training import cli
+    dtype = args.dtype or default_dtype(platform)
+    kernels = cli.resolve_kernels(args, recompute=args.recompute, platform=platform, dtype=dtype)
+    fp8_matmuls = _check_fp8(args)
+    return dtype, _fp8_kernels(args, kernels, fp8_matmuls), fp8_matmuls
+
+
+def batch_geometry(args: argparse.Namespace, D: int) -> tuple[int, int]:
+    """(tokens per step, gradient accumulation steps) of -b, -t, -d on D devices; -d must divide."""
+    tokens_per_fwdbwd = args.batch_size * args.seq_len * D
+    total_batch = tokens_per_fwdbwd if args.total_batch_size == -1 else args.total_batch_size
+    if total_batch <= 0 or total_batch % tokens_per_fwdbwd:
+        raise UsageError(f"-d {total_batch} is not a multiple of B*T*devices = {args.batch_size}*{args.seq_len}*{D} = "
+                         f"{tokens_per_fwdbwd}; pick -d as a multiple of it (or change -b/-t)")
+    return total_batch, total_batch // tokens_per_fwdbwd
 
 
 def _fp8_kernels(args: argparse.Namespace, kernels: Kernels, fp8_matmuls: tuple[str, ...]) -> Kernels:
