@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -286,6 +287,7 @@ def _write_json(path: str, report: dict) -> None:
     from llmc_jax.formats.llmc_format import atomic_write
     data = np.frombuffer(json.dumps(report, indent=1).encode(), np.uint8)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         atomic_write(path, [data])
     except OSError as e:
         raise UsageError(f"--compile-report {path}: cannot write it ({e.strerror or e})") from None

@@ -141,7 +141,8 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T).
 
     grad_shardings (a pytree like params, Shardings.grads): the gradients and the accumulator are
-    constrained to it, so each micro-step's gradient is reduce-scattered into a sharded sum.
+    constrained to it: from -z 2 on each micro-step's gradient is reduce-scattered into a sharded
+    sum; below, they are combined whole (all-reduce).
     mesh: the device mesh of a sharded step; with Pallas kernels the forward and backward then run
     per device inside shard_map (XLA partitions the xla op set by itself)."""
     per_device = mesh is not None and mesh.size > 1 and sc.backward == "manual" and sc.kernels.uses_pallas
