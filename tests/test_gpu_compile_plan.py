@@ -80,3 +80,18 @@ def test_cpu_machine_with_the_cuda_plugin_shows_no_traceback():
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() in ("cpu", "gpu")
     assert "Traceback" not in r.stderr and "cuPTI" not in r.stderr, r.stderr
+
+
+def test_plan_after_cached_cpu_compiles_reads_no_cache(tmp_path):
+    """A process that compiled with the persistent cache on (the trainer turns it on) then plans twice:
+    no plan reads or writes that cache (a deviceless compile cannot load its executables: XLA warned)."""
+    code = ("import warnings, jax, jax.numpy as jnp\n"
+            f"jax.config.update('jax_compilation_cache_dir', {str(tmp_path)!r})\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "jax.jit(lambda x: x * 2)(jnp.ones(3))\n"
+            "from llmc_jax.planning import plan\n"
+            "warnings.simplefilter('error')\n"
+            "for _ in range(2):\n"
+            "    plan.plan_flags('-e d6 -b 2 -t 64'.split(), 'h100x1', eval_step=False)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -103,8 +103,12 @@ def prepare_jax() -> None:
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
     jax.config.update("jax_platforms", "cpu")
     # the persistent cache holds executables for this machine's devices; a deviceless compile can
-    # neither load nor use them (XLA warns "PjRtCompiler must be constructed with a Client")
+    # neither load nor use them (XLA warns "PjRtCompiler must be constructed with a Client"). JAX
+    # decides once per process whether the cache is used: reset that decision (a process that trained
+    # first, as a test worker may, had already made it)
+    from jax.experimental.compilation_cache import compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
 
 
 def topology_mesh(target: Target):
