@@ -42,6 +42,9 @@ def parse_args(argv=None):
                    help="comma list of off, delayed, current (llmc_jax.train's --fp8; manual backward only)")
     p.add_argument("--compile-only", action="store_true",
                    help="lower and compile each variant on abstract inputs (nothing allocated) and stop")
+    p.add_argument("--update", action="store_true",
+                   help="time only the AdamW update, bf16 params (-w 0) rounded to nearest and stochastically "
+                        "and fp32 params (-w 1), with the whole bf16 step's compiled memory for each")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -118,6 +121,48 @@ def step_inputs(name: str, cfg, args, dtype: str, params=None):
                                                  np.float32(1e-4), np.int32(0))
 
 
+# --update's variants: name -> (param dtype, rounding of the bf16 params AdamW writes)
+UPDATE_VARIANTS = {"w1": ("float32", "nearest"), "w0-nearest": ("bfloat16", "nearest"),
+                   "w0-stochastic": ("bfloat16", "stochastic")}
+
+
+def bench_update(cfg, params_np, args) -> dict:
+    """Per UPDATE_VARIANTS entry: the AdamW update alone (train_step.make_update, params and moments
+    donated as in the step), median and min ms over interleaved rounds, and the whole bf16 training
+    step's compiled memory with params of that dtype and rounding."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from llmc_jax.training import train_step
+
+    runs, results = {}, {}
+    A, B, T = args.grad_accum, args.batch_size, args.seq_len
+    for name, (param_dtype, rounding) in UPDATE_VARIANTS.items():
+        sc = train_step.StepConfig(model=cfg, dtype="bfloat16", recompute=args.recompute, weight_decay=0.1,
+                                   param_rounding=rounding)
+        state = train_step.init_train_state({k: jnp.asarray(v, param_dtype) for k, v in params_np.items()}, sc)
+        grads = {k: jnp.full(v.shape, 1e-3, jnp.float32) for k, v in params_np.items()}
+        update = jax.jit(train_step.make_update(sc), donate_argnums=(0, 1))
+        xy = jax.ShapeDtypeStruct((A, B, T), jnp.int32)
+        step_mem = train_step.make_train_step(sc).lower(jax.eval_shape(lambda: state), xy, xy, np.float32(1e-4),
+                                                        np.int32(0)).compile().memory_analysis()
+        runs[name] = [update, [state.params, state.opt_state], grads, []]
+        results[name] = {"step_temp_bytes": step_mem.temp_size_in_bytes,
+                         "step_argument_bytes": step_mem.argument_size_in_bytes}
+    rounds = max(1, min(args.steps, 5))
+    for r in range(args.warmup + rounds):          # take turns, a few updates each
+        for update, pv, grads, times in runs.values():
+            for i in range(args.steps // rounds + (1 if r - args.warmup < args.steps % rounds else 0)):
+                t0 = time.perf_counter()
+                pv[0], pv[1] = update(pv[0], pv[1], grads, np.float32(1e-4), np.int32(i))
+                jax.block_until_ready(pv[0])
+                if r >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+    for name, (_, _, _, times) in runs.items():
+        results[name].update(update_ms_median=1000 * statistics.median(times), update_ms_min=1000 * min(times))
+    return results
+
+
 def compile_only(name: str, cfg, args, dtype: str) -> dict:
     _, step, abstract = step_inputs(name, cfg, args, dtype)
     t0 = time.perf_counter()
@@ -188,6 +233,17 @@ def main(argv=None) -> int:
         _write_json(args, device, results)
         return 0
     cfg, params_np = load_model(args.init)
+    if args.update:
+        print(f"AdamW update only: device {device.platform} {device.device_kind}, jax {jax.__version__}, model "
+              f"{args.init} ({cfg.num_parameters:,} params); step memory: bf16 B={args.batch_size} "
+              f"T={args.seq_len} -r {args.recompute}")
+        print(f"{'params':>14} | {'update ms median':>16} | {'min ms':>8} | {'step temp MB':>12} | {'step args MB':>12}")
+        results = bench_update(cfg, params_np, args)
+        for name, r in results.items():
+            print(f"{name:>14} | {r['update_ms_median']:16.1f} | {r['update_ms_min']:8.1f} | "
+                  f"{r['step_temp_bytes'] / 2**20:12.1f} | {r['step_argument_bytes'] / 2**20:12.1f}", flush=True)
+        _write_json(args, device, results)
+        return 0
     tokens = args.batch_size * args.seq_len
     peak = matmul_peak_gflops(tokens, cfg.C, 4 * cfg.C, jnp.dtype(dtype))
     print(f"device {device.platform} {device.device_kind} x{jax.device_count()}, jax {jax.__version__}, "

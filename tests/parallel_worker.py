@@ -136,6 +136,38 @@ def fp8_stages(params, mesh, n):
     return out
 
 
+def rounding_stages(mesh):
+    """-w 0's AdamW update with stochastic rounding of the bf16 params (train_step.make_update, the
+    step's own update) under each -z stage's shardings of params, moments and gradients, 3 steps,
+    against the same update on one device: the number of params whose bits differ, per stage."""
+    sc = train_step.StepConfig(model=CONFIG, dtype="bfloat16", weight_decay=0.1)
+    params = {k: jax.numpy.asarray(v, jax.numpy.bfloat16) for k, v in llmc_init.init_params(CONFIG).items()}
+    rng = np.random.default_rng(5)
+    grads = [{k: rng.normal(0, 1e-2, v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)]
+    update = train_step.make_update(sc)
+
+    def three_steps(fn, state):
+        p, opt = state.params, state.opt_state
+        for step, g in enumerate(grads):
+            p, opt = fn(p, opt, g, np.float32(1e-3), step)
+        return {k: np.asarray(v).view(np.uint16) for k, v in p.items()}
+
+    state = train_step.init_train_state(params, sc)
+    ref = three_steps(jax.jit(update), state)
+    nearest = three_steps(jax.jit(train_step.make_update(dataclasses.replace(sc, param_rounding="nearest"))), state)
+    out = {"nearest_differs": int(sum((nearest[k] != ref[k]).sum() for k in ref)), "stages": {}}
+    for z in (0, 1, 2, 3):
+        sh = parallel.make_shardings(state, mesh, z, family_of(CONFIG).LAYER_PARAMS)
+        rep = sh.replicated
+        fn = jax.jit(update, in_shardings=(sh.state.params, sh.state.opt_state, sh.grads, rep, rep),
+                     out_shardings=(sh.state.params, sh.state.opt_state))
+        got = three_steps(fn, parallel.shard_state(state, sh))
+        out["stages"][str(z)] = {"differing": int(sum((got[k] != ref[k]).sum() for k in ref)),
+                                 "mu_shard": list(parallel.shard_state(state, sh).opt_state.mu["wte"]
+                                                  .addressable_shards[0].data.shape)}
+    return out
+
+
 def main():
     n = jax.device_count()
     sc = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0)
@@ -161,6 +193,7 @@ def main():
     out["pallas_z1"] = {"losses": losses,
                         "max_param_diff": max(float(np.max(np.abs(final[k] - ref_params[k]))) for k in final)}
     out["fp8"] = fp8_stages(params, mesh, n)
+    out["rounding"] = rounding_stages(mesh)
     print(json.dumps(out))
 
 

@@ -104,6 +104,7 @@ TRAIN_FLAG_CASES = [
     (["-d", "300"], r"-d 300 is not a multiple"),
     (["-t", "128"], r"exceeds the model's maxT=64"),
     (["--fp8", "on"], r"--fp8: invalid choice"),
+    (["--param-rounding", "up"], r"--param-rounding: invalid choice: 'up'"),
     (["--fp8", "delayed", "--fp8-matmuls", "qkv,mlp"],
      r"--fp8-matmuls 'qkv,mlp': expected a comma-separated subset of qkv,attproj,fc,fcproj \(unknown: mlp\)"),
     (["--fp8", "delayed", "--fp8-matmuls", ","], r"--fp8-matmuls ',': expected a comma-separated subset"),

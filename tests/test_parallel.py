@@ -109,6 +109,18 @@ def test_llama_losses_and_params_match_single_device(worker, z):
     assert s["params"]["wte"] == [[256, 64], [32, 64] if z == 3 else [256, 64], N]
 
 
+@pytest.mark.parametrize("z", [0, 1, 2, 3])
+def test_bf16_param_rounding_sharded_matches_single_device(worker, z):
+    """-w 0's stochastic rounding in the AdamW update, with params, moments and gradients sharded as
+    -z 0..3 shard them on 8 devices (the moments split 8 ways from -z 1 on, the params at -z 3): every
+    bf16 param bit equals the one-device update's after 3 steps. (Rounding to nearest differs from it
+    in a third of the elements: the comparison tells roundings apart.)"""
+    r = worker["rounding"]
+    assert r["nearest_differs"] > 10_000
+    assert r["stages"][str(z)]["differing"] == 0
+    assert r["stages"][str(z)]["mu_shard"] == ([256 // N, 64] if z >= 1 else [256, 64])
+
+
 def test_zero3_gathers_one_layer_at_a_time(worker):
     """With L divisible by the device count the per-layer tensors are still split inside a layer,
     never along the stacked L axis: the scan gathers one (3C, C) qkvw layer per step, never the stack."""

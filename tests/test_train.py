@@ -87,14 +87,21 @@ def test_resume_gives_the_same_main_log(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resume_bfloat16_without_master_weights(tmp_path, capsys):
-    """bf16 params (-w 0) survive the checkpoint bit for bit: the resumed log equals the straight one."""
+    """bf16 params (-w 0, stochastically rounded: the default) survive the checkpoint bit for bit, and
+    the resumed run rounds as the straight one: same log, byte-equal final model. Rounding to nearest
+    ends elsewhere (the flag reaches the step)."""
     flags = LLMC_CPU_FLAGS[:-4] + ["--dtype", "bfloat16", "-w", "0", "-v", "4", "-n", "4"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _run(flags + ["-x", "8", "-o", str(straight)], capsys)
+    straight, split, nearest = tmp_path / "straight", tmp_path / "split", tmp_path / "nearest"
+    out = _run(flags + ["-x", "8", "-o", str(straight)], capsys)
+    assert re.search(r"\| param rounding +\| stochastic", out)
     _run(flags + ["-x", "4", "-o", str(split)], capsys)
     _run(flags + ["-x", "8", "-o", str(split), "-y", "1"], capsys)
+    _run(flags + ["-x", "8", "-o", str(nearest), "--param-rounding", "nearest"], capsys)
     assert open(split / "main.log").read() == open(straight / "main.log").read()
-    assert llmc_format.read_model_header(split / "model_00000008.bin")[1] == 5   # bf16 model file
+    final = "model_00000008.bin"
+    assert llmc_format.read_model_header(split / final)[1] == 5   # bf16 model file
+    assert (split / final).read_bytes() == (straight / final).read_bytes()
+    assert (nearest / final).read_bytes() != (straight / final).read_bytes()
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):

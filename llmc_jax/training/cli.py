@@ -49,6 +49,8 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
     ("-a", "--overfit", int, 0, "1 = overfit a single batch (the first val batch), for debugging"),
     ("-f", "--allow-tf32", int, 1, "1 = allow TF32 matmuls in float32 runs on GPU"),
     ("-w", "--master-weights", int, 1, "1 = keep fp32 master weights in bfloat16 runs"),
+    (None, "--param-rounding", str, "stochastic", "how bf16 params are written after AdamW (-w 0): "
+                                                  "stochastic (llm.c) or nearest"),
     ("-z", "--zero-stage", int, 0, "ZeRO stage: 0 replicated, 1 optimizer state, 2 + gradients, 3 + params"),
     ("-r", "--recompute", int, 1, "recompute in the backward: 0 nothing, 1 GELU (SwiGLU), 2 also the layernorms (RMSNorms)"),
     ("-pn", "--num-processes", int, None, "number of processes (multi-host; default: the task count under "
@@ -82,7 +84,7 @@ FLAGS: list[tuple[str | None, str, type, object, str]] = [
 CHOICES = {"lr_scheduler": ("cosine", "linear", "constant", "wsd"), "dtype": ("float32", "bfloat16"),
            "kernels": kernels.FAMILIES, **kernels.OP_CHOICES,
            "backward": ("manual", "autodiff"), "recompute": (0, 1, 2), "zero_stage": (0, 1, 2, 3),
-           "fp8": ("off", "delayed", "current")}
+           "fp8": ("off", "delayed", "current"), "param_rounding": ("stochastic", "nearest")}
 
 
 class Bound(NamedTuple):

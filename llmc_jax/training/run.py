@@ -65,7 +65,8 @@ class Run:
                                      recompute=f.recompute, grad_clip=f.grad_clip, skip_loss_z=f.skip_loss_z,
                                      skip_grad_z=f.skip_grad_z, beta1=f.beta1, beta2=f.beta2, eps=f.eps,
                                      weight_decay=f.weight_decay, fp8=f.fp8, fp8_history=f.fp8_history,
-                                     fp8_margin=f.fp8_margin, fp8_matmuls=self.fp8_matmuls)
+                                     fp8_margin=f.fp8_margin, fp8_matmuls=self.fp8_matmuls,
+                                     param_rounding=f.param_rounding)
 
     def learning_rate(self, step: int) -> float:
         from llmc_jax.training import optim
@@ -266,7 +267,7 @@ def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, obj
         ("skip update lossz", f.skip_loss_z), ("skip update gradz", f.skip_grad_z),
         ("max_steps", run.max_steps), ("val_loss_every", f.val_every), ("val_max_steps", run.val_batches),
         ("sample_every", f.sample_every), ("genT", f.gen_tokens), ("overfit_single_batch", f.overfit),
-        ("use_master_weights", f.master_weights), ("recompute", f.recompute),
+        ("use_master_weights", f.master_weights), *_rounding_rows(run), ("recompute", f.recompute),
         ("dtype", run.dtype), ("kernels", run.kernels.describe(family_of(m).KERNEL_OPS)), ("backward", f.backward),
         *_fp8_rows(f),
         ("device", f"{device.platform} {device.device_kind} x{run.num_devices}"),
@@ -277,6 +278,11 @@ def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, obj
         ("num_processes", run.num_processes), ("num_devices", run.num_devices), ("zero_stage", f.zero_stage),
         ("run hellaswag", "yes" if run.hellaswag else "no"),
     ]
+
+
+def _rounding_rows(run: Run) -> list[tuple[str, object]]:
+    """The param-rounding row, only where params are stored in bf16 (-w 0 in a bf16 run)."""
+    return [("param rounding", run.flags.param_rounding)] if run.param_dtype == "bfloat16" else []
 
 
 def _fp8_rows(f: Any) -> list[tuple[str, object]]:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llmc_jax.training import optim
+from llmc_jax.training import optim, rounding
 from llmc_jax.models.family import family_of, reference_of
 from llmc_jax.nn import fp8 as fp8_ops
 from llmc_jax.nn.kernels import XLA, Kernels, ModelOptions
@@ -66,6 +66,8 @@ class StepConfig:
     fp8_history: int = fp8_ops.DEFAULT_HISTORY
     fp8_margin: float = 0.0
     fp8_matmuls: tuple[str, ...] = fp8_ops.LAYER_MATMULS
+    param_rounding: str = "stochastic"   # how AdamW writes bf16 params (-w 0): stochastic (llm.c) or nearest
+    copy_rounding: str = "nearest"       # -w 1 in bf16: the forward's bf16 copy of the fp32 master weights
 
     @property
     def fp8_options(self) -> fp8_ops.Fp8Options | None:
@@ -181,6 +183,35 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     return fn
 
 
+def make_update(sc: StepConfig):
+    """(params, opt_state, clipped fp32 grads, lr, step) -> (params, opt_state): AdamW at llm.c's
+    t = step + 1, each param written back in its dtype (bf16 ones by sc.param_rounding).
+
+    Elementwise only (no reduction), so XLA fuses it into one pass per tensor, and a sharded update
+    gives the bits one device gives (tests/parallel_worker.py checks it at -z 0..3)."""
+    opt = sc.optimizer()
+
+    def update(params, opt_state, grads, lr, step):
+        opt_state = optim.set_step(optim.set_learning_rate(opt_state, lr), step)
+        updates, new_opt_state = opt.update(grads, opt_state, params)
+        return rounding.apply_updates(params, updates, sc.param_rounding, step), new_opt_state
+    return update
+
+
+def _forward_copy(sc: StepConfig, params: dict, step) -> dict:
+    """The params the forward reads. With fp32 master weights in a bf16 run and copy_rounding
+    "stochastic", each is rounded stochastically to bf16 values (kept in fp32, so the gradients stay
+    fp32 and the model's own cast is exact), as llm.c makes its bf16 copy; otherwise the params."""
+    if sc.copy_rounding == "nearest" or sc.dtype != "bfloat16":
+        return params
+    if sc.copy_rounding != "stochastic":
+        raise ValueError(f"copy rounding must be one of {', '.join(rounding.ROUNDINGS)}, got {sc.copy_rounding!r}")
+    names = sorted(params)
+    salt = len(names)      # the copy's seeds follow the params' own (tensor i -> i + salt)
+    return {name: (rounding.stochastic_round_bf16(p, rounding.tensor_seed(step, i + salt)).astype(p.dtype)
+                   if p.dtype == jnp.float32 else p) for i, (name, p) in enumerate((n, params[n]) for n in names)}
+
+
 def make_train_step(sc: StepConfig, shardings=None, deterministic: bool = False):
     """(state, x_ABT, y_ABT, lr, step) -> (state, metrics); A micro-batches of (B, T) each.
 
@@ -190,15 +221,16 @@ def make_train_step(sc: StepConfig, shardings=None, deterministic: bool = False)
     compile for a GPU with DETERMINISTIC (the trainer's GPU runs and every plan do)."""
     grad_fn = (accumulate_gradients(sc) if shardings is None else
                accumulate_gradients(sc, shardings.grads, shardings.mesh, shardings.zero_stage))
-    opt = sc.optimizer()
+    update = make_update(sc)
 
     def step_fn(state: TrainState, x_ABT, y_ABT, lr, step):
         params = state.params
+        forward_params = _forward_copy(sc, params, step)
         if state.fp8 is None:
-            loss, grads = grad_fn(params, x_ABT, y_ABT)
+            loss, grads = grad_fn(forward_params, x_ABT, y_ABT)
             new_fp8 = None
         else:     # the meta grads (amaxes) only update the metas: not in the norm, clipping or AdamW
-            loss, grads, meta_grads = grad_fn(params, x_ABT, y_ABT, state.fp8)
+            loss, grads, meta_grads = grad_fn(forward_params, x_ABT, y_ABT, state.fp8)
             new_fp8 = fp8_ops.update_layer_metas(state.fp8, meta_grads, sc.fp8_margin)
         norm = optim.global_norm(grads)
         loss_det, loss_z = optim.detector_update(state.loss_detector, loss)
@@ -206,9 +238,7 @@ def make_train_step(sc: StepConfig, shardings=None, deterministic: bool = False)
         skipped = _skip(loss_z, sc.skip_loss_z) | _skip(norm_z, sc.skip_grad_z)
 
         grads = optim.clip_by_global_norm(grads, norm, sc.grad_clip)
-        opt_state = optim.set_step(optim.set_learning_rate(state.opt_state, lr), step)
-        updates, new_opt_state = opt.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        new_params, new_opt_state = update(params, state.opt_state, grads, lr, step)
         if sc.skip_loss_z > 0 or sc.skip_grad_z > 0:   # only then pay for the select
             # a skipped update keeps the old metas too: a bad batch's amax never enters the window
             new_params, new_opt_state, new_fp8 = jax.lax.cond(
