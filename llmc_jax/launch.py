@@ -11,9 +11,13 @@ only on process 0) and their stderr kept in a temporary file, shown if they fail
 process exits non-zero or dies from a signal, the others get SIGTERM, then SIGKILL after
 --grace seconds, and the launcher exits non-zero naming the rank that failed.
 
+SIGTERM or SIGUSR1 to the launcher is passed on to every process: a preemption notice (see
+llmc_jax.training.preemption). The processes agree on a step, write a checkpoint there and exit
+with status 75, and so does the launcher, once they all have.
+
 The processes never outlive the launcher. They stay in its process group, so a Ctrl-C at the
-terminal reaches all of them (and the launcher stops them), and SIGTERM to the launcher stops them
-too. If the launcher itself is killed (SIGKILL, OOM killer), Linux sends each of them SIGTERM
+terminal reaches all of them (and the launcher stops them). If the launcher itself is killed
+(SIGKILL, OOM killer), Linux sends each of them SIGTERM
 (prctl PR_SET_PDEATHSIG, set in the child before exec; it fires when the creating *thread* exits,
 so they are started from the main thread). Elsewhere, and as a second guard, each train process
 started with $LLMC_JAX_LAUNCHER_PID set watches its parent (`watch_launcher`) and stops when it
@@ -35,9 +39,11 @@ import time
 from collections.abc import Callable
 
 from llmc_jax.errors import ArgumentParser, run_command
+from llmc_jax.training.preemption import PREEMPTED_EXIT
 
 LAUNCHER_ENV = "LLMC_JAX_LAUNCHER_PID"
 PR_SET_PDEATHSIG = 1     # linux/prctl.h
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def free_port() -> int:
@@ -96,9 +102,8 @@ def spawn(cmd: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
     """Start a worker that stops when the launcher dies. Call it from the main thread: PDEATHSIG
     fires when the creating thread exits, so a worker started from a short-lived thread would die with it."""
     env = dict(env, **{LAUNCHER_ENV: str(os.getpid())})
-    # jax.distributed's preemption service takes SIGTERM as a preemption notice and keeps running;
-    # off, SIGTERM (from PDEATHSIG, or from _stop) ends a worker as it ends any process
-    env.setdefault("JAX_ENABLE_PREEMPTION_SERVICE", "false")
+    # jax.distributed's preemption service stays on: SIGTERM (from the launcher, PDEATHSIG or _stop)
+    # is a preemption notice; a worker that cannot save (a peer died) gets SIGKILL after --grace
     return subprocess.Popen(cmd, env=env, preexec_fn=_pdeathsig_preexec(), **kwargs)
 
 
@@ -121,8 +126,17 @@ def watch_launcher(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="llmc-watch-launcher", daemon=True).start()
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)      # unwinds through main's finally, which stops the workers
+class _Forward:
+    """SIGTERM/SIGUSR1 to the launcher: the same signal to every worker still running."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs, self.signals = procs, []
+
+    def __call__(self, signum, frame) -> None:
+        self.signals.append(signum)
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signum)
 
 
 def _tail(path: str, n: int = 4000) -> str:
@@ -185,7 +199,7 @@ def _wait(procs: list[subprocess.Popen], failed: list[tuple[int, int]]) -> None:
             rc = p.poll()
             if rc is None:
                 running = True
-            elif rc != 0:
+            elif rc not in (0, PREEMPTED_EXIT):
                 failed.append((rank, rc))
         if failed or not running:
             return
@@ -216,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     logs: list[str | None] = []
     tmpdir = tempfile.mkdtemp(prefix="llmc_launch_")
     main_thread = threading.current_thread() is threading.main_thread()
-    old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    forward = _Forward(procs)
+    old_handlers = {sig: signal.signal(sig, forward) for sig in FORWARDED} if main_thread else {}
     failed: list[tuple[int, int]] = []     # (rank, status) of those found failed at one poll
     try:
         _start_ranks(base, env, a.nproc, tmpdir, procs, logs)
@@ -230,9 +245,15 @@ def main(argv: list[str] | None = None) -> int:
             _stop(procs, a.grace)
         tails = {rank: _tail(path).strip() for rank, path in enumerate(logs) if path}
         shutil.rmtree(tmpdir, ignore_errors=True)
-        if main_thread:
-            signal.signal(signal.SIGTERM, old_sigterm)
-    return _report(failed, tails, a.nproc) if failed else 0
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    if failed:
+        return _report(failed, tails, a.nproc)
+    if any(p.returncode == PREEMPTED_EXIT for p in procs):
+        print(f"launch: the {a.nproc} processes were preempted and saved a checkpoint (exit status "
+              f"{PREEMPTED_EXIT}): run again with -y 1 to resume", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
+    return 0
 
 if __name__ == "__main__":
     run_command(main)

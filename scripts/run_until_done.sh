@@ -10,6 +10,7 @@ while [ ! -f "$done_file" ]; do
     python -m llmc_jax.train -o "$out_dir" -y "$([ -n "$(ls "$out_dir"/DONE_* 2>/dev/null)" ] && echo 1 || echo 0)" "$@"
     rc=$?
     tries=$((tries + 1))
+    # 75: preempted (SIGTERM/SIGUSR1) after writing a checkpoint; the loop resumes it like any other stop
     if [ "$rc" -eq 2 ] || [ "$tries" -ge "${MAX_TRIES:-100}" ]; then   # 2: a usage error, retrying cannot help
         echo "stopping after $tries tries (last exit status $rc)"; exit "$rc"
     fi

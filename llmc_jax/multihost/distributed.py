@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from llmc_jax.errors import UsageError
-from llmc_jax.multihost.peer_watch import PeerWatch, die, env_seconds, peer_timeout
+from llmc_jax.multihost.peer_watch import PeerWatch, die, env_seconds, hang_timeout, peer_timeout
 
 INIT_TIMEOUT_ENV = "LLMC_JAX_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT = 300
@@ -199,5 +199,6 @@ def maybe_initialize(spec: ProcessSpec) -> bool:
         timer.cancel()
     if watch:
         from jax._src.distributed import global_state      # what jax.distributed holds (no public API)
-        PeerWatch(global_state.client, global_state.process_id, global_state.num_processes, watch).start()
+        PeerWatch(global_state.client, global_state.process_id, global_state.num_processes, watch,
+                  hang_timeout()).start()
     return True

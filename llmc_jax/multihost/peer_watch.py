@@ -23,6 +23,15 @@ import time
 
 PEER_TIMEOUT_ENV = "LLMC_JAX_PEER_TIMEOUT"
 DEFAULT_PEER_TIMEOUT = 60.0
+HANG_TIMEOUT_ENV = "LLMC_JAX_HANG_TIMEOUT"
+DEFAULT_HANG_TIMEOUT = 1800.0       # longer than a compile, an evaluation or a checkpoint write
+_active: "PeerWatch | None" = None
+
+
+def progress() -> None:
+    """The training loop's main thread finished a step or an event (a no-op without a watch)."""
+    if _active is not None:
+        _active.progress += 1
 
 
 def env_seconds(var: str, default: float) -> float:
@@ -31,6 +40,12 @@ def env_seconds(var: str, default: float) -> float:
         return max(0.0, float(os.environ.get(var, default)))
     except ValueError:
         return default
+
+
+def hang_timeout() -> float:
+    """Seconds without a finished step on every process after which the run counts as hung
+    ($LLMC_JAX_HANG_TIMEOUT; 0 = no check)."""
+    return env_seconds(HANG_TIMEOUT_ENV, DEFAULT_HANG_TIMEOUT)
 
 
 def peer_timeout() -> float:
@@ -54,6 +69,11 @@ class PeerWatch:
     """Heartbeats through jax.distributed's key-value store, so that a process that dies, hangs or
     fails stops the others within `timeout` seconds, with a message naming it.
 
+    Hangs: a process whose heartbeat goes on but whose main thread is stuck (a hung collective, a
+    deadlock) stops advancing its `progress` count, which the heartbeat carries ("run <beats>
+    <progress>"). Once this process's own count has not moved for `hang` seconds (after its first
+    step), it stops the run naming the ranks furthest behind (all of them where none is).
+
     Each process keeps one key, llmc_jax/state/<rank>: "run <count>" while training, "done <count>"
     once its main thread has finished and it waits (at exit, before jax's shutdown barrier) for the
     others to finish too, "failed" after an uncaught exception, "stopped <reason>" when it stops
@@ -64,8 +84,10 @@ class PeerWatch:
 
     PREFIX, LEFT = "llmc_jax/state/", "llmc_jax/left/"
 
-    def __init__(self, client, rank: int, n: int, timeout: float):
-        self.client, self.rank, self.n, self.timeout = client, rank, n, timeout
+    def __init__(self, client, rank: int, n: int, timeout: float, hang: float = 0.0):
+        self.client, self.rank, self.n, self.timeout, self.hang = client, rank, n, timeout, hang
+        self.progress = 0                # advanced by the main thread (module-level progress())
+        self._own_progress = (0, time.monotonic())
         self.interval = min(5.0, max(0.1, timeout / 10))
         now = time.monotonic()
         self._seen = {r: (None, now) for r in range(n) if r != rank}   # rank -> (last state, since when)
@@ -77,6 +99,8 @@ class PeerWatch:
         self._stopping = threading.Lock()
 
     def start(self) -> None:
+        global _active
+        _active = self
         previous = sys.excepthook
 
         def excepthook(*exc):
@@ -105,7 +129,28 @@ class PeerWatch:
 
     def _beat(self, phase: str) -> dict[int, str] | None:
         self._beats += 1
-        return self._exchange(f"{phase} {self._beats}")
+        return self._exchange(f"{phase} {self._beats} {self.progress}")
+
+    def _hung(self, states: dict[int, str]) -> str | None:
+        """Where this process's progress has stood still `hang` seconds (since its first step): the
+        ranks furthest behind, as a sentence; None otherwise."""
+        now, count = time.monotonic(), self.progress
+        if count != self._own_progress[0]:
+            self._own_progress = (count, now)
+        if not self.hang or count == 0 or now - self._own_progress[1] <= self.hang:
+            return None
+        counts = {self.rank: count}
+        for r, state in states.items():
+            parts = state.split()
+            if r != self.rank and len(parts) == 3 and parts[2].isdigit():
+                counts[r] = int(parts[2])
+        low = min(counts.values())
+        behind = sorted(r for r, c in counts.items() if c == low)
+        who = (f"process rank {behind[0]} is" if len(behind) == 1 else
+               f"process ranks {', '.join(map(str, behind))} are")
+        where = "behind the others" if len(behind) < len(counts) else "all at the same point"
+        return (f"no progress for {self.hang:g} s ({HANG_TIMEOUT_ENV}): {who} {where} (a hung collective, "
+                "or a process stuck in its own code); see its own output")
 
     def _update(self, states: dict[int, str]) -> None:
         now = time.monotonic()
@@ -131,7 +176,7 @@ class PeerWatch:
             silence = self._silence(r)
             if silence:
                 return silence
-        return None
+        return self._hung(states)
 
     def _wait_for_others_to_leave(self) -> str | None:
         """After this process failed or stopped: wait (at most timeout + interval) until every peer
@@ -202,6 +247,7 @@ class PeerWatch:
         barrier, which would otherwise wait, holding the GIL, until JAX's own heartbeat timeout."""
         with self._lock:
             self._exiting = True
+        self.hang = 0.0                  # the main thread is done: waiting for the others is no hang
         if self._failed:
             self._claim_stop()
             self._exchange("failed")

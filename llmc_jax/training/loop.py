@@ -28,6 +28,7 @@ import numpy as np
 
 from llmc_jax.training import train_log
 from llmc_jax.errors import UsageError
+from llmc_jax.multihost import peer_watch
 from llmc_jax.training.run import Run, describe_run
 
 
@@ -47,6 +48,7 @@ class Session:
     device: Any
     last_good: int | None       # the newest checkpoint this run can name as its resume point
     batches: "BatchPrefetch | None" = None
+    metrics: Any = None         # live_metrics.LiveMetrics (TensorBoard) beside main.log, process 0
 
 
 class Event(NamedTuple):
@@ -107,16 +109,21 @@ def start(run: Run) -> Session:
         print0(run, f"resumed from step {run.resume_step} of {run.flags.output_dir}")
     if shardings is not None:
         state = parallel.shard_state(state, shardings)
-    log = None
+    log = metrics = None
     if run.flags.output_dir and run.is_main_process:
+        from llmc_jax.training.live_metrics import LiveMetrics
         log = train_log.open_log(run.flags.output_dir, run.resume_step, lambda line: print0(run, line))
+        metrics = LiveMetrics(run.flags.output_dir, run.resume_step)
+        if run.resume_step is not None:      # purged with the rest from resume_step on; main.log kept them
+            metrics.scalars(run.resume_step, train_log.evals_at(run.flags.output_dir, run.resume_step))
     tokenizer = _tokenizer(run.model)
     # the tokenizer's EOT; a model with another vocabulary starts from its last token instead
     eot = tokenizer.eot if tokenizer else min(50256, run.model.V - 1)
     return Session(state=state, shardings=shardings, train_loaders=train_loaders, val_loaders=val_loaders,
                    step_fn=train_step.make_train_step(sc, shardings, deterministic=run.platform == "gpu"),
                    eval_fn=train_step.make_eval_step(sc, deterministic=run.platform == "gpu"),
-                   log=log, tokenizer=tokenizer, eot=eot, device=device, last_good=run.resume_step)
+                   log=log, tokenizer=tokenizer, eot=eot, device=device, last_good=run.resume_step,
+                   metrics=metrics)
 
 
 def _family(run: Run):
@@ -225,22 +232,30 @@ def events(run: Run, s: Session) -> list[Event]:
 
 
 def loop(run: Run, s: Session) -> int:
+    """llm.c's loop; 0 at the end, preemption.PREEMPTED_EXIT after a preemption's checkpoint."""
+    from llmc_jax.training import preemption
     start_step = run.resume_step or 0
     timing = _Timing()
     due_events = events(run, s)
     flops_per_step = run.model.flops_per_token(run.T) * run.total_batch
     s.batches = BatchPrefetch(run, s.train_loaders)
     pending: _Pending | None = None
+    preempt = preemption.Preemption(run.num_processes)
+    preempted = False
     try:
         for step in range(start_step, run.max_steps + 1):
             last = step == run.max_steps
             due = [e for e in due_events if e.due(step, last)] if step != run.resume_step else []
+            preempted = not last and preempt.requested(step)
+            if preempted:
+                due = _preemption_events(run, due, step)
             if due and pending is not None:    # events see the state after the line before them
                 _report(run, s, pending, timing, flops_per_step)
                 pending = None
             for event in due:
                 event.fn(run, s, step)
-            if last:
+                peer_watch.progress()
+            if last or preempted:
                 break
             started = _dispatch(run, s, step, first=step == start_step)
             if pending is not None:            # the previous step's line, while this one runs
@@ -250,11 +265,30 @@ def loop(run: Run, s: Session) -> int:
             _report(run, s, pending, timing, flops_per_step)
     finally:
         s.batches.close()
+        preempt.close()
     if timing.steps:
         print0(run, f"total average iteration time: {1000 * timing.total / timing.steps:f} ms")
     if s.log:
         s.log.close()
+    if s.metrics:
+        s.metrics.close()
+    if preempted:
+        saved = (f"the checkpoint of step {s.last_good} is the resume point" if s.last_good is not None
+                 else "no checkpoint (no -o)")
+        print0(run, f"preempted ({preempt.describe()}) at step {step}: {saved}; exit status "
+                    f"{preemption.PREEMPTED_EXIT}: run again with -y 1 to resume")
+        return preemption.PREEMPTED_EXIT
     return 0
+
+
+def _preemption_events(run: Run, due: list[Event], step: int) -> list[Event]:
+    """What a preempted run still does at its last step boundary: the logged evaluations due there
+    (the resumed run skips its first step's events) and a checkpoint (with -o, whatever -n says),
+    unless the run resumed from this very step's checkpoint. No sample."""
+    due = [e for e in due if e.name != "sample"]
+    if run.flags.output_dir and step != run.resume_step and not any(e.name == "checkpoint" for e in due):
+        due.append(Event("checkpoint", 0, False, _checkpoint))
+    return due
 
 
 @dataclasses.dataclass
@@ -325,7 +359,7 @@ def _dispatch(run: Run, s: Session, step: int, first: bool) -> _Pending:
 def _report(run: Run, s: Session, p: _Pending, timing: _Timing, flops_per_step: int) -> None:
     """A started step's stdout and main.log lines (llm.c's format); waits for its numbers. Its time
     runs from the previous step's numbers (or its own start, after events) to its own."""
-    from llmc_jax.training import mfu
+    from llmc_jax.training import live_metrics, mfu
     import jax
     m = jax.device_get(p.metrics)                  # one transfer for all six numbers
     loss, norm, lz, nz = (float(m.loss), float(m.norm), float(m.loss_z), float(m.norm_z))
@@ -344,12 +378,27 @@ def _report(run: Run, s: Session, p: _Pending, timing: _Timing, flops_per_step: 
     step, lr = p.step, p.lr
     if skipped:
         print0(run, f"skipping update due to loss z-score of {lz:.2f} / grad z-score of {nz:.2f}")
+    step_s = timing.total / timing.steps if timing.steps else dt
     print0(run, f"step {step + 1:4d}/{run.max_steps} | loss {loss:7.6f} ({lz:+.2f}z)| norm {norm:6.4f} "
-                f"({nz:+.2f}z)| lr {lr:.2e} | {1000 * dt:.2f} ms | {util_s} | {tok_s:.0f} tok/s")
+                f"({nz:+.2f}z)| lr {lr:.2e} | {1000 * dt:.2f} ms | {util_s} | {tok_s:.0f} tok/s | "
+                f"eta {_duration((run.max_steps - step - 1) * step_s)}")
     _log(run, s, f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{norm:.2f}", step)
+    peer_watch.progress()
+    if s.metrics:
+        s.metrics.scalars(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
+                                 "train/tokens_per_s": tok_s, "train/mfu": util, "train/step_ms": 1000 * dt,
+                                 "train/device_memory_gib": live_metrics.device_memory_gib(s.device)})
     if not finite:      # stop before a checkpoint could hold it; numbered as the line above
         stop(run, f"step {step + 1}: loss/grad norm is not finite (loss {loss}, grad norm {norm}); stopping; "
                   f"{_resume_point(s.last_good)} (lower -l, or check the data and model)")
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 3m12s, 12s: the time left at the steps' mean time (events not counted)."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _log(run: Run, s: Session, line: str, step: int) -> None:
@@ -370,6 +419,9 @@ def _validate(run: Run, s: Session, step: int) -> None:
     val_loss /= max(run.val_batches, 1)
     print0(run, f"val loss {val_loss:.6f}")
     _log(run, s, f"s:{step} tel:{val_loss:.4f}", step)
+    if s.metrics:
+        s.metrics.scalars(step, {"val/loss": val_loss})
+        s.metrics.flush()
 
 
 def _hellaswag(run: Run, s: Session, step: int) -> None:
@@ -379,6 +431,8 @@ def _hellaswag(run: Run, s: Session, step: int) -> None:
                                      T=run.T, dtype=run.dtype, kernels=run.kernels)
     print0(run, f"HellaSwag: {correct}/{total} = {correct / total:f}")
     _log(run, s, f"s:{step} eval:{correct / total:.4f}", step)
+    if s.metrics:
+        s.metrics.scalars(step, {"eval/hellaswag": correct / total})
 
 
 def _sample(run: Run, s: Session, step: int) -> None:

@@ -34,6 +34,26 @@ def write(log: TextIO | None, line: str, step: int, stop: Callable[[str], None])
         stop(f"cannot write {log.name} at step {step}: {e.strerror or e}")
 
 
+EVAL_TAGS = {"tel": "val/loss", "eval": "eval/hellaswag"}    # main.log's eval keys -> live_metrics tags
+
+
+def evals_at(out_dir: str, step: int) -> dict[str, float]:
+    """The evaluations main.log holds for `step` (a resumed run's first step, whose events ran before
+    its checkpoint), as live_metrics tags: so the resumed run's events can hold them again."""
+    out = {}
+    try:
+        with open(os.path.join(out_dir, "main.log"), errors="surrogateescape") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and line_step(line) == step and ":" in parts[1]:
+                    key, _, value = parts[1].partition(":")
+                    if key in EVAL_TAGS:
+                        out[EVAL_TAGS[key]] = float(value)
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
 def line_step(line: str) -> int | None:
     """The step of a main.log line ("s:N ..."); None for a line that is not one (malformed or foreign)."""
     head = line.split(maxsplit=1)[0] if line.strip() else ""
