@@ -88,14 +88,26 @@ def straight_one(tmp_path_factory, cache_dir):
     return open(out / "main.log").read()
 
 
-@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGUSR1", "SIGTERM")])
-def test_one_process_preempted_resumes_exactly(tmp_path, cache_dir, straight_one, signals):
-    """A signal (and a second one while it stops and saves): exit 75, one checkpoint, and the resumed
-    main.log equals the uninterrupted one."""
+def _keep_sending(run: Running, signum: int) -> None:
+    """signum every 20 ms until the process ends: some land while it evaluates and saves."""
+    def send():
+        while run.p.poll() is None:
+            try:
+                run.p.send_signal(signum)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+    threading.Thread(target=send, daemon=True).start()
+
+
+@pytest.mark.parametrize("first,then", [("SIGTERM", None), ("SIGUSR1", "SIGTERM")])
+def test_one_process_preempted_resumes_exactly(tmp_path, cache_dir, straight_one, first, then):
+    """A signal (and, in the second case, SIGTERM every 20 ms after it, through the stop and the
+    save): exit 75, one verified checkpoint, and the resumed main.log equals the uninterrupted one."""
     def send(run):
-        for name in signals:
-            run.p.send_signal(getattr(signal, name))
-            time.sleep(0.05)
+        run.p.send_signal(getattr(signal, first))
+        if then:
+            _keep_sending(run, getattr(signal, then))
     log, step = _preempt_and_resume([sys.executable, "-m", "llmc_jax.train"] + ONE, _env(cache_dir),
                                     tmp_path / "out", send)
     assert log.count("trl:") == STEPS and log == straight_one

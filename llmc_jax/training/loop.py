@@ -265,7 +265,7 @@ def loop(run: Run, s: Session) -> int:
             _report(run, s, pending, timing, flops_per_step)
     finally:
         s.batches.close()
-        preempt.close()
+        preempt.close(preempted)
     if timing.steps:
         print0(run, f"total average iteration time: {1000 * timing.total / timing.steps:f} ms")
     if s.log:

@@ -67,7 +67,9 @@ class Preemption:
     def describe(self) -> str:
         return signal.Signals(self.signal).name if self.signal is not None else "a preemption notice"
 
-    def close(self) -> None:
+    def close(self, preempted: bool) -> None:
+        """Restore the previous handlers; after a preemption, ignore further signals instead: the
+        checkpoint is written and the process is leaving with PREEMPTED_EXIT."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if preempted else handler)
         self._previous = {}
