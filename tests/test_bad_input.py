@@ -545,3 +545,17 @@ def test_excepthook_chain_still_hears_of_a_failure(monkeypatch):
     one_error(*call(_raiser(ZeroDivisionError("x")), []), 1, r"internal error")
     one_error(*call(_raiser(errors.UsageError("u")), []), 2, r"^error: u$")   # a SystemExit: never passed on
     assert heard == [KeyboardInterrupt, ZeroDivisionError]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["-i", "data/fineweb10B/fineweb_train_*.bin", "-j", "data/fineweb10B/fineweb_val_*.bin"], r"no data shards match the pattern .data/fineweb10B/fineweb_train_\*.bin.; check the path \(-i/-j take a glob such as .data/fineweb10B/"),
+    (["--attention", "cudnn"], r"cudnn"),
+    (["-x", "0"], r"-x/--max-steps"),
+])
+def test_a_refused_run_creates_no_output_folder(tmp_path, argv, match):
+    """README's fineweb command without its data, cuDNN on a CPU, a bad flag: one line, exit 2, and
+    the -o folder (and its missing parents) not made."""
+    out = tmp_path / "log124M" / "inner"
+    argv = [a for a in FLAGS] + argv
+    one_error(*call(train.main, argv + ["-o", str(out)]), 2, match)
+    assert not (tmp_path / "log124M").exists()

@@ -170,3 +170,16 @@ def test_module_main(gpt2_files, clean_env, capsys):
     assert T.main(["Hello", "world"]) == 0
     out = capsys.readouterr().out
     assert "[15496, 995]" in out and gpt2_files in out
+
+
+def test_the_readme_command_python_m_llmc_jax_tokenizer():
+    """README: `python -m llmc_jax.tokenizer` says which files load; with text, GPT-2's ids for it
+    ("hello world" is [31373, 995] in GPT-2's vocabulary)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "llmc_jax.tokenizer", "hello", "world"], cwd=root,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("GPT-2 tokenizer from ") and "vocab 50257, eot 50256" in r.stdout
+    assert r.stdout.splitlines()[-1] == "[31373, 995]"

@@ -82,7 +82,7 @@ def _expand(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[st
         if not paths:
             raise ValueError(
                 f"no data shards match the pattern {pat!r}; check the path (-i/-j take a glob such as "
-                f"'dev/data/fineweb10B/fineweb_train_*.bin'; quote it so the shell does not expand it)")
+                f"'data/fineweb10B/fineweb_train_*.bin'; quote it so the shell does not expand it)")
         return paths
     paths = [os.fspath(p) for p in pattern]
     if not paths:

@@ -256,7 +256,7 @@ def get_tokenizer(name: str = "gpt2", path: str | os.PathLike | None = None) -> 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m llmc_jax.formats.tokenizer [TEXT]\n\n" + __doc__)
+        print("usage: python -m llmc_jax.tokenizer [TEXT]\n\n" + __doc__)
         return 0
     tok = get_tokenizer("gpt2")   # not found / corrupt: one line via errors.run_command, exit 1
     print(f"GPT-2 tokenizer from {tok.source}: vocab {tok.vocab_size}, eot {tok.eot}")

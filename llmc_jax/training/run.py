@@ -84,7 +84,7 @@ def check_flags(args: argparse.Namespace):
     if args.checkpoint_every > 0 and not args.output_dir:
         raise UsageError("-n (checkpoint every N steps) needs an output dir: add -o DIR")
     spec = distributed.resolve_processes(args.num_processes, args.process_rank, args.coordinator)
-    _prepare_output_dir(args)
+    _check_output_dir(args)
     return spec
 
 
@@ -137,6 +137,7 @@ def resolve(args: argparse.Namespace) -> Run:
             run.learning_rate(s)
     except ValueError as e:
         raise UsageError(f"learning-rate schedule: {e} (check -k, -u against -x)") from None
+    _create_output_dir(args)
     return run
 
 
@@ -216,9 +217,10 @@ def _load_hellaswag(args: argparse.Namespace, B: int, T: int, model) -> tuple:
     return tuple(hellaswag.load(path, B, T, model.V))
 
 
-def _prepare_output_dir(args: argparse.Namespace) -> None:
-    """-o checked before any work: created if missing (not for -y 1, which needs it to exist) and
-    probed with a file write, so an unwritable dir is one line at start, not a failure at step N."""
+def _check_output_dir(args: argparse.Namespace) -> None:
+    """-o checked before any work, without creating anything (a refused run leaves no folder): an
+    existing dir is probed with a file write, a missing one needs a writable nearest existing parent;
+    so an unwritable dir is one line at start, not a failure at step N."""
     out_dir = args.output_dir
     if not out_dir:
         return
@@ -226,14 +228,31 @@ def _prepare_output_dir(args: argparse.Namespace) -> None:
         raise UsageError(f"-o {out_dir}: exists and is not a directory; give a directory for the log and checkpoints")
     if args.resume and not os.path.isdir(out_dir):
         return                         # -y 1 says there is no checkpoint there
+    if not os.path.isdir(out_dir):
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+            raise UsageError(f"-o {out_dir}: cannot create it ({parent} is not a writable directory); "
+                             "give a writable directory")
+        return
     probe = os.path.join(out_dir, f".write_probe_{socket.gethostname()}_{os.getpid()}")
     try:
-        os.makedirs(out_dir, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"-o {out_dir}: cannot write there ({e.strerror or e}); give a writable directory") from None
+
+
+def _create_output_dir(args: argparse.Namespace) -> None:
+    """-o made once every check has passed."""
+    if args.output_dir:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"-o {args.output_dir}: cannot create it ({e.strerror or e}); "
+                             "give a writable directory") from None
 
 
 def _find_checkpoint(args: argparse.Namespace) -> tuple[int, dict]:
