@@ -7,7 +7,7 @@ gives each process K fake CPU devices (XLA_FLAGS=--xla_force_host_platform_devic
 testing on CPU.
 
 Rank 0's stdout and stderr are passed through; the other ranks' stdout is dropped (train.py prints
-only on process 0) and their stderr kept in a temporary file, shown if they fail. As soon as any
+only on process 0) and their stderr kept in an unnamed temporary file, shown if they fail. As soon as any
 process exits non-zero or dies from a signal, the others get SIGTERM, then SIGKILL after
 --grace seconds, and the launcher exits non-zero naming the rank that failed.
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import BinaryIO
 
 from llmc_jax.errors import ArgumentParser, run_command
 from llmc_jax.training.preemption import PREEMPTED_EXIT
@@ -139,13 +139,13 @@ class _Forward:
                 p.send_signal(signum)
 
 
-def _tail(path: str, n: int = 4000) -> str:
+def _tail(f: BinaryIO, n: int = 4000) -> str:
+    """The last n bytes of an open file, as text."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - n))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - n))
+        return f.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
         return ""
 
 
@@ -176,19 +176,15 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return a, rest
 
 
-def _start_ranks(base: list[str], env: dict, nproc: int, tmpdir: str,
-                 procs: list[subprocess.Popen], logs: list[str | None]) -> None:
-    """Spawn every rank into `procs`: rank 0 on this terminal, the others' stderr into `tmpdir` (`logs`)."""
+def _start_ranks(base: list[str], env: dict, nproc: int, procs: list[subprocess.Popen],
+                 logs: list[BinaryIO | None]) -> None:
+    """Spawn every rank into `procs`: rank 0 on this terminal, the others' stderr into `logs`: files
+    with no name (unlinked at once), which vanish with the launcher however it ends, SIGKILL included."""
     for rank in range(nproc):
-        if rank == 0:
-            out, err, logs_path = None, None, None
-        else:
-            logs_path = os.path.join(tmpdir, f"rank{rank}.stderr")
-            out, err = subprocess.DEVNULL, open(logs_path, "wb")
+        err = None if rank == 0 else tempfile.TemporaryFile(prefix="llmc_launch_")
+        out = None if rank == 0 else subprocess.DEVNULL
         procs.append(spawn(base + ["-pr", str(rank)], env, stdout=out, stderr=err))
-        if err is not None:
-            err.close()
-        logs.append(logs_path)
+        logs.append(err)
 
 
 def _wait(procs: list[subprocess.Popen], failed: list[tuple[int, int]]) -> None:
@@ -227,14 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                             f" --xla_force_host_platform_device_count={a.devices_per_proc}").strip()
 
     procs: list[subprocess.Popen] = []
-    logs: list[str | None] = []
-    tmpdir = tempfile.mkdtemp(prefix="llmc_launch_")
+    logs: list[BinaryIO | None] = []
     main_thread = threading.current_thread() is threading.main_thread()
     forward = _Forward(procs)
     old_handlers = {sig: signal.signal(sig, forward) for sig in FORWARDED} if main_thread else {}
     failed: list[tuple[int, int]] = []     # (rank, status) of those found failed at one poll
     try:
-        _start_ranks(base, env, a.nproc, tmpdir, procs, logs)
+        _start_ranks(base, env, a.nproc, procs, logs)
         _wait(procs, failed)
     except KeyboardInterrupt:
         print("launch: interrupted; stopping all processes", file=sys.stderr, flush=True)
@@ -243,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if failed or any(p.poll() is None for p in procs):
             _stop(procs, a.grace)
-        tails = {rank: _tail(path).strip() for rank, path in enumerate(logs) if path}
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        tails = {rank: _tail(f).strip() for rank, f in enumerate(logs) if f is not None}
+        for f in logs:
+            if f is not None:
+                f.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     if failed:

@@ -890,6 +890,7 @@ def interrupt(argv: list[str], run: Path, plan: tuple[str, float], rng: random.R
     caught, rc = partial_checkpoint(run), p.poll()
     runner.kill(p)
     p.wait()
+    runner.live.discard(p)
     if rc is not None:
         return f"the run ended by itself (rc {rc}) before the kill", rc
     return (f"SIGKILL {time.monotonic() - start:.2f}s after start"
@@ -967,6 +968,8 @@ class Runner:
 
     def __init__(self, out: Path, timeout: float):
         self.out, self.timeout = out, timeout
+        self.live: set[subprocess.Popen] = set()
+        self.stopping = False
         self.cwd = out / "cwd"
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.env = {k: v for k, v in os.environ.items() if k != "LLMC_JAX_DEBUG"}
@@ -977,8 +980,18 @@ class Runner:
     def popen(self, argv: list[str], stdout: object = subprocess.PIPE, stderr: object = subprocess.PIPE
               ) -> subprocess.Popen:
         """`python argv...` in its own process group (so a kill reaches its children too)."""
-        return subprocess.Popen([PY, *map(str, argv)], cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                stdout=stdout, stderr=stderr, text=True, errors="replace", start_new_session=True)
+        if self.stopping:
+            raise RuntimeError("the probe is stopping")
+        p = subprocess.Popen([PY, *map(str, argv)], cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                             stdout=stdout, stderr=stderr, text=True, errors="replace", start_new_session=True)
+        self.live.add(p)
+        return p
+
+    def stop_all(self) -> None:
+        """No new commands; SIGKILL the groups of those running."""
+        self.stopping = True
+        for p in list(self.live):
+            self.kill(p)
 
     @staticmethod
     def kill(p: subprocess.Popen) -> None:
@@ -1000,6 +1013,7 @@ class Runner:
             out, err = p.communicate()
             timed_out = True
         self.kill(p)             # anything it left behind in its group
+        self.live.discard(p)
         return Proc(None if timed_out else p.returncode, out, err, time.monotonic() - start, timed_out)
 
     def outcome(self, case: Case, argv: list[str], proc: Proc, seconds: float | None = None) -> Outcome:
@@ -1179,19 +1193,52 @@ def prepare_out(arg: str | None) -> Path:
     return out
 
 
+BULKY = ("files", "runs", "cwd", "cache")     # inputs, run folders, compile cache: ~260 MB for all cases
+
+
+def clean_temp_out(out: Path, reported: bool) -> None:
+    """A default (temporary) out dir on the way out: only the report stays; nothing if there is none."""
+    if not reported:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for sub in BULKY:
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Build the inputs, run the selected cases, report; 0 when every case passed, else 1."""
+    """Build the inputs, run the selected cases, report; 0 when every case passed, else 1. With no
+    --out, the temporary out dir keeps only probe.json and probe.md, on every way out (SIGTERM,
+    SIGHUP and Ctrl-C kill the running commands first)."""
     args = parse_args(argv)
     out = prepare_out(args.out)
+    runner = Runner(out, args.timeout)
+
+    def stop(signum, frame):
+        runner.stop_all()
+        raise SystemExit(128 + signum)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    reported = False
+    try:
+        reported, rc = probe(args, out, runner)
+        return rc
+    finally:
+        runner.stop_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if args.out is None:
+            clean_temp_out(out, reported)
+
+
+def probe(args: argparse.Namespace, out: Path, runner: Runner) -> tuple[bool, int]:
+    """(report written, exit status)."""
     started, date = time.monotonic(), datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     fx = Fixtures(out, args.seed)
-    runner = Runner(out, args.timeout)
     cases = all_cases(fx, runner, args.kills if args.kills is not None else 3 if args.quick else 12)
     cases = [c for c in cases if (c.quick or not args.quick) and (not args.only or args.only in c.kind)]
     if args.list:
         for c in cases:
             print(f"{c.kind:14s} {c.name:40s} expect {'/'.join(map(str, c.expect)):5s} {c.what}")
-        return 0
+        return False, 0
     print(f"probing {len(cases)} cases with {args.jobs} jobs; out dir {out}", file=sys.stderr, flush=True)
     outcomes = run_all(cases, runner, fx, args.jobs)
     meta = {"date": date, "seed": args.seed, "jobs": args.jobs, "timeout": args.timeout, "quick": args.quick,
@@ -1199,7 +1246,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": sys.version.split()[0]}
     print(write_report(out, outcomes, meta))
     print(f"wrote {out / 'probe.json'} and {out / 'probe.md'}", file=sys.stderr)
-    return 0 if all(o.passed for o in outcomes) else 1
+    return True, 0 if all(o.passed for o in outcomes) else 1
 
 
 if __name__ == "__main__":

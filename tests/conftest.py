@@ -75,3 +75,28 @@ def llama_test_params(config, seed: int = 3, norm_seed: int = 5) -> dict[str, np
     for name in ("ln1w", "ln2w", "lnfw"):
         p[name] = p[name] + rng.normal(0, 0.1, p[name].shape).astype(np.float32)
     return p
+
+
+# ------------------------------------------------------------------ nothing left in the temp dir
+
+_OURS = ("llmc", "device_check_")      # what the commands and scripts name their temporary files
+
+
+def _our_temp_entries() -> set[str]:
+    import tempfile
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(_OURS)}
+
+
+def pytest_sessionstart(session):
+    session.config._llmc_temp_before = _our_temp_entries()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails where its commands left files in the temp dir (a launcher's, a probe's): the
+    check runs once, in the process that ran or coordinated every test."""
+    if hasattr(session.config, "workerinput"):       # a pytest-xdist worker: the controller checks
+        return
+    left = sorted(_our_temp_entries() - session.config._llmc_temp_before)
+    if left:
+        print(f"\nerror: the tests left {len(left)} entries in the temp dir: {', '.join(left[:10])}", flush=True)
+        session.exitstatus = 1
