@@ -8,8 +8,9 @@
 descriptor). `--format hf` writes config.json + model.safetensors, sharded with an index past
 `--max-shard-gb` as save_pretrained does (GPT-2: GPT2LMHeadModel, Conv1D
 layout, V rows; Llama 3: LlamaForCausalLM, rotate-half q/k rows); `--format llmc` writes llm.c's
-.bin (version 3 fp32 or 5 bf16) that train_gpt2.cu / train_llama3.py read. float32 round-trips
-bit for bit in both directions.
+.bin (version 3 fp32 or 5 bf16) that train_gpt2.cu / train_llama3.py read. In float32 both
+directions keep the weights bit for bit, and .bin -> hf -> .bin keeps llm.c's whole header (a
+Llama's maxT, multiple_of and ffn_dim_multiplier go into config.json as llmc_* keys).
 """
 from __future__ import annotations
 

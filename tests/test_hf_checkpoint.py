@@ -221,3 +221,19 @@ def test_rope_frequencies_match_transformers(case, tmp_path):
     table = freqs(config)                                    # (maxT, HS/2, [cos, sin]); HF repeats the halves
     np.testing.assert_allclose(table[..., 0], cos[0, :, :config.HS // 2].numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(table[..., 1], sin[0, :, :config.HS // 2].numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama3:small", "llama3:tiny"])
+def test_llama_round_trip_keeps_the_llmc_header_and_transformers_reads_it_silently(name, tmp_path, caplog):
+    """descriptor -> HF -> llm.c .bin: the header equal to the descriptor's (maxT 64, multiple_of,
+    ffn_dim_multiplier: config.json's llmc_* keys), and transformers loads the HF directory without a
+    warning (its max_position_embeddings must exceed llama3 RoPE's original 8192)."""
+    import logging
+    assert export.main(["-e", name, "--format", "hf", "-o", str(tmp_path / "hf")]) == 0
+    assert export.main(["-e", str(tmp_path / "hf"), "--format", "llmc", "-o", str(tmp_path / "m.bin")]) == 0
+    want, _ = load_model(name)
+    got, _ = read_model(str(tmp_path / "m.bin"))
+    assert got == want and (got.maxT, got.multiple_of) == (64, want.multiple_of)
+    with caplog.at_level(logging.WARNING):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]

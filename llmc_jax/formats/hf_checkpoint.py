@@ -115,18 +115,27 @@ def _mlp_width(C: int, hidden: int) -> dict:
     raise ValueError(f"no Meta MLP sizing gives intermediate_size {hidden} for hidden_size {C}")
 
 
+def _llmc_sizes(cfg: dict, C: int, hidden: int, hf_maxT: int) -> dict:
+    """maxT and Meta's MLP sizing: the llmc_* keys our export records beside HF's (llm.c's header
+    holds them, HF's config has no place for them), where they agree with HF's sizes; else derived."""
+    sizes = {"maxT": int(cfg.get("llmc_max_seq_len", hf_maxT))}
+    mine = {"multiple_of": cfg.get("llmc_multiple_of"), "ffn_dim_multiplier": cfg.get("llmc_ffn_dim_multiplier")}
+    if mine["multiple_of"] and LlamaConfig(L=1, NH=1, NKV=1, C=C, **mine).hidden == hidden:
+        return {**sizes, **mine}
+    return {**sizes, **_mlp_width(C, hidden)}
+
+
 def _llama_config(path: str, cfg: dict) -> LlamaConfig:
     C, NH = _get(cfg, path, "hidden_size"), _get(cfg, path, "num_attention_heads")
     _require(path, cfg.get("hidden_act", "silu") == "silu", f"hidden_act {cfg.get('hidden_act')!r} is not silu")
     _require(path, not cfg.get("attention_bias") and not cfg.get("mlp_bias"), "the projections have biases")
     _require(path, cfg.get("head_dim") in (None, C // NH), f"head_dim {cfg.get('head_dim')} is not hidden_size / heads")
     try:
+        sizes = _llmc_sizes(cfg, C, _get(cfg, path, "intermediate_size"), _get(cfg, path, "max_position_embeddings"))
         return LlamaConfig(L=_get(cfg, path, "num_hidden_layers"), NH=NH, NKV=cfg.get("num_key_value_heads") or NH,
-                           C=C, maxT=_get(cfg, path, "max_position_embeddings"), V=_get(cfg, path, "vocab_size"),
-                           norm_eps=float(_get(cfg, path, "rms_norm_eps", float)),
+                           C=C, V=_get(cfg, path, "vocab_size"), norm_eps=float(_get(cfg, path, "rms_norm_eps", float)),
                            tied=bool(cfg.get("tie_word_embeddings", False)),
-                           minor=2 if cfg.get("tie_word_embeddings") else 1,
-                           **_mlp_width(C, _get(cfg, path, "intermediate_size")), **_rope_settings(path, cfg))
+                           minor=2 if cfg.get("tie_word_embeddings") else 1, **sizes, **_rope_settings(path, cfg))
     except (KeyError, TypeError, ValueError) as e:
         raise _error(path, f"config.json sizes: {e}") from None
 
@@ -261,17 +270,27 @@ def _gpt2_out(c: GPTConfig, p: Mapping[str, np.ndarray]) -> tuple[dict, dict[str
     return cfg, out
 
 
+def _hf_max_positions(c: LlamaConfig) -> int:
+    """HF's max_position_embeddings: maxT, except that transformers requires it above llama3 RoPE's
+    original_max_position_embeddings (a model shorter than 8192 gets factor x original, the length
+    the scaling is for; the frequencies do not depend on it). llmc_max_seq_len keeps maxT."""
+    if c.use_scaled_rope and c.maxT <= c.rope_original_maxT:
+        return int(c.rope_factor * c.rope_original_maxT)
+    return c.maxT
+
+
 def _llama_out(c: LlamaConfig, p: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
     llama3_vocab = c.V == 128256
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
            "hidden_size": c.C, "intermediate_size": c.hidden, "num_hidden_layers": c.L,
            "num_attention_heads": c.NH, "num_key_value_heads": c.NKV, "head_dim": c.HS, "vocab_size": c.V,
-           "max_position_embeddings": c.maxT, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+           "max_position_embeddings": _hf_max_positions(c), "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
            "rope_scaling": {"rope_type": "llama3", "factor": c.rope_factor, "low_freq_factor": c.rope_low_freq_factor,
                             "high_freq_factor": c.rope_high_freq_factor,
                             "original_max_position_embeddings": c.rope_original_maxT} if c.use_scaled_rope else None,
            "tie_word_embeddings": c.tied, "attention_bias": False, "mlp_bias": False,
-           "bos_token_id": LLAMA3_BOS if llama3_vocab else None, "eos_token_id": LLAMA3_EOS if llama3_vocab else None}
+           "bos_token_id": LLAMA3_BOS if llama3_vocab else None, "eos_token_id": LLAMA3_EOS if llama3_vocab else None,
+           "llmc_max_seq_len": c.maxT, "llmc_multiple_of": c.multiple_of, "llmc_ffn_dim_multiplier": c.ffn_dim_multiplier}
     out = {"model.embed_tokens.weight": p["wte"]}
     q_rows, kv_rows, H = c.NH * c.HS, c.NKV * c.HS, c.hidden
     for i in range(c.L):
