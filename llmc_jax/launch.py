@@ -157,6 +157,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     else:
         own, rest = argv, []
     ap = ArgumentParser(prog="python -m llmc_jax.launch",
+                        usage="python -m llmc_jax.launch --nproc N [--devices-per-proc K] [--port PORT] "
+                              "[--grace S] -- <train flags>",
                         description="start N llmc_jax.train processes on this machine")
     ap.add_argument("--nproc", type=int, required=True, help="number of processes")
     ap.add_argument("--devices-per-proc", type=int, default=None,

@@ -18,7 +18,8 @@ from llmc_jax.errors import ArgumentParser, UsageError, user_files
 FLAGS: list[tuple[str | None, str, type, object, str]] = [
     ("-i", "--train-data", str, None, "train shard glob (llm.c format); default: the built-in corpus"),
     ("-j", "--val-data", str, None, "val shard glob; default: the built-in corpus' val split"),
-    ("-e", "--init", str, None, "model: llm.c .bin file or descriptor (d12, gpt2:d24, gpt3:c768, tiny, small); "
+    ("-e", "--init", str, None, "model: llm.c .bin file, Hugging Face directory or descriptor (d12, gpt2:d24, "
+                                "gpt3:c768, tiny, small, llama3:tiny, llama3:small, llama3.2:1B, ...); "
                                 "default d12 (with -i) or small (built-in corpus)"),
     ("-o", "--output-dir", str, None, "output dir for main.log and checkpoints (default: none; "
                                       "out/builtin for the built-in corpus run)"),
@@ -139,11 +140,16 @@ def _add_flag(p: argparse.ArgumentParser, short: str | None, long: str, typ: typ
     p.add_argument(*[n for n in (short, long) if n], **kwargs)
 
 
+# the commands that only run the forward (no -r): the fused MLP kernel always applies there
+FORWARD_ONLY_HELP = {"--matmul-gelu": "the MLP's matmul + bias + GELU: xla or pallas (fused); default: as --kernels"}
+
+
 def add_kernel_flags(p: argparse.ArgumentParser) -> None:
-    """--kernels and the per-op overrides, as the train command has them."""
-    for short, long, *rest in FLAGS:
+    """--kernels and the per-op overrides, as the train command has them, for a command that runs the
+    forward only (sample, eval_loss, eval_hellaswag, gradcheck)."""
+    for short, long, typ, default, help_text in FLAGS:
         if long[2:].replace("-", "_") in KERNEL_FLAGS:
-            _add_flag(p, short, long, *rest)
+            _add_flag(p, short, long, typ, default, FORWARD_ONLY_HELP.get(long, help_text))
 
 
 def resolve_kernels(args: argparse.Namespace, *, recompute: int = 0, platform: str | None = None,
@@ -189,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**from_config)
     args = parser.parse_args(argv)
     args.model_config = model_table
+    args.model_source = f"{config_path} [model]" if model_table is not None else None   # for the config table
     builtin = args.train_data is None
     for key, value in (BUILTIN_DEFAULTS if builtin else LLMC_DEFAULTS).items():
         if getattr(args, key, None) is None:

@@ -291,12 +291,18 @@ def describe_run(run: Run, device: Any, jax_version: str) -> list[tuple[str, obj
         *_fp8_rows(f),
         ("device", f"{device.platform} {device.device_kind} x{run.num_devices}"),
         ("jax", jax_version),
-        ("model", f"{run.init} {m.describe()}"),
+        ("model", f"{_model_source(run)} {m.describe()}"),
         ("num_parameters", f"{m.num_parameters:,}"),
         ("train_num_batches", run.max_steps), ("val_num_batches", run.val_batches),
         ("num_processes", run.num_processes), ("num_devices", run.num_devices), ("zero_stage", f.zero_stage),
         ("run hellaswag", "yes" if run.hellaswag else "no"),
     ]
+
+
+def _model_source(run: Run) -> str:
+    """Where the model came from: -e, the resumed checkpoint's model, or --config's [model] table."""
+    source = getattr(run.flags, "model_source", None)
+    return source if source and run.model_table is not None and run.resume_step is None else run.init
 
 
 def _rounding_rows(run: Run) -> list[tuple[str, object]]:
