@@ -1,7 +1,7 @@
 """Time each Pallas kernel, forward and forward+backward, against the other ways to compute the same op.
 
     python scripts/bench_kernels.py                      # GPT-2 shapes on a GPU, tiny shapes on a CPU
-    python scripts/bench_kernels.py --ops attention --json out.json
+    python scripts/bench_kernels.py --ops attention --json out/kernels.json
 
 Ops and their variants:
   attention            pallas (pallas_kernels.flash_attention), xla (jax.nn.dot_product_attention),
@@ -9,6 +9,8 @@ Ops and their variants:
                        (jax.experimental.pallas.ops.gpu.attention.mha, where importable)
   layernorm            pallas, xla (llmc_jax.nn.ops.layernorm), jax-pallas (ops.gpu.layer_norm)
   residual_layernorm   pallas (one fused pass), xla (llmc_jax.nn.ops residual then layernorm)
+  rmsnorm              pallas (pallas_kernels.rmsnorm), xla (llmc_jax.nn.rmsnorm): Llama's norm
+  residual_rmsnorm     pallas (one fused pass), xla (llmc_jax.nn.rmsnorm.residual_rmsnorm)
   matmul_gelu          pallas (fused epilogue and backward), xla (llmc_jax.nn.ops matmul then gelu),
                        xla-jnp (gelu(x @ w.T + b) differentiated by JAX, for XLA's own fusions)
 Per row: median and min milliseconds, achieved TFLOP/s (attention, matmul_gelu: causal attention
@@ -30,16 +32,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llmc_jax.training import cli  # noqa: E402
 from llmc_jax.errors import ArgumentParser, UsageError, run_command  # noqa: E402
 
-OPS = ("attention", "layernorm", "residual_layernorm", "matmul_gelu")
+OPS = ("attention", "layernorm", "residual_layernorm", "rmsnorm", "residual_rmsnorm", "matmul_gelu")
 # (B, T, NH, HS): GPT-2 124M at B*T = 4K and 16K tokens, 350M, 1.6B (HS 64 at every size)
 GPU_SHAPES = {"attention": [(4, 1024, 12, 64), (16, 1024, 12, 64), (8, 1024, 16, 64), (8, 1024, 25, 64)],
               # (N, C): B*T rows of the residual stream
               "layernorm": [(4096, 768), (16384, 768), (16384, 1024), (16384, 1600)],
               "residual_layernorm": [(16384, 768), (16384, 1600)],
+              # Llama 3.2-1B, 3.1-8B
+              "rmsnorm": [(16384, 2048), (16384, 4096)], "residual_rmsnorm": [(16384, 2048), (16384, 4096)],
               # (N, C, OC): the MLP's fc layer, OC = 4C
               "matmul_gelu": [(4096, 768, 3072), (16384, 768, 3072), (8192, 1024, 4096), (8192, 1600, 6400)]}
 CPU_SHAPES = {"attention": [(1, 128, 2, 64)], "layernorm": [(256, 128)], "residual_layernorm": [(256, 128)],
-              "matmul_gelu": [(128, 128, 512)]}
+              "rmsnorm": [(256, 128)], "residual_rmsnorm": [(256, 128)], "matmul_gelu": [(128, 128, 512)]}
 
 
 def parse_args(argv=None):
@@ -153,6 +157,29 @@ def residual_layernorm_cases(shape, dtype, platform):
                                                                ("xla", xla))]
 
 
+def rmsnorm_cases(shape, dtype, platform, residual: bool = False):
+    """(variant, fn, args, fwd bytes) for (residual +) RMSNorm of (N, C), eps 1e-5 as Llama 3's."""
+    import functools
+    import jax
+    import jax.numpy as jnp
+    from llmc_jax.nn import rmsnorm as xla_rms
+    from pallas_kernels import rmsnorm as pallas_rms
+    N, C = shape
+    kx, kr, kw = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, r = (jax.random.normal(k, (N, C), jnp.float32).astype(dtype) for k in (kx, kr))
+    w = 1.0 + 0.1 * jax.random.normal(kw, (C,), jnp.float32)
+    size = jnp.dtype(dtype).itemsize
+    if residual:    # read x, r; write x + r, out
+        return [(name, functools.partial(fn, eps=1e-5), (x, r, w), 4 * N * C * size)
+                for name, fn in (("pallas", pallas_rms.residual_rmsnorm), ("xla", xla_rms.residual_rmsnorm))]
+    return [(name, functools.partial(fn, eps=1e-5), (x, w), 2 * N * C * size)
+            for name, fn in (("pallas", pallas_rms.rmsnorm), ("xla", xla_rms.rmsnorm))]
+
+
+def residual_rmsnorm_cases(shape, dtype, platform):
+    return rmsnorm_cases(shape, dtype, platform, residual=True)
+
+
 def matmul_gelu_cases(shape, dtype, platform):
     import jax
     import jax.numpy as jnp
@@ -172,12 +199,14 @@ def matmul_gelu_cases(shape, dtype, platform):
 
 
 CASES = {"attention": attention_cases, "layernorm": layernorm_cases,
-         "residual_layernorm": residual_layernorm_cases, "matmul_gelu": matmul_gelu_cases}
+         "residual_layernorm": residual_layernorm_cases, "rmsnorm": rmsnorm_cases,
+         "residual_rmsnorm": residual_rmsnorm_cases, "matmul_gelu": matmul_gelu_cases}
 # forward+backward work as a multiple of the forward's: attention's backward does 5 T x T matmuls
 # to the forward's 2 (x 3.5 in all); a matmul's backward 2 to 1 (x 3); layernorm's backward reads
 # x and dout and writes dx (x 2.5 the forward's 2 passes, counting the tiny dw, db as nothing).
-FWD_BWD_FACTOR = {"attention": 3.5, "layernorm": 2.5, "residual_layernorm": 2.0, "matmul_gelu": 3.0}
-MEMORY_BOUND = ("layernorm", "residual_layernorm")
+FWD_BWD_FACTOR = {"attention": 3.5, "layernorm": 2.5, "residual_layernorm": 2.0, "rmsnorm": 2.5,
+                  "residual_rmsnorm": 2.0, "matmul_gelu": 3.0}
+MEMORY_BOUND = ("layernorm", "residual_layernorm", "rmsnorm", "residual_rmsnorm")
 
 
 def main(argv=None) -> int:
@@ -227,6 +256,7 @@ def main(argv=None) -> int:
                                  ("bytes" if op in MEMORY_BOUND else "flops"): total,
                                  "rate": rate, "peak_fraction": rate / peak if peak else None})
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
                        "dtype": dtype.name, "rows": rows}, f, indent=1)
