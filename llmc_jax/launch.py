@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         for f in logs:
             if f is not None:
                 f.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+        for sig, handler in old_handlers.items():     # after a preemption notice: ignore more, leaving
+            signal.signal(sig, signal.SIG_IGN if forward.signals else handler)
     if failed:
         return _report(failed, tails, a.nproc)
     if any(p.returncode == PREEMPTED_EXIT for p in procs):

@@ -127,7 +127,8 @@ def _ranks(run: Running) -> dict[int, int]:
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the launcher's children through /proc")
 def test_two_processes_stop_at_one_step_and_resume_exactly(tmp_path, cache_dir):
     """2 processes x 2 devices, -z 1: SIGTERM to rank 1 alone, then in a second run SIGUSR1 to rank 0
-    alone. Both processes stop at one step (the sharded save is collective: a process elsewhere would
+    alone followed by SIGTERM to the launcher every 20 ms (passed on to both, through the stop and the
+    save). Both processes stop at one step (the sharded save is collective: a process elsewhere would
     hang it, and the DONE marker verifies both processes' shards), the launcher exits 75, and the
     resumed main.log equals an uninterrupted 2-process run's."""
     launch = [sys.executable, "-m", "llmc_jax.launch", "--nproc", "2", "--devices-per-proc", "2", "--"]
@@ -135,9 +136,12 @@ def test_two_processes_stop_at_one_step_and_resume_exactly(tmp_path, cache_dir):
     straight = tmp_path / "straight"
     _train(launch + TWO + ["-o", str(straight)], env)
     want = open(straight / "main.log").read()
-    for rank, name in ((1, "SIGTERM"), (0, "SIGUSR1")):
-        log, step = _preempt_and_resume(launch + TWO, env, tmp_path / name,
-                                        lambda run: os.kill(_ranks(run)[rank], getattr(signal, name)))
+    for rank, name, storm in ((1, "SIGTERM", False), (0, "SIGUSR1", True)):
+        def send(run):
+            os.kill(_ranks(run)[rank], getattr(signal, name))
+            if storm:
+                _keep_sending(run, signal.SIGTERM)
+        log, step = _preempt_and_resume(launch + TWO, env, tmp_path / name, send)
         assert log == want, (name, step)
 
 

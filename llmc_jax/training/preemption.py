@@ -73,3 +73,5 @@ class Preemption:
         for signum, handler in self._previous.items():
             signal.signal(signum, signal.SIG_IGN if preempted else handler)
         self._previous = {}
+        if preempted and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)     # also JAX's handler, torn down at exit
