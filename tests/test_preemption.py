@@ -18,7 +18,7 @@ import pytest
 from test_multiprocess import COMMON, REPO, _children, _env, cache_dir  # noqa: F401 (a fixture)
 
 PREEMPTED = 75
-STEPS = 200
+STEPS = 80
 ONE = COMMON[:-2] + ["-x", str(STEPS), "-v", "50", "-m", "1", "-n", "0"]     # no -z: one process
 TWO = COMMON + ["-x", str(STEPS), "-v", "50", "-m", "1", "-n", "0"]
 
