@@ -83,7 +83,7 @@ def start(run: Run) -> Session:
 
     from llmc_jax.training import parallel, train_step
     from llmc_jax.models.family import load_model
-    _enable_compilation_cache()
+    _enable_compilation_cache(run.num_processes)
     if run.platform == "gpu" and run.dtype == "float32" and not run.flags.allow_tf32:
         jax.config.update("jax_default_matmul_precision", "highest")
     train_loaders, val_loaders = _loaders(run)
@@ -142,11 +142,17 @@ def _loaders(run: Run) -> tuple[list, list]:
     return train, val
 
 
-def _enable_compilation_cache() -> None:
-    """Persistent XLA cache under the llmc_jax cache root, so a second start skips compiling."""
+def _enable_compilation_cache(num_processes: int) -> None:
+    """Persistent XLA cache under the llmc_jax cache root, so a second start skips compiling.
+
+    Not for several processes on jax >= 0.11: with jax 0.12.1 (Python 3.12) a 2-process run whose
+    step is already in the cache hangs at its first step (seen with 2 CPU processes, fixed by
+    turning the cache off); jax 0.10.2 runs them, cached, in the test suite. 0.11 is untested."""
     import jax
 
     from llmc_jax.paths import cache_root
+    if num_processes > 1 and tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11):
+        return
     path = os.path.join(cache_root(), "jax_compilation_cache")
     try:
         os.makedirs(path, exist_ok=True)
