@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 
 from llmc_jax.formats import llmc_init  # noqa: E402
 from llmc_jax.training import parallel, train_step  # noqa: E402
+from llmc_jax.nn import ops  # noqa: E402
 from llmc_jax.nn.kernels import Kernels  # noqa: E402
 from llmc_jax.models.config import GPTConfig  # noqa: E402
 from llmc_jax.models import llama  # noqa: E402
@@ -54,7 +55,7 @@ def run(sc, params, zero_stage, mesh, n=8):
         step_fn = train_step.make_train_step(sc)
         put = lambda x: x
     else:
-        sh = parallel.make_shardings(state, mesh, zero_stage, layer_params)
+        sh = parallel.make_shardings(state, mesh, zero_stage, layer_params, sc.dtype)
         state = parallel.shard_state(state, sh)
         step_fn = train_step.make_train_step(sc, sh)
         put = lambda x: parallel.shard_batch(x, sh)
@@ -136,6 +137,35 @@ def fp8_stages(params, mesh, n):
     return out
 
 
+def master_weight_stages(params, mesh, n):
+    """A bf16 run with fp32 master weights (-w 1, llm.c's default) unsharded and at -z 1 and 2: the
+    master weights are split 8 ways like AdamW's m and v, and each device's bf16 gradients are
+    reduce-scattered in bf16 (llm.c's layout). Losses and final params after STEPS steps, and the
+    first batch's mean gradients against the unsharded bf16 step's and an fp32 step's (max abs error
+    over max abs value, per tensor)."""
+    sc = train_step.StepConfig(model=CONFIG, dtype="bfloat16", weight_decay=0.1, grad_clip=1.0)
+    ref_losses, ref_params, _ = run(sc, params, None, None)
+    out = {"ref_losses": ref_losses, "stages": {},
+           "max_param_update": max(float(np.max(np.abs(ref_params[k] - np.asarray(params[k])))) for k in params)}
+    x, y = batches()[0]
+    copy = ops.compute_copy(jax.tree.map(jax.numpy.asarray, params), sc.dtype)
+    one_device = jax.jit(train_step.accumulate_gradients(sc))(copy, x, y)[1]
+    fp32 = jax.jit(train_step.accumulate_gradients(dataclasses.replace(sc, dtype="float32")))(params, x, y)[1]
+    rel = lambda g, ref: {k: float(np.max(np.abs(np.asarray(g[k]) - np.asarray(ref[k]))) / np.max(np.abs(ref[k])))
+                          for k in ref}
+    out["grad_error_one_device"] = rel(one_device, fp32)
+    for z in (1, 2):
+        losses, final, info = run(sc, params, z, mesh, n)
+        state = train_step.init_train_state(params, sc)
+        sh = parallel.make_shardings(state, mesh, z, family_of(CONFIG).LAYER_PARAMS, sc.dtype)
+        grads = jax.jit(train_step.accumulate_gradients(sc, sh.grads, mesh, z))(copy, x, y)[1]
+        out["stages"][str(z)] = {"losses": losses, "params": info["params"],
+                                 "param_diff": {k: float(np.max(np.abs(final[k] - ref_params[k]))) for k in final},
+                                 "grad_error": rel(grads, one_device), "grad_error_fp32": rel(grads, fp32),
+                                 "grad_shards": {k: list(v.addressable_shards[0].data.shape) for k, v in grads.items()}}
+    return out
+
+
 def rounding_stages(mesh):
     """-w 0's AdamW update with stochastic rounding of the bf16 params (train_step.make_update, the
     step's own update) under each -z stage's shardings of params, moments and gradients, 3 steps,
@@ -194,6 +224,7 @@ def main():
                         "max_param_diff": max(float(np.max(np.abs(final[k] - ref_params[k]))) for k in final)}
     out["fp8"] = fp8_stages(params, mesh, n)
     out["rounding"] = rounding_stages(mesh)
+    out["master_weights"] = master_weight_stages(params, mesh, n)
     print(json.dumps(out))
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from llmc_jax.models.family import family_of
+from llmc_jax.nn import ops
 from llmc_jax.nn.kernels import XLA, Kernels, ModelOptions
 from llmc_jax.nn.kv_cache import KVCache
 
@@ -150,7 +151,8 @@ def generate(params: dict, config: Any, num_tokens: int, eot: int, *, dtype=jnp.
     tokens = list(prompt) if prompt else [eot]
     if len(tokens) >= num_tokens:
         return tokens
-    params = jax.tree.map(jnp.asarray, params)     # one host->device copy, not one per token
+    # one host->device copy in the compute dtype, not one per token (decode reads half the bytes in bf16)
+    params = ops.compute_copy(jax.tree.map(jnp.asarray, params), _dtype(dtype))
     S = min(config.maxT, num_tokens)
     rng = XorShiftRNG(seed)
     logits, cache = prefill(params, config, tokens[-S:], cache_len=S, dtype=dtype, kernels=kernels)

@@ -77,6 +77,7 @@ def forward(params: Params, idx_BT: jax.Array, config: GPTConfig, opts: ModelOpt
     cache None: training and evaluation. With a cache: T > 1 tokens are a prompt at positions
     0..T-1 (pos must be 0), one token is decoded at position `pos` (may be traced); see kv_cache."""
     opset = op_set(opts.kernels)
+    params = ops.compute_copy(params, opts.dtype)
     T = idx_BT.shape[1]
     if cache is None and T > config.maxT:
         raise ValueError(f"sequence length T={T} exceeds the model's maxT={config.maxT}")

@@ -97,6 +97,7 @@ def forward(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelO
             cache: KVCache | None = None, pos=0, fp8_metas: dict | None = None) -> tuple[jax.Array, KVCache | None]:
     """(final-RMSNorm output (B, T, C) in the compute dtype, the cache or None); as gpt2.forward,
     fp8_metas too."""
+    params = ops.compute_copy(params, opts.dtype)
     T = idx_BT.shape[1]
     if cache is None and T > config.maxT:
         raise ValueError(f"sequence length T={T} exceeds the model's maxT={config.maxT}")

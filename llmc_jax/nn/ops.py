@@ -6,9 +6,10 @@ log-sum-exp of each score row; classifier: the logits). Each op also has a plain
 `*_reference` that JAX differentiates itself; the tests hold the two against each other.
 
 Mixed precision: the compute dtype is the dtype of the activation input (float32 or bfloat16).
-Parameters arrive in float32 (master weights) and are cast inside the op, so their gradients
-come back in float32; matmuls accumulate in float32; layernorm statistics, softmax and the loss
-are computed in float32.
+The families' forward reads every parameter in the compute dtype (`compute_copy`: llm.c's bf16
+copy of its fp32 master weights), so in a bf16 run the gradients come back in bf16 as llm.c's;
+an op given fp32 parameters casts them itself and returns fp32 gradients. Matmuls accumulate in
+float32; layernorm statistics, softmax and the loss are computed in float32.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 # controls. On a GPU, float32 matmuls then run as TF32, as llm.c's `-f 1` (its default) allows; the
 # trainer's `-f 0` and gradcheck set "highest" for exact float32. On the CPU float32 is always exact.
 MATMUL_PRECISION: lax.Precision | None = None
+
+
+def compute_copy(params: dict, dtype) -> dict:
+    """The params as the forward reads them: every floating tensor in the compute dtype (round to
+    nearest; a no-op for tensors already in it). Training, evaluation and sampling read the same values."""
+    dtype = jnp.dtype(dtype)
+    return {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != dtype else v
+            for k, v in params.items()}
 
 
 def _dot(a, b, contract, dtype=None):

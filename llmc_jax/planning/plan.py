@@ -99,7 +99,8 @@ def abstract_state(run, mesh):
     if run.mesh is None:
         shardings, state_sh = None, jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
     else:
-        shardings = parallel.make_shardings(state, run.mesh, run.flags.zero_stage, family_of(run.model).LAYER_PARAMS)
+        shardings = parallel.make_shardings(state, run.mesh, run.flags.zero_stage, family_of(run.model).LAYER_PARAMS,
+                                             run.dtype)
         state_sh = shardings.state
     placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, state_sh)
     return placed, shardings
@@ -128,7 +129,7 @@ def compile_eval_step(run, mesh, state) -> Compiled:
     from llmc_jax.training.parallel import DATA_AXIS
     spec = P() if run.mesh is None else P(DATA_AXIS)
     xy = jax.ShapeDtypeStruct((run.B * run.num_devices, run.T), jnp.int32, sharding=NamedSharding(mesh, spec))
-    fn = train_step.make_eval_step(run.step_config(), deterministic=True)
+    fn = train_step.make_eval_step(run.step_config(), deterministic=True, mesh=run.mesh)
     return _compile(fn, state.params, xy, xy, state.fp8)
 
 
@@ -185,7 +186,7 @@ def build_report(run, target: Target, state, shardings, train: Compiled, evaluat
     stats = hlo_stats.analyze(train.hlo, target.devices)
     breakdown = {"parameters": params, "optimizer state": opt, "detectors, FP8 metas": whole - params - opt,
                  "batch (x, y), lr, step": train.argument - whole,
-                 "gradients (fp32, within temporaries)": min(grads, train.temp),
+                 "gradients (reduced, fp32, within temporaries)": min(grads, train.temp),
                  "activations, scratch (temporaries - gradients)": max(train.temp - grads, 0),
                  "outputs not donated": train.output - train.alias, "train step": train.peak,
                  "validation step": eval_peak}
@@ -213,7 +214,8 @@ def build_report(run, target: Target, state, shardings, train: Compiled, evaluat
 
 
 def _grad_bytes(state, shardings) -> int:
-    """The fp32 gradients one device holds: sharded like the AdamW state from -z 2 on, else whole."""
+    """The reduced fp32 gradients one device holds: sharded like the AdamW state from -z 1 on (each
+    device's own gradients, in the compute dtype, are reduce-scattered into them), whole at -z 0."""
     import jax
     leaves = jax.tree.leaves(state.params)
     if shardings is None:

@@ -103,7 +103,8 @@ def start(run: Run) -> Session:
     sc = run.step_config()
     state = train_step.init_train_state(params, sc)
     layer_params = _family(run).LAYER_PARAMS
-    shardings = parallel.make_shardings(state, run.mesh, run.flags.zero_stage, layer_params) if run.mesh else None
+    shardings = (parallel.make_shardings(state, run.mesh, run.flags.zero_stage, layer_params, run.dtype)
+                 if run.mesh else None)
     if run.resume_step is not None:
         state = _resume_state(run, state, shardings, train_loaders, val_loaders)
         print0(run, f"resumed from step {run.resume_step} of {run.flags.output_dir}")
@@ -121,7 +122,8 @@ def start(run: Run) -> Session:
     eot = tokenizer.eot if tokenizer else min(50256, run.model.V - 1)
     return Session(state=state, shardings=shardings, train_loaders=train_loaders, val_loaders=val_loaders,
                    step_fn=train_step.make_train_step(sc, shardings, deterministic=run.platform == "gpu"),
-                   eval_fn=train_step.make_eval_step(sc, deterministic=run.platform == "gpu"),
+                   eval_fn=train_step.make_eval_step(sc, deterministic=run.platform == "gpu",
+                                                   mesh=shardings.mesh if shardings else None),
                    log=log, tokenizer=tokenizer, eot=eot, device=device, last_good=run.resume_step,
                    metrics=metrics)
 

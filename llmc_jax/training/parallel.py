@@ -4,8 +4,10 @@ One mesh with a `data` axis (AxisType.Auto, so `with_sharding_constraint` works 
 partitioner inserts the collectives). `-z` chooses what is sharded over `data`:
 
     0  everything replicated (plain data parallel: gradients all-reduced)
-    1  + AdamW m and v sharded (llm.c's ZeRO-1)
-    2  + gradients constrained to the m/v sharding inside the step (reduce-scatter, not all-reduce)
+    1  + AdamW m and v sharded, gradients reduce-scattered once per step (llm.c's ZeRO-1), and
+         fp32 master weights the forward reads a bf16 copy of sharded too (gathered in bf16 at
+         the step's start: llm.c keeps its bf16 params whole and shards its master weights)
+    2  + gradients reduce-scattered after every micro-step into a sharded sum
     3  + parameters sharded too (FSDP; XLA gathers them where they are used)
 
 Every sharded leaf is split along the dimension `shard_dim` picks (the first one divisible by the
@@ -93,15 +95,19 @@ def _check_stage(zero_stage: int) -> int:
     return z
 
 
-def state_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Collection[str]) -> Any:
+def state_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Collection[str],
+                    compute_dtype: Any = None) -> Any:
     """NamedShardings for a train_step.TrainState (same pytree structure).
 
-    z>=1: AdamW mu and nu split per leaf; z==3: params too; everything else (step count, learning
+    z>=1: AdamW mu and nu split per leaf, and the params whose dtype is not compute_dtype (master
+    weights: the forward reads a copy); z==3: every param; everything else (step count, learning
     rate, outlier detectors, FP8 metas) replicated."""
     z = _check_stage(zero_stage)
     rep = replicated(mesh)
     all_rep = lambda tree: jax.tree.map(lambda _: rep, tree)
-    params = sharded_like(state.params, mesh, layer_params) if z >= 3 else all_rep(state.params)
+    split = sharded_like(state.params, mesh, layer_params)
+    is_master = lambda p: compute_dtype is not None and np.dtype(p.dtype) != np.dtype(compute_dtype)
+    params = jax.tree.map(lambda p, sh: sh if z >= 3 or (z >= 1 and is_master(p)) else rep, state.params, split)
     opt = state.opt_state
     if z >= 1:
         if not (hasattr(opt, "mu") and hasattr(opt, "nu")):
@@ -125,22 +131,22 @@ class Shardings:
     state: Any                  # TrainState of NamedSharding
     batch: NamedSharding        # for x, y (A, B, T)
     replicated: NamedSharding   # lr, step, metrics
-    grads: Any                  # per-param NamedSharding the gradients are constrained to: the m/v sharding
-                                # from -z 2 on (reduce-scatter), replicated below (one all-reduce: left
-                                # free, XLA's propagation carried -z 1's m/v sharding into the chunked
-                                # classifier and reduce-scattered dwte once per chunk)
+    grads: Any                  # per-param NamedSharding of the reduced gradients: the m/v sharding from
+                                # -z 1 on (reduce-scatter), replicated at -z 0 (all-reduce)
 
     @property
     def num_devices(self) -> int:
         return data_size(self.mesh)
 
 
-def make_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Collection[str]) -> Shardings:
-    """layer_params: the model family's per-layer tensor names (never split on their L axis)."""
+def make_shardings(state: Any, mesh: Mesh, zero_stage: int, layer_params: Collection[str],
+                   compute_dtype: Any = None) -> Shardings:
+    """layer_params: the model family's per-layer tensor names (never split on their L axis);
+    compute_dtype: the dtype the forward computes in (params of another dtype are master weights)."""
     z = _check_stage(zero_stage)
-    return Shardings(mesh=mesh, zero_stage=z, state=state_shardings(state, mesh, z, layer_params),
+    return Shardings(mesh=mesh, zero_stage=z, state=state_shardings(state, mesh, z, layer_params, compute_dtype),
                      batch=batch_sharding(mesh), replicated=replicated(mesh),
-                     grads=(sharded_like(state.params, mesh, layer_params) if z >= 2 else
+                     grads=(sharded_like(state.params, mesh, layer_params) if z >= 1 else
                             jax.tree.map(lambda _: replicated(mesh), state.params)))
 
 

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmc_jax.training import optim, rounding
 from llmc_jax.models.family import family_of, reference_of
 from llmc_jax.nn import fp8 as fp8_ops
+from llmc_jax.nn import ops
 from llmc_jax.nn.kernels import XLA, Kernels, ModelOptions
 
 FP8_RECIPES = ("off", *fp8_ops.RECIPES)
@@ -109,26 +110,6 @@ def _skip(z, threshold: float):
     return jnp.isfinite(z) & (z > threshold)
 
 
-def _per_device(value_and_grad, mesh):
-    """value_and_grad computed by each device on its own rows inside shard_map, then averaged.
-
-    XLA cannot partition a Pallas kernel (an opaque custom call): under plain jit on a batch-sharded
-    input it would gather the whole batch onto every device. Inside shard_map each device runs the
-    kernels on its B/D rows; the mean over devices of the per-device mean loss and gradients is the
-    mean over all rows (every device holds as many). The FP8 metas' gradients (observed amaxes; None
-    when off) are combined with pmax: each device saw only its rows, the scale needs the max.
-    Takes and gives _with_meta_grads' uniform signature. check_vma=False: Pallas' interpret mode
-    fails the varying-axes check."""
-    from llmc_jax.training.parallel import DATA_AXIS
-
-    def local(params, metas, x_BT, y_BT):
-        loss, grads, meta_grads = value_and_grad(params, metas, x_BT, y_BT)
-        meta_grads = None if meta_grads is None else jax.lax.pmax(meta_grads, DATA_AXIS)
-        return jax.lax.pmean(loss, DATA_AXIS), jax.lax.pmean(grads, DATA_AXIS), meta_grads
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
-                         out_specs=(P(), P(), P()), check_vma=False)
-
-
 def _with_meta_grads(value_and_grad, fp8_on: bool):
     """A uniform (params, metas, x, y) -> (loss, grads, meta grads or None) over both signatures."""
     if fp8_on:
@@ -139,26 +120,84 @@ def _with_meta_grads(value_and_grad, fp8_on: bool):
     return lambda params, metas, x_BT, y_BT: (*value_and_grad(params, x_BT, y_BT), None)
 
 
+def _mean_over_devices(grads, specs, D: int):
+    """Inside shard_map: each device's gradients -> their mean over the devices, as fp32, in the layout
+    `specs` gives (per leaf: split on the dimension it names DATA_AXIS on, else whole). Reduced in the
+    dtype they come in (bf16 in a bf16 run: llm.c's reduce-scatter), divided by D after, in fp32."""
+    from llmc_jax.training.parallel import DATA_AXIS
+
+    def reduce(g, spec):
+        dims = [i for i, axis in enumerate(spec) if axis == DATA_AXIS]
+        total = (jax.lax.psum_scatter(g, DATA_AXIS, scatter_dimension=dims[0], tiled=True) if dims else
+                 jax.lax.psum(g, DATA_AXIS))
+        return total.astype(jnp.float32) / D
+    return jax.tree.map(reduce, grads, specs)
+
+
+def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_step: bool):
+    """(params, metas, x_ABT, y_ABT) -> (mean loss, mean fp32 grads laid out as grad_shardings, meta
+    grads): each device runs the forward and backward on its own rows inside shard_map, and the
+    collectives are the ones written here, as llm.c's: one reduction per tensor after the last
+    micro-step (accumulated locally in fp32 before), or with reduce_each_micro_step (-z 2) one per
+    micro-step into a sharded fp32 sum. Left to XLA's partitioner, the sharding of the AdamW state
+    reached into the chunked classifier's scan and reduce-scattered dwte once per chunk; and XLA
+    cannot partition a Pallas kernel (an opaque custom call) at all.
+
+    The FP8 metas' gradients (observed amaxes) are combined with max over micro-steps and devices:
+    each device saw only its rows, the scale needs the max. check_vma=False: Pallas' interpret mode
+    fails the varying-axes check."""
+    from llmc_jax.training.parallel import DATA_AXIS
+    D = mesh.shape[DATA_AXIS]
+    specs = jax.tree.map(lambda sh: sh.spec, grad_shardings)
+
+    def local(params, metas, x_ABT, y_ABT):
+        A = x_ABT.shape[0]
+        if A == 1:
+            loss, grads, meta_grads = value_and_grad(params, metas, x_ABT[0], y_ABT[0])
+            grads = _mean_over_devices(grads, specs, D)
+        else:
+            def micro(acc, xy):
+                loss, grads, meta_grads = value_and_grad(params, metas, xy[0], xy[1])
+                grads = (_mean_over_devices(grads, specs, D) if reduce_each_micro_step else
+                         jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+                acc_loss, acc_grads, acc_meta = acc
+                acc_meta = None if metas is None else fp8_ops.combine_amax_grads(acc_meta, meta_grads)
+                return (acc_loss + loss.astype(jnp.float32), jax.tree.map(jnp.add, acc_grads, grads), acc_meta), None
+            local_shape = lambda p, spec: [n // D if axis == DATA_AXIS and reduce_each_micro_step else n
+                                           for n, axis in zip(p.shape, tuple(spec) + (None,) * p.ndim)]
+            zeros = jax.tree.map(lambda p, spec: jnp.zeros(local_shape(p, spec), jnp.float32), params, specs)
+            meta_zeros = None if metas is None else jax.tree.map(jnp.zeros_like, metas)   # amaxes are >= 0
+            (loss, grads, meta_grads), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros, meta_zeros),
+                                                        (x_ABT, y_ABT))
+            if not reduce_each_micro_step:
+                grads = _mean_over_devices(grads, specs, D)
+            loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)   # mean over B*T*A, as llm.c
+        meta_grads = None if meta_grads is None else jax.lax.pmax(meta_grads, DATA_AXIS)
+        return jax.lax.pmean(loss.astype(jnp.float32), DATA_AXIS), grads, meta_grads
+    batch = P(None, DATA_AXIS)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), batch, batch),
+                         out_specs=(P(), specs, P()), check_vma=False)
+
+
 def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_stage: int = 0):
     """(params, x_ABT, y_ABT) -> (mean loss, mean fp32 grads) over A micro-batches of (B, T).
 
-    grad_shardings (a pytree like params, Shardings.grads): the gradients and the accumulator are
-    constrained to it: from -z 2 on each micro-step's gradient is reduce-scattered into a sharded
-    sum; below, they are combined whole (all-reduce).
-    mesh: the device mesh of a sharded step; with Pallas kernels the forward and backward then run
-    per device inside shard_map (XLA partitions the xla op set by itself)."""
-    per_device = mesh is not None and mesh.size > 1 and sc.backward == "manual" and sc.kernels.uses_pallas
-    # ZeRO-3 (params sharded, so gradients are too): each layer gathered as the scan reaches it
-    gather_layers = mesh is not None and grad_shardings is not None and zero_stage >= 3 and not per_device
+    grad_shardings (a pytree like params, Shardings.grads): the layout of the gradients, reduced
+    (replicated: all-reduce; split like the AdamW state: reduce-scatter); mesh: the device mesh of a
+    sharded step. Below ZeRO-3 (and at ZeRO-3 with Pallas kernels) every device computes on its rows
+    inside shard_map with the reductions written out (_sharded_gradients); ZeRO-3 with XLA's ops is
+    left to XLA's partitioner, which gathers each layer's params as the scan reaches it."""
+    sharded = mesh is not None and mesh.size > 1 and grad_shardings is not None
+    uses_pallas = sc.backward == "manual" and sc.kernels.uses_pallas
+    gather_layers = sharded and zero_stage >= 3 and not uses_pallas
     fp8_on = sc.fp8_options is not None
     value_and_grad = sc.value_and_grad(NamedSharding(mesh, P()) if gather_layers else None)
     value_and_grad = _with_meta_grads(value_and_grad, fp8_on)
-    if per_device:
-        value_and_grad = _per_device(value_and_grad, mesh)
-    if grad_shardings is None:
-        constrain = lambda g: g
-    else:
-        constrain = lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)
+    if sharded and not gather_layers:
+        per_device = _sharded_gradients(value_and_grad, mesh, grad_shardings, zero_stage >= 2)
+        return lambda params, x_ABT, y_ABT, metas=None: _drop_meta(per_device(params, metas, x_ABT, y_ABT), metas)
+    constrain = ((lambda g: g) if grad_shardings is None else
+                 (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)))
 
     def fn(params, x_ABT, y_ABT, metas=None):
         """(mean loss, mean grads), plus the max-combined meta grads when `metas` (FP8) are given."""
@@ -173,14 +212,18 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
         if A == 1:   # no accumulation: no zero-filled buffer and no extra pass over the gradients
             loss, grads, meta_grads = value_and_grad(params, metas, x_ABT[0], y_ABT[0])
             out = loss.astype(jnp.float32), constrain(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
-            return out if metas is None else (*out, meta_grads)
+            return _drop_meta((*out, meta_grads), metas)
         zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         meta_zeros = None if metas is None else jax.tree.map(jnp.zeros_like, metas)   # amaxes are >= 0
         (loss_sum, grad_sum, meta_grads), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros, meta_zeros),
                                                            (x_ABT, y_ABT))
-        out = loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum)   # mean over B*T*A, as llm.c
-        return out if metas is None else (*out, meta_grads)
+        return _drop_meta((loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum), meta_grads), metas)
     return fn
+
+
+def _drop_meta(out, metas):
+    """(loss, grads) without FP8 metas, (loss, grads, meta grads) with them."""
+    return out if metas is not None else out[:2]
 
 
 def make_update(sc: StepConfig):
@@ -199,16 +242,18 @@ def make_update(sc: StepConfig):
 
 
 def _forward_copy(sc: StepConfig, params: dict, step) -> dict:
-    """The params the forward reads. With fp32 master weights in a bf16 run and copy_rounding
-    "stochastic", each is rounded stochastically to bf16 values (kept in fp32, so the gradients stay
-    fp32 and the model's own cast is exact), as llm.c makes its bf16 copy; otherwise the params."""
-    if sc.copy_rounding == "nearest" or sc.dtype != "bfloat16":
-        return params
-    if sc.copy_rounding != "stochastic":
+    """The params the forward reads, in the compute dtype: llm.c's bf16 copy of its fp32 master
+    weights (round to nearest; stochastically with copy_rounding "stochastic", a measurement).
+    Made here rather than inside the model so that the gradients come back in the compute dtype
+    (bf16 ones reduced over the devices in bf16, as llm.c's) and, where the master weights are
+    sharded (-z 1/2, parallel.state_shardings), so that what is gathered is the bf16 copy."""
+    if sc.copy_rounding not in rounding.ROUNDINGS:
         raise ValueError(f"copy rounding must be one of {', '.join(rounding.ROUNDINGS)}, got {sc.copy_rounding!r}")
+    if sc.copy_rounding == "nearest" or sc.dtype != "bfloat16":
+        return ops.compute_copy(params, sc.dtype)
     names = sorted(params)
     salt = len(names)      # the copy's seeds follow the params' own (tensor i -> i + salt)
-    return {name: (rounding.stochastic_round_bf16(p, rounding.tensor_seed(step, i + salt)).astype(p.dtype)
+    return {name: (rounding.stochastic_round_bf16(p, rounding.tensor_seed(step, i + salt))
                    if p.dtype == jnp.float32 else p) for i, (name, p) in enumerate((n, params[n]) for n in names)}
 
 
@@ -226,6 +271,8 @@ def make_train_step(sc: StepConfig, shardings=None, deterministic: bool = False)
     def step_fn(state: TrainState, x_ABT, y_ABT, lr, step):
         params = state.params
         forward_params = _forward_copy(sc, params, step)
+        if shardings is not None:   # the copy made where the params lie: sharded master weights gather it, in bf16
+            forward_params = jax.lax.with_sharding_constraint(forward_params, shardings.state.params)
         if state.fp8 is None:
             loss, grads = grad_fn(forward_params, x_ABT, y_ABT)
             new_fp8 = None
@@ -256,15 +303,24 @@ def make_train_step(sc: StepConfig, shardings=None, deterministic: bool = False)
                    out_shardings=(shardings.state, StepMetrics(*[rep] * len(StepMetrics._fields))))
 
 
-def make_eval_step(sc: StepConfig, deterministic: bool = False):
+def make_eval_step(sc: StepConfig, deterministic: bool = False, mesh=None):
     """(params, x_BT, y_BT, fp8_metas=None) -> mean loss, the forward pass only.
 
     Under --fp8 the loop passes the train state's metas: validation runs the forward the model trains
     with (llm.c's FP8 validates through its one forward too), quantizing with the current scales and
-    observing nothing (the metas only change in the train step)."""
+    observing nothing (the metas only change in the train step). With a mesh of several devices each
+    runs the forward on its own rows of the batch inside shard_map, reading the params' compute-dtype
+    copy (gathered in bf16 where the master weights are sharded), as the train step does."""
     if sc.backward == "autodiff":
-        fn = lambda p, x, y, metas=None: reference_of(sc.model).loss(p, x, y, sc.model, dtype=jnp.dtype(sc.dtype))
+        loss = lambda p, x, y, metas=None: reference_of(sc.model).loss(p, x, y, sc.model, dtype=jnp.dtype(sc.dtype))
     else:
         opts = sc.model_options()
-        fn = lambda p, x, y, metas=None: family_of(sc.model).loss(p, x, y, sc.model, opts, metas)
+        loss = lambda p, x, y, metas=None: family_of(sc.model).loss(p, x, y, sc.model, opts, metas)
+    fn = loss
+    if mesh is not None and mesh.size > 1:
+        from llmc_jax.training.parallel import DATA_AXIS
+        local = lambda p, x, y, metas: jax.lax.pmean(loss(p, x, y, metas).astype(jnp.float32), DATA_AXIS)
+        per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
+                                   out_specs=P(), check_vma=False)
+        fn = lambda p, x, y, metas=None: per_device(ops.compute_copy(p, sc.dtype), x, y, metas)
     return jax.jit(fn, compiler_options=DETERMINISTIC if deterministic else None)
