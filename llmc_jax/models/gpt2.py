@@ -21,6 +21,7 @@ from llmc_jax.models.config import PARAM_NAMES, GPTConfig
 from llmc_jax.nn import fp8, kv_cache, ops
 from llmc_jax.nn.kernels import ModelOptions, OpSet, loss_value_and_grad, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
+from llmc_jax.nn.layer_gather import gathered_block
 
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
@@ -88,9 +89,7 @@ def forward(params: Params, idx_BT: jax.Array, config: GPTConfig, opts: ModelOpt
         wpe = jax.lax.dynamic_slice_in_dim(wpe, pos, T)
     x = opset.encoder(params["wte"], wpe, idx_BT, jnp.zeros((), opts.dtype))
     block = make_block(opset, config.NH, opts.recompute, pos, opts.fp8)
-    if opts.layer_sharding is not None:
-        inner = block
-        block = lambda carry, xs: inner(carry, (jax.lax.with_sharding_constraint(xs[0], opts.layer_sharding), *xs[1:]))
+    block = gathered_block(block, opts.layer_sharding)
     xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L), fp8_metas)
     ((x, delta), cache), _ = jax.lax.scan(block, ((x, jnp.zeros_like(x)), cache), xs)
     return opset.residual_layernorm(x, delta, params["lnfw"], params["lnfb"])[1], cache

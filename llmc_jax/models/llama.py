@@ -31,6 +31,7 @@ from llmc_jax.models.llama_config import LlamaConfig
 from llmc_jax.nn import fp8, ops
 from llmc_jax.nn.kernels import ModelOptions, OpSet, loss_value_and_grad, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
+from llmc_jax.nn.layer_gather import gathered_block
 from llmc_jax.nn.rope import rope, rope_frequencies
 from llmc_jax.nn.swiglu import swiglu
 
@@ -106,9 +107,7 @@ def forward(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelO
     x = ops.token_embedding(params["wte"], idx_BT, jnp.zeros((), opts.dtype))
     opset = op_set(opts.kernels)
     block = make_block(config, opset, opts.recompute, pos, opts.fp8)
-    if opts.layer_sharding is not None:
-        inner = block
-        block = lambda carry, xs: inner(carry, (jax.lax.with_sharding_constraint(xs[0], opts.layer_sharding), *xs[1:]))
+    block = gathered_block(block, opts.layer_sharding)
     xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L), fp8_metas)
     ((x, delta), cache), _ = jax.lax.scan(block, ((x, jnp.zeros_like(x)), cache), xs)
     return opset.residual_rmsnorm(x, delta, params["lnfw"], config.norm_eps)[1], cache

@@ -98,8 +98,8 @@ def default_dtype(platform: str) -> str:
 class ModelOptions(NamedTuple):
     """What changes a model's traced forward, besides its config: hashable, a jit static argument.
 
-    layer_sharding (ZeRO-3): where one layer's tensors must be inside the layer scan, e.g.
-    replicated; XLA then all-gathers each layer's shards as the scan reaches it.
+    layer_sharding (ZeRO-3): a layer_gather.LayerGather, one layer's tensors whole inside the layer
+    scan and their gradients split back; XLA all-gathers each layer's shards as the scan reaches it.
     fp8: the forward's FP8 recipe; the per-layer metas are then an argument of forward/loss."""
 
     dtype: Any = jnp.float32

@@ -23,6 +23,7 @@ from llmc_jax.models.family import family_of, reference_of
 from llmc_jax.nn import fp8 as fp8_ops
 from llmc_jax.nn import ops
 from llmc_jax.nn.kernels import XLA, Kernels, ModelOptions
+from llmc_jax.nn.layer_gather import LayerGather
 
 FP8_RECIPES = ("off", *fp8_ops.RECIPES)
 # llm.c is bitwise deterministic; on a GPU XLA is too when told to be: it then makes the scatter-adds
@@ -191,7 +192,7 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     uses_pallas = sc.backward == "manual" and sc.kernels.uses_pallas
     gather_layers = sharded and zero_stage >= 3 and not uses_pallas
     fp8_on = sc.fp8_options is not None
-    value_and_grad = sc.value_and_grad(NamedSharding(mesh, P()) if gather_layers else None)
+    value_and_grad = sc.value_and_grad(_layer_gather(mesh, grad_shardings) if gather_layers else None)
     value_and_grad = _with_meta_grads(value_and_grad, fp8_on)
     if sharded and not gather_layers:
         per_device = _sharded_gradients(value_and_grad, mesh, grad_shardings, zero_stage >= 2)
@@ -219,6 +220,13 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
                                                            (x_ABT, y_ABT))
         return _drop_meta((loss_sum / A, jax.tree.map(lambda g: g / A, grad_sum), meta_grads), metas)
     return fn
+
+
+def _layer_gather(mesh, grad_shardings) -> LayerGather:
+    """ZeRO-3's per-layer gather: each stacked per-layer tensor's layer slice split as the stack is
+    (its spec without the L axis; only the per-layer tensors' entries are used), whole inside the scan."""
+    split = tuple((name, NamedSharding(mesh, P(*sh.spec[1:]))) for name, sh in sorted(grad_shardings.items()))
+    return LayerGather(whole=NamedSharding(mesh, P()), split=split)
 
 
 def _drop_meta(out, metas):
