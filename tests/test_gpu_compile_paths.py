@@ -4,6 +4,7 @@ Pallas and cuDNN attention, FP8, both families, the sampler's prefill and decode
 are the model's own sizes (parameter counts, layers) and the definitions of the stages."""
 import pytest
 
+from llmc_jax.planning import plan
 from tests.gpu_plan import fp8_gemms, report
 
 GPT2 = "-e d6 -b 2 -t 256"          # L=6 C=384: every tensor divides by 8
@@ -46,7 +47,7 @@ def test_two_hosts_of_8():
 
 def test_recompute_saves_activations():
     temps = [report(f"{GPT2} -b 8 -r {r}", target="h100x1")["breakdown"]
-             ["activations, scratch (temporaries - gradients)"] for r in (0, 1, 2)]
+             [plan.ACTIVATIONS] for r in (0, 1, 2)]
     assert temps[0] > temps[1] > temps[2], temps
 
 

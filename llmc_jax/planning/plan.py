@@ -179,6 +179,8 @@ def plan_flags(flags: list[str], target_name: str, *, eval_step: bool = True) ->
 def build_report(run, target: Target, state, shardings, train: Compiled, evaluation: Compiled | None) -> dict:
     params, opt, whole = _device_bytes(state.params), _device_bytes(state.opt_state), _device_bytes(state)
     grads = _grad_bytes(state, shardings)
+    copy, local_grads = _compute_copy_bytes(run, state, shardings)
+    within = grads + copy + local_grads
     # validation runs while the whole train state stays resident: state + its batch + its temporaries
     eval_peak = 0 if evaluation is None else (whole + evaluation.argument - params - _device_bytes(state.fp8)
                                               + evaluation.output + evaluation.temp)
@@ -187,7 +189,9 @@ def build_report(run, target: Target, state, shardings, train: Compiled, evaluat
     breakdown = {"parameters": params, "optimizer state": opt, "detectors, FP8 metas": whole - params - opt,
                  "batch (x, y), lr, step": train.argument - whole,
                  "gradients (reduced, fp32, within temporaries)": min(grads, train.temp),
-                 "activations, scratch (temporaries - gradients)": max(train.temp - grads, 0),
+                 f"params' {run.dtype} copy (within temporaries)": copy,
+                 f"unreduced gradients, {run.dtype} (within temporaries)": local_grads,
+                 ACTIVATIONS: max(train.temp - within, 0),
                  "outputs not donated": train.output - train.alias, "train step": train.peak,
                  "validation step": eval_peak}
     from llmc_jax.models.config import GPTConfig
@@ -211,6 +215,26 @@ def build_report(run, target: Target, state, shardings, train: Compiled, evaluat
         report["llmc"] = llmc_alloc.allocation(m, run.B, run.T, run.flags.recompute, target.devices,
                                                run.flags.zero_stage, bool(run.flags.master_weights))
     return report
+
+
+ACTIVATIONS = "activations, scratch (temporaries - the above)"
+
+
+def _compute_copy_bytes(run, state, shardings) -> tuple[int, int]:
+    """(the forward's compute-dtype copy of master weights of another dtype, the gradients each GPU
+    computes before they are reduced): both whole on every GPU below -z 3 (llm.c's bf16 params and
+    grads); at -z 3 a layer at a time (not counted)."""
+    import jax
+    import numpy as np
+    if shardings is not None and shardings.zero_stage >= 3:
+        return 0, 0
+    itemsize = np.dtype(run.dtype).itemsize
+    leaves = jax.tree.leaves(state.params)
+    whole = sum(math.prod(x.shape) for x in leaves) * itemsize
+    copy = sum(math.prod(x.shape) for x in leaves if np.dtype(x.dtype) != np.dtype(run.dtype)) * itemsize
+    # one device in fp32: the gradients it computes are the fp32 ones counted as reduced
+    local = whole if shardings is not None or itemsize != 4 else 0
+    return copy, local
 
 
 def _grad_bytes(state, shardings) -> int:
@@ -255,16 +279,16 @@ def format_report(r: dict) -> str:
              f"{f['dtype']} (params {f['param_dtype']}) kernels {f['kernels']}"
              + (f" fp8 {f['fp8']}" if f["fp8"] != "off" else "")]
     llmc = r.get("llmc")
-    head = f"{'per GPU':<48}{'llmc-jax':>13}" + (f"{'llm.c':>13}" if llmc else "")
+    head = f"{'per GPU':<56}{'llmc-jax':>13}" + (f"{'llm.c':>13}" if llmc else "")
     lines += ["", head, "-" * len(head)]
     for name, n in r["breakdown"].items():
-        lines.append(f"{name:<48}{_gib(n)}")
-    total = f"{'total (the larger step, with the state)':<48}{_gib(r['per_device_bytes'])}"
+        lines.append(f"{name:<56}{_gib(n)}")
+    total = f"{'total (the larger step, with the state)':<56}{_gib(r['per_device_bytes'])}"
     if llmc:
-        lines += [f"{'  llm.c ' + k:<48}{'':>13}{_gib(v)}" for k, v in llmc.items() if k != "total"]
+        lines += [f"{'  llm.c ' + k:<56}{'':>13}{_gib(v)}" for k, v in llmc.items() if k != "total"]
         total += f"{_gib(llmc['total'])}   ({r['per_device_bytes'] / llmc['total']:.2f}x llm.c)"
     capacity = f"capacity ({GPU_MEMORY_FRACTION:.0%} of {r['memory_bytes'] / GiB:.1f} GiB)"
-    lines += [total, f"{capacity:<48}{_gib(r['capacity_bytes'])}", ""]
+    lines += [total, f"{capacity:<56}{_gib(r['capacity_bytes'])}", ""]
     headroom = r["capacity_bytes"] - r["per_device_bytes"]
     lines.append(f"fits: {r['per_device_bytes'] / GiB:.2f} GiB of {r['capacity_bytes'] / GiB:.2f} GiB, "
                  f"{headroom / GiB:.2f} GiB headroom" if r["fits"] else
