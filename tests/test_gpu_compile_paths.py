@@ -39,6 +39,19 @@ def test_zero_stages_on_8_gpus(z):
         assert coll["all-gather"]["count"] >= 2 * 6
 
 
+def test_pallas_kernels_at_zero3_gather_layer_by_layer():
+    """Pallas kernels at -z 3 (per GPU inside shard_map, XLA cannot partition them): the params stay
+    split, each layer's bf16 copy is all_gathered as the scan reaches it (XLA combines a layer's 12
+    tensors into one gather: at least one per layer, not one whole-model gather) and each gradient
+    reduce-scattered once in bf16 by the gather's transpose: 2 bytes per parameter each way."""
+    r = report(f"{GPT2} -z 3 --kernels pallas -r 0")
+    n, coll = _n_params(r), r["collectives"]
+    assert r["breakdown"]["parameters"] / 4 == pytest.approx(n / 8, rel=0.02)
+    assert coll["all-gather"]["count"] >= 6             # inside the layer scan: L=6 layers
+    assert coll["all-gather"]["bytes"] == pytest.approx(2 * n, rel=0.02)
+    assert coll["reduce-scatter"]["bytes"] == pytest.approx(2 * n, rel=0.02)
+
+
 def test_two_hosts_of_8():
     r = report(f"{GPT2} -z 1", target="h100x8x2")
     assert r["devices"] == 16 and r["hosts"] == 2 and r["fits"]

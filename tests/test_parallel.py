@@ -152,12 +152,18 @@ def test_zero3_gathers_one_layer_at_a_time(worker):
     assert g["one_layer"] and not g["full_stack"], g
 
 
-def test_pallas_kernels_under_zero1_match_xla(worker):
-    """--kernels pallas with -z 1 on 8 devices (kernels per device inside shard_map) against the
-    unsharded xla step: same losses and final params, to the tolerances of the xla stages above."""
-    s = worker["pallas_z1"]
+@pytest.mark.parametrize("z", [1, 3])
+def test_pallas_kernels_under_zero_match_xla(worker, z):
+    """--kernels pallas with -z 1 and -z 3 on 8 devices (kernels per device inside shard_map; at -z 3
+    the params stay split and each layer's shards are all_gathered as the scan reaches it, the
+    gradients reduce-scattered by the gather's transpose) against the unsharded xla step: same
+    losses and final params, to the tolerances of the xla stages above."""
+    s = worker[f"pallas_z{z}"]
     np.testing.assert_allclose(s["losses"], worker["ref_losses"], atol=1e-5, rtol=0)
     assert s["max_param_diff"] < 2e-5
+    if z == 3:
+        assert {_fraction(v) for v in s["params"].values()} == {1 / N}
+        assert s["collectives"]["all-gather"] > 0 and s["collectives"]["reduce-scatter"] > 0
 
 
 def _same_tensors_at_step_1(stage: str, name: str, field: str) -> slice:

@@ -15,11 +15,16 @@ import jax
 
 @dataclasses.dataclass(frozen=True)
 class LayerGather:
-    """whole: the sharding of a layer's tensors inside the scan (replicated); split: per tensor name,
-    the sharding of one layer's slice of the stacked tensor (its spec without the L axis)."""
+    """Under jit (XLA partitions the step): whole, the sharding of a layer's tensors inside the scan
+    (replicated), and split, per tensor name, the sharding of one layer's slice of the stacked
+    tensor (its spec without the L axis). Inside shard_map (Pallas kernels, which XLA cannot
+    partition): axis_name and dims, per tensor name, the dimension of a layer's slice to all_gather
+    over that axis (its transpose reduce-scatters the gradient)."""
 
-    whole: Any
-    split: tuple[tuple[str, Any], ...]
+    whole: Any = None
+    split: tuple[tuple[str, Any], ...] = ()
+    axis_name: str | None = None
+    dims: tuple[tuple[str, int], ...] = ()
 
 
 def _gathered(x: jax.Array, whole: Any, split: Any) -> jax.Array:
@@ -35,6 +40,10 @@ def gathered_block(block: Callable, gather: LayerGather | None) -> Callable:
     """The scan body `block(carry, (layer tensors, ...))` with the layer's tensors gathered first."""
     if gather is None:
         return block
+    if gather.axis_name is not None:
+        dims = dict(gather.dims)
+        return lambda carry, xs: block(carry, ({k: jax.lax.all_gather(v, gather.axis_name, axis=dims[k], tiled=True)
+                                                if k in dims else v for k, v in xs[0].items()}, *xs[1:]))
     split = dict(gather.split)
     return lambda carry, xs: block(carry, ({k: _gathered(v, gather.whole, split[k]) for k, v in xs[0].items()},
                                            *xs[1:]))

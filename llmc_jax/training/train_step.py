@@ -121,21 +121,32 @@ def _with_meta_grads(value_and_grad, fp8_on: bool):
     return lambda params, metas, x_BT, y_BT: (*value_and_grad(params, x_BT, y_BT), None)
 
 
-def _mean_over_devices(grads, specs, D: int):
+def _split_dim(spec) -> int | None:
+    """The dimension a PartitionSpec splits over DATA_AXIS, or None."""
+    from llmc_jax.training.parallel import DATA_AXIS
+    dims = [i for i, axis in enumerate(spec) if axis == DATA_AXIS]
+    return dims[0] if dims else None
+
+
+def _mean_over_devices(grads: dict, specs: dict, D: int, summed: frozenset = frozenset()):
     """Inside shard_map: each device's gradients -> their mean over the devices, as fp32, in the layout
     `specs` gives (per leaf: split on the dimension it names DATA_AXIS on, else whole). Reduced in the
-    dtype they come in (bf16 in a bf16 run: llm.c's reduce-scatter), divided by D after, in fp32."""
+    dtype they come in (bf16 in a bf16 run: llm.c's reduce-scatter), divided by D after, in fp32.
+    summed: the names whose split gradients come summed already (the transpose of -z 3's all_gather)."""
     from llmc_jax.training.parallel import DATA_AXIS
 
-    def reduce(g, spec):
-        dims = [i for i, axis in enumerate(spec) if axis == DATA_AXIS]
-        total = (jax.lax.psum_scatter(g, DATA_AXIS, scatter_dimension=dims[0], tiled=True) if dims else
-                 jax.lax.psum(g, DATA_AXIS))
+    def reduce(name, g):
+        dim = _split_dim(specs[name])
+        if dim is None:
+            total = jax.lax.psum(g, DATA_AXIS)
+        else:
+            total = g if name in summed else jax.lax.psum_scatter(g, DATA_AXIS, scatter_dimension=dim, tiled=True)
         return total.astype(jnp.float32) / D
-    return jax.tree.map(reduce, grads, specs)
+    return {name: reduce(name, g) for name, g in grads.items()}
 
 
-def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_step: bool):
+def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_step: bool,
+                       gathered_in_scan: frozenset | None = None):
     """(params, metas, x_ABT, y_ABT) -> (mean loss, mean fp32 grads laid out as grad_shardings, meta
     grads): each device runs the forward and backward on its own rows inside shard_map, and the
     collectives are the ones written here, as llm.c's: one reduction per tensor after the last
@@ -144,39 +155,55 @@ def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_s
     reached into the chunked classifier's scan and reduce-scattered dwte once per chunk; and XLA
     cannot partition a Pallas kernel (an opaque custom call) at all.
 
+    gathered_in_scan (-z 3): the params arrive split as grad_shardings (the AdamW state's layout);
+    these names (the per-layer tensors) are all_gathered by the model one layer at a time inside its
+    scan (nn/layer_gather.py), the others here, whole, before the forward; the transposes of the
+    gathers reduce-scatter the gradients.
+
     The FP8 metas' gradients (observed amaxes) are combined with max over micro-steps and devices:
     each device saw only its rows, the scale needs the max. check_vma=False: Pallas' interpret mode
     fails the varying-axes check."""
     from llmc_jax.training.parallel import DATA_AXIS
     D = mesh.shape[DATA_AXIS]
     specs = jax.tree.map(lambda sh: sh.spec, grad_shardings)
+    split_params = gathered_in_scan is not None
+    summed = frozenset(k for k in specs if split_params and k in gathered_in_scan and _split_dim(specs[k]) is not None)
+    mean = lambda grads: _mean_over_devices(grads, specs, D, summed)
+
+    def gather_whole(params):
+        """-z 3: the split tensors outside the layer scan (embeddings, final norm) gathered whole."""
+        return {k: (v if k in summed or _split_dim(specs[k]) is None else
+                    jax.lax.all_gather(v, DATA_AXIS, axis=_split_dim(specs[k]), tiled=True))
+                for k, v in params.items()}
 
     def local(params, metas, x_ABT, y_ABT):
         A = x_ABT.shape[0]
+        if split_params:
+            params = gather_whole(params)
         if A == 1:
             loss, grads, meta_grads = value_and_grad(params, metas, x_ABT[0], y_ABT[0])
-            grads = _mean_over_devices(grads, specs, D)
+            grads = mean(grads)
         else:
             def micro(acc, xy):
                 loss, grads, meta_grads = value_and_grad(params, metas, xy[0], xy[1])
-                grads = (_mean_over_devices(grads, specs, D) if reduce_each_micro_step else
+                grads = (mean(grads) if reduce_each_micro_step else
                          jax.tree.map(lambda g: g.astype(jnp.float32), grads))
                 acc_loss, acc_grads, acc_meta = acc
                 acc_meta = None if metas is None else fp8_ops.combine_amax_grads(acc_meta, meta_grads)
                 return (acc_loss + loss.astype(jnp.float32), jax.tree.map(jnp.add, acc_grads, grads), acc_meta), None
-            local_shape = lambda p, spec: [n // D if axis == DATA_AXIS and reduce_each_micro_step else n
-                                           for n, axis in zip(p.shape, tuple(spec) + (None,) * p.ndim)]
-            zeros = jax.tree.map(lambda p, spec: jnp.zeros(local_shape(p, spec), jnp.float32), params, specs)
+            local_shape = lambda k, p: [n // D if axis == DATA_AXIS and reduce_each_micro_step and k not in summed
+                                        else n for n, axis in zip(p.shape, tuple(specs[k]) + (None,) * p.ndim)]
+            zeros = {k: jnp.zeros(local_shape(k, p), jnp.float32) for k, p in params.items()}
             meta_zeros = None if metas is None else jax.tree.map(jnp.zeros_like, metas)   # amaxes are >= 0
             (loss, grads, meta_grads), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros, meta_zeros),
                                                         (x_ABT, y_ABT))
             if not reduce_each_micro_step:
-                grads = _mean_over_devices(grads, specs, D)
+                grads = mean(grads)
             loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)   # mean over B*T*A, as llm.c
         meta_grads = None if meta_grads is None else jax.lax.pmax(meta_grads, DATA_AXIS)
         return jax.lax.pmean(loss.astype(jnp.float32), DATA_AXIS), grads, meta_grads
     batch = P(None, DATA_AXIS)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), batch, batch),
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs if split_params else P(), P(), batch, batch),
                          out_specs=(P(), specs, P()), check_vma=False)
 
 
@@ -191,11 +218,13 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     sharded = mesh is not None and mesh.size > 1 and grad_shardings is not None
     uses_pallas = sc.backward == "manual" and sc.kernels.uses_pallas
     gather_layers = sharded and zero_stage >= 3 and not uses_pallas
+    manual_gather = _manual_layer_gather(sc, grad_shardings) if sharded and zero_stage >= 3 and uses_pallas else None
     fp8_on = sc.fp8_options is not None
-    value_and_grad = sc.value_and_grad(_layer_gather(mesh, grad_shardings) if gather_layers else None)
+    value_and_grad = sc.value_and_grad(_layer_gather(mesh, grad_shardings) if gather_layers else manual_gather)
     value_and_grad = _with_meta_grads(value_and_grad, fp8_on)
     if sharded and not gather_layers:
-        per_device = _sharded_gradients(value_and_grad, mesh, grad_shardings, zero_stage >= 2)
+        per_device = _sharded_gradients(value_and_grad, mesh, grad_shardings, zero_stage >= 2,
+                                        None if manual_gather is None else frozenset(dict(manual_gather.dims)))
         return lambda params, x_ABT, y_ABT, metas=None: _drop_meta(per_device(params, metas, x_ABT, y_ABT), metas)
     constrain = ((lambda g: g) if grad_shardings is None else
                  (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)))
@@ -227,6 +256,15 @@ def _layer_gather(mesh, grad_shardings) -> LayerGather:
     (its spec without the L axis; only the per-layer tensors' entries are used), whole inside the scan."""
     split = tuple((name, NamedSharding(mesh, P(*sh.spec[1:]))) for name, sh in sorted(grad_shardings.items()))
     return LayerGather(whole=NamedSharding(mesh, P()), split=split)
+
+
+def _manual_layer_gather(sc: StepConfig, grad_shardings) -> LayerGather:
+    """ZeRO-3 inside shard_map (Pallas kernels): each per-layer tensor's layer slice all_gathered over
+    DATA_AXIS along the dimension its stack is split on, less the L axis."""
+    from llmc_jax.training.parallel import DATA_AXIS
+    dims = tuple((name, _split_dim(grad_shardings[name].spec) - 1) for name in sorted(family_of(sc.model).LAYER_PARAMS)
+                 if _split_dim(grad_shardings[name].spec) is not None)
+    return LayerGather(axis_name=DATA_AXIS, dims=dims)
 
 
 def _drop_meta(out, metas):
