@@ -1,14 +1,16 @@
 """Device mesh and ZeRO shardings for the training state (single process, several local devices).
 
 One mesh with a `data` axis (AxisType.Auto, so `with_sharding_constraint` works and XLA's GSPMD
-partitioner inserts the collectives). `-z` chooses what is sharded over `data`:
+partitioner can insert the collectives; the train step writes its own in shard_map below -z 3 and
+with Pallas kernels, train_step._sharded_gradients). `-z` chooses what is sharded over `data`:
 
     0  everything replicated (plain data parallel: gradients all-reduced)
     1  + AdamW m and v sharded, gradients reduce-scattered once per step (llm.c's ZeRO-1), and
          fp32 master weights the forward reads a bf16 copy of sharded too (gathered in bf16 at
          the step's start: llm.c keeps its bf16 params whole and shards its master weights)
     2  + gradients reduce-scattered after every micro-step into a sharded sum
-    3  + parameters sharded too (FSDP; XLA gathers them where they are used)
+    3  + parameters sharded too (FSDP: each layer's shards gathered as the layer scan reaches
+         it, its gradient reduce-scattered back; nn/layer_gather.py)
 
 Every sharded leaf is split along the dimension `shard_dim` picks (the first one divisible by the
 data-axis size, never the stacked layer axis of the per-layer tensors, so that at -z 3 the scan
