@@ -67,6 +67,12 @@ def leaf_spec(shape: Sequence[int], n: int, first: int = 0) -> P:
     return P(*([None] * dim + [DATA_AXIS]))
 
 
+def split_dim(spec: P) -> int | None:
+    """The dimension a leaf_spec splits over DATA_AXIS, or None (replicated)."""
+    dims = [i for i, axis in enumerate(spec) if axis == DATA_AXIS]
+    return dims[0] if dims else None
+
+
 def _is_layer_stack(path, layer_params: Collection[str]) -> bool:
     """A per-layer tensor (L, ...) of the params dict (or of m, v, gradients: the same keys)."""
     return bool(path) and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key in layer_params

@@ -121,22 +121,15 @@ def _with_meta_grads(value_and_grad, fp8_on: bool):
     return lambda params, metas, x_BT, y_BT: (*value_and_grad(params, x_BT, y_BT), None)
 
 
-def _split_dim(spec) -> int | None:
-    """The dimension a PartitionSpec splits over DATA_AXIS, or None."""
-    from llmc_jax.training.parallel import DATA_AXIS
-    dims = [i for i, axis in enumerate(spec) if axis == DATA_AXIS]
-    return dims[0] if dims else None
-
-
 def _mean_over_devices(grads: dict, specs: dict, D: int, summed: frozenset = frozenset()):
     """Inside shard_map: each device's gradients -> their mean over the devices, as fp32, in the layout
     `specs` gives (per leaf: split on the dimension it names DATA_AXIS on, else whole). Reduced in the
     dtype they come in (bf16 in a bf16 run: llm.c's reduce-scatter), divided by D after, in fp32.
     summed: the names whose split gradients come summed already (the transpose of -z 3's all_gather)."""
-    from llmc_jax.training.parallel import DATA_AXIS
+    from llmc_jax.training.parallel import DATA_AXIS, split_dim
 
     def reduce(name, g):
-        dim = _split_dim(specs[name])
+        dim = split_dim(specs[name])
         if dim is None:
             total = jax.lax.psum(g, DATA_AXIS)
         else:
@@ -163,18 +156,25 @@ def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_s
     The FP8 metas' gradients (observed amaxes) are combined with max over micro-steps and devices:
     each device saw only its rows, the scale needs the max. check_vma=False: Pallas' interpret mode
     fails the varying-axes check."""
-    from llmc_jax.training.parallel import DATA_AXIS
+    from llmc_jax.training.parallel import DATA_AXIS, split_dim
     D = mesh.shape[DATA_AXIS]
     specs = jax.tree.map(lambda sh: sh.spec, grad_shardings)
+    dims = {k: split_dim(spec) for k, spec in specs.items()}
     split_params = gathered_in_scan is not None
-    summed = frozenset(k for k in specs if split_params and k in gathered_in_scan and _split_dim(specs[k]) is not None)
+    summed = frozenset(k for k in specs if split_params and k in gathered_in_scan and dims[k] is not None)
     mean = lambda grads: _mean_over_devices(grads, specs, D, summed)
 
     def gather_whole(params):
         """-z 3: the split tensors outside the layer scan (embeddings, final norm) gathered whole."""
-        return {k: (v if k in summed or _split_dim(specs[k]) is None else
-                    jax.lax.all_gather(v, DATA_AXIS, axis=_split_dim(specs[k]), tiled=True))
+        return {k: v if k in summed or dims[k] is None else jax.lax.all_gather(v, DATA_AXIS, axis=dims[k], tiled=True)
                 for k, v in params.items()}
+
+    def accumulator(k, p):
+        """fp32 zeros for a micro-step sum: each gradient's shard when reduced every micro-step."""
+        shape = list(p.shape)
+        if reduce_each_micro_step and dims[k] is not None and k not in summed:
+            shape[dims[k]] //= D
+        return jnp.zeros(shape, jnp.float32)
 
     def local(params, metas, x_ABT, y_ABT):
         A = x_ABT.shape[0]
@@ -191,9 +191,7 @@ def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_s
                 acc_loss, acc_grads, acc_meta = acc
                 acc_meta = None if metas is None else fp8_ops.combine_amax_grads(acc_meta, meta_grads)
                 return (acc_loss + loss.astype(jnp.float32), jax.tree.map(jnp.add, acc_grads, grads), acc_meta), None
-            local_shape = lambda k, p: [n // D if axis == DATA_AXIS and reduce_each_micro_step and k not in summed
-                                        else n for n, axis in zip(p.shape, tuple(specs[k]) + (None,) * p.ndim)]
-            zeros = {k: jnp.zeros(local_shape(k, p), jnp.float32) for k, p in params.items()}
+            zeros = {k: accumulator(k, p) for k, p in params.items()}
             meta_zeros = None if metas is None else jax.tree.map(jnp.zeros_like, metas)   # amaxes are >= 0
             (loss, grads, meta_grads), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros, meta_zeros),
                                                         (x_ABT, y_ABT))
@@ -220,7 +218,7 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     gather_layers = sharded and zero_stage >= 3 and not uses_pallas
     manual_gather = _manual_layer_gather(sc, grad_shardings) if sharded and zero_stage >= 3 and uses_pallas else None
     fp8_on = sc.fp8_options is not None
-    value_and_grad = sc.value_and_grad(_layer_gather(mesh, grad_shardings) if gather_layers else manual_gather)
+    value_and_grad = sc.value_and_grad(_layer_gather(sc, mesh, grad_shardings) if gather_layers else manual_gather)
     value_and_grad = _with_meta_grads(value_and_grad, fp8_on)
     if sharded and not gather_layers:
         per_device = _sharded_gradients(value_and_grad, mesh, grad_shardings, zero_stage >= 2,
@@ -251,20 +249,20 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     return fn
 
 
-def _layer_gather(mesh, grad_shardings) -> LayerGather:
-    """ZeRO-3's per-layer gather: each stacked per-layer tensor's layer slice split as the stack is
-    (its spec without the L axis; only the per-layer tensors' entries are used), whole inside the scan."""
-    split = tuple((name, NamedSharding(mesh, P(*sh.spec[1:]))) for name, sh in sorted(grad_shardings.items()))
+def _layer_gather(sc: StepConfig, mesh, grad_shardings) -> LayerGather:
+    """ZeRO-3's per-layer gather under jit: each per-layer tensor's layer slice split as its stack is
+    (the stack's spec without the L axis), whole inside the scan."""
+    split = tuple((name, NamedSharding(mesh, P(*grad_shardings[name].spec[1:])))
+                  for name in sorted(family_of(sc.model).LAYER_PARAMS))
     return LayerGather(whole=NamedSharding(mesh, P()), split=split)
 
 
 def _manual_layer_gather(sc: StepConfig, grad_shardings) -> LayerGather:
     """ZeRO-3 inside shard_map (Pallas kernels): each per-layer tensor's layer slice all_gathered over
     DATA_AXIS along the dimension its stack is split on, less the L axis."""
-    from llmc_jax.training.parallel import DATA_AXIS
-    dims = tuple((name, _split_dim(grad_shardings[name].spec) - 1) for name in sorted(family_of(sc.model).LAYER_PARAMS)
-                 if _split_dim(grad_shardings[name].spec) is not None)
-    return LayerGather(axis_name=DATA_AXIS, dims=dims)
+    from llmc_jax.training.parallel import DATA_AXIS, split_dim
+    dims = {name: split_dim(grad_shardings[name].spec) for name in sorted(family_of(sc.model).LAYER_PARAMS)}
+    return LayerGather(axis_name=DATA_AXIS, dims=tuple((name, d - 1) for name, d in dims.items() if d is not None))
 
 
 def _drop_meta(out, metas):
