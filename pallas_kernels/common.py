@@ -28,6 +28,14 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)   # the GELU tanh approximation's constant
 GELU_CUBIC = 0.044715
 
 
+# The names (jax.ad_checkpoint.checkpoint_name) the ops give the residuals their backward reads that
+# llm.c keeps at every -r: the families' rematerialization policies save them by name, so that
+# recomputing an op in the backward is never recomputing its forward's expensive part.
+SAVED_RESIDUAL = "residual"        # the residual stream a norm reads (llm.c's residual2 and residual3)
+SAVED_NORM_STATS = "norm_stats"    # layernorm's mean and rstd, RMSNorm's rstd
+SAVED_ATTN_STATS = "attn_stats"    # attention's per-row log-sum-exp (llm.c's att with cuDNN)
+
+
 _TARGET_BACKENDS: list[str] = []     # innermost last: set by compiling_for
 
 

@@ -21,8 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.common import (check_rows, F32, LN_EPS, load_rows, next_power_of_2, pl, plt, row_config,
+                                   SAVED_NORM_STATS, SAVED_RESIDUAL,
                                    row_params, row_sub_tile, row_tile_masks,
                                    RowConfig)
 
@@ -134,6 +136,10 @@ def _backward(cfg: RowConfig, x, w, b, mean, rstd, dout, ds=None):
 # custom_vjps on (N, C); residuals as in llm.c: the input (for the fused op the rounded sum),
 # w, and the float32 mean and rstd (b only for its dtype)
 
+def _named_stats(*stats):
+    return tuple(checkpoint_name(s, SAVED_NORM_STATS) for s in stats)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _layernorm(cfg, x, w, b):
     return _forward(cfg, x, None, w, b)[0]
@@ -141,7 +147,7 @@ def _layernorm(cfg, x, w, b):
 
 def _layernorm_fwd(cfg, x, w, b):
     out, mean, rstd = _forward(cfg, x, None, w, b)
-    return out, (x, w, b, mean, rstd)
+    return out, (x, w, b, *_named_stats(mean, rstd))
 
 
 def _layernorm_bwd(cfg, res, dout):
@@ -158,7 +164,8 @@ def _residual_layernorm(cfg, x, r, w, b):
 
 def _residual_layernorm_fwd(cfg, x, r, w, b):
     s, out, mean, rstd = _forward(cfg, x, r, w, b)
-    return (s, out), (s, w, b, mean, rstd)
+    s = checkpoint_name(s, SAVED_RESIDUAL)
+    return (s, out), (s, w, b, *_named_stats(mean, rstd))
 
 
 def _residual_layernorm_bwd(cfg, res, cts):

@@ -21,8 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.common import (check_rows, F32, load_rows, next_power_of_2, pl, plt, row_config,
+                                   SAVED_NORM_STATS, SAVED_RESIDUAL,
                                    row_params, row_sub_tile, row_tile_masks,
                                    RowConfig)
 # the row kernels' shared settings (block sizes, warps): one definition for both norms
@@ -129,7 +131,7 @@ def _rmsnorm(cfg, x, w):
 
 def _rmsnorm_fwd(cfg, x, w):
     out, rstd = _forward(cfg, x, None, w)
-    return out, (x, w, rstd)
+    return out, (x, w, checkpoint_name(rstd, SAVED_NORM_STATS))
 
 
 def _rmsnorm_bwd(cfg, res, dout):
@@ -146,7 +148,8 @@ def _residual_rmsnorm(cfg, x, r, w):
 
 def _residual_rmsnorm_fwd(cfg, x, r, w):
     h, out, rstd = _forward(cfg, x, r, w)
-    return (h, out), (h, w, rstd)
+    h = checkpoint_name(h, SAVED_RESIDUAL)
+    return (h, out), (h, w, checkpoint_name(rstd, SAVED_NORM_STATS))
 
 
 def _residual_rmsnorm_bwd(cfg, res, cts):

@@ -27,7 +27,7 @@ Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                 "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
 KERNEL_OPS = ("attention", "layernorm", "matmul_gelu")     # the Kernels choices this family uses
-# what llm.c's -r keeps for the backward; everything else in the block is recomputed
+# what llm.c's -r keeps for the backward besides kernels.ALWAYS_SAVED; the rest of the block is recomputed
 _SAVED = {1: ("ln1", "qkv", "atty", "ln2", "fch"), 2: ("qkv", "atty", "fch")}
 
 
@@ -59,8 +59,7 @@ def make_block(opset: OpSet, NH: int, recompute: int, pos, fp8_opts: fp8.Fp8Opti
         x, ln1 = opset.residual_layernorm(x, delta, lp["ln1w"], lp["ln1b"])
         ln1 = checkpoint_name(ln1, "ln1")
         qkv = checkpoint_name(mm("qkv", ln1, lp["qkvw"], lp["qkvb"]), "qkv")
-        atty, cache = kv_cache.attention(opset.attention, qkv, NH, cache, layer, pos)
-        atty = checkpoint_name(atty, "atty")
+        atty, cache = kv_cache.attention(opset.attention, qkv, NH, cache, layer, pos)   # named "atty"
         x, ln2 = opset.residual_layernorm(x, mm("attproj", atty, lp["attprojw"], lp["attprojb"]),
                                           lp["ln2w"], lp["ln2b"])
         ln2 = checkpoint_name(ln2, "ln2")

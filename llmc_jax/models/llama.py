@@ -38,7 +38,8 @@ from llmc_jax.nn.swiglu import swiglu
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "qkvw", "attprojw", "ln2w", "fcw", "fcprojw")
 KERNEL_OPS = ("attention", "layernorm")     # no fused matmul+GELU: SwiGLU
-# llm.c's -r: 1 recomputes SwiGLU from the kept fc output, 2 also both RMSNorms
+# llm.c's -r: 1 recomputes SwiGLU from the kept fc output, 2 also both RMSNorms (from the residual
+# and rstd, kernels.ALWAYS_SAVED)
 _SAVED = {1: ("n1", "qkv", "atty", "n2", "fch"), 2: ("qkv", "atty", "fch")}
 
 
@@ -85,8 +86,7 @@ def make_block(config: LlamaConfig, opset: OpSet, recompute: int, pos,
         qkv = checkpoint_name(mm("qkv", n1, lp["qkvw"], None), "qkv")
         q, k, v = split_qkv(qkv, config)
         q, k = rope(q, table, pos), rope(k, table, pos)
-        atty, cache = _attend(opset.gqa_attention, q, k, v, cache, layer, pos)
-        atty = checkpoint_name(atty, "atty")
+        atty, cache = _attend(opset.gqa_attention, q, k, v, cache, layer, pos)    # named "atty"
         x, n2 = residual_rmsnorm(x, mm("attproj", atty, lp["attprojw"], None), lp["ln2w"], eps)
         n2 = checkpoint_name(n2, "n2")
         fch = checkpoint_name(mm("fc", n2, lp["fcw"], None), "fch")

@@ -16,8 +16,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llmc_jax.nn import ops
+from pallas_kernels.common import SAVED_ATTN_STATS
 
 F32 = jnp.float32
 
@@ -47,7 +49,7 @@ def _gqa(q_BTNH, k_BTKH, v_BTKH):
 def _gqa_fwd(q_BTNH, k_BTKH, v_BTKH):
     B, T, NH, HS = q_BTNH.shape
     s = _causal_scores(_grouped(q_BTNH, k_BTKH.shape[2]), k_BTKH)
-    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)                   # (B, NKV, n_rep, T, 1), saved
+    lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), SAVED_ATTN_STATS)  # (B, NKV, n_rep, T, 1)
     p = jnp.exp(s - lse).astype(v_BTKH.dtype)
     out = _einsum("bgrqk,bkgd->bqgrd", p, v_BTKH)
     return out.reshape(B, T, NH * HS).astype(q_BTNH.dtype), (q_BTNH, k_BTKH, v_BTKH, lse)

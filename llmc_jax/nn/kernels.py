@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llmc_jax.nn import ops
 from llmc_jax.nn.gqa_attention import gqa_attention as _xla_gqa_attention
 from llmc_jax.nn.rmsnorm import residual_rmsnorm as _xla_residual_rmsnorm
+from pallas_kernels.common import SAVED_ATTN_STATS, SAVED_NORM_STATS, SAVED_RESIDUAL
 
 # The --kernels families, and the implementations each swappable op has.
 FAMILIES = ("xla", "pallas")
@@ -123,14 +124,21 @@ def loss_value_and_grad(loss: Callable, opts: ModelOptions) -> Callable:
 RECOMPUTE = (0, 1, 2)
 
 
+# What llm.c keeps at every -r: the residual stream each norm reads, the norms' statistics and
+# attention's log-sum-exp. Without them the backward would run the attention forward and the
+# attention projection's matmul again, which llm.c never does.
+ALWAYS_SAVED = (SAVED_RESIDUAL, SAVED_NORM_STATS, SAVED_ATTN_STATS)
+
+
 def rematerialize(block: Callable, recompute: int, saved: dict[int, tuple[str, ...]]) -> Callable:
     """llm.c's -r on a block: level 0 keeps everything; level 1/2 keep only the activations named
-    (checkpoint_name) in saved[level] and recompute the rest in the backward."""
+    (checkpoint_name) in saved[level] and ALWAYS_SAVED, and recompute the rest in the backward."""
     if recompute == 0:
         return block
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute}")
-    return jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(*saved[recompute]))
+    policy = jax.checkpoint_policies.save_only_these_names(*saved[recompute], *ALWAYS_SAVED)
+    return jax.checkpoint(block, policy=policy)
 
 
 class OpSet(NamedTuple):
@@ -141,16 +149,21 @@ class OpSet(NamedTuple):
     residual_layernorm: Callable      # (x, r, w, b) -> (x + r, layernorm(x + r))
     matmul: Callable
     matmul_gelu: Callable             # (x, w, b) -> gelu(x @ w.T + b)
-    attention: Callable               # (qkv_BT3C, NH) -> (B, T, C), causal
+    attention: Callable               # (qkv_BT3C, NH) -> (B, T, C), causal, named "atty" for -r
     classifier: Callable
     # Llama 3's
     residual_rmsnorm: Callable        # (x, r, w, eps) -> (x + r, rmsnorm(x + r)), eps a static float
-    gqa_attention: Callable           # (q (B, T, NH, HS), k, v (B, T, NKV, HS)) -> (B, T, NH*HS), causal
+    gqa_attention: Callable           # (q (B, T, NH, HS), k, v (B, T, NKV, HS)) -> (B, T, NH*HS), causal, "atty"
 
 
 def _xla_residual_layernorm(x, r, w, b):
-    s = ops.residual(x, r)
+    s = checkpoint_name(ops.residual(x, r), SAVED_RESIDUAL)
     return s, ops.layernorm(s, w, b)
+
+
+def _named_output(attention: Callable) -> Callable:
+    """An XLA attention whose output is named "atty" for -r (its residuals are the inputs and the lse)."""
+    return lambda *args: checkpoint_name(attention(*args), "atty")
 
 
 def _xla_matmul_gelu(x, w, b):
@@ -160,17 +173,49 @@ def _xla_matmul_gelu(x, w, b):
 
 def _qkv_attention(attention_BTNH: Callable) -> Callable:
     """Adapt a (q, k, v) -> out attention on (B, T, NH, HS) to the packed (B, T, 3C) qkv."""
-    def attention(qkv_BT3C, NH: int):
-        B, T, C3 = qkv_BT3C.shape
-        return attention_BTNH(*ops.split_heads(qkv_BT3C, NH)).reshape(B, T, C3 // 3)
-    return attention
+    merged = _merged_heads(attention_BTNH)
+    return lambda qkv_BT3C, NH: merged(*ops.split_heads(qkv_BT3C, NH))
 
 
 def _merged_heads(attention_BTNH: Callable) -> Callable:
-    """Adapt a (q, k, v) -> (B, T, NH, HS) attention to the (B, T, NH*HS) output Llama projects."""
+    """Adapt a (q, k, v) -> (B, T, NH, HS) attention (a custom_vjp: cuDNN's, Pallas flash) to the
+    (B, T, NH*HS) output the projection reads, saving that output once.
+
+    The kernel's own vjp keeps its output in (B, T, NH, HS) while the projection's matmul keeps the
+    merged (B, T, NH*HS) one: two copies of llm.c's atty per layer. Here the residuals are q, k, v,
+    the merged output (named "atty") and the kernel's other residuals (its log-sum-exp, named
+    SAVED_ATTN_STATS), so the projection's residual is the same array and -r 1/2 keep the stats
+    rather than run the attention forward again in the backward."""
+    def merged(out_BTNH):
+        B, T, NH, HS = out_BTNH.shape
+        return out_BTNH.reshape(B, T, NH * HS)
+
+    def kernel_vjp(q, k, v):
+        """(out, vjp's residual leaves, treedef, the leaves that are q, k, v or out)."""
+        out, vjp = jax.vjp(attention_BTNH, q, k, v)
+        leaves, treedef = jax.tree_util.tree_flatten(vjp)
+        return out, leaves, treedef, [next((i for i, x in enumerate((q, k, v, out)) if leaf is x), None)
+                                      for leaf in leaves]
+
+    @jax.custom_vjp
     def attention(q_BTNH, k_BTKH, v_BTKH):
-        B, T, NH, HS = q_BTNH.shape
-        return attention_BTNH(q_BTNH, k_BTKH, v_BTKH).reshape(B, T, NH * HS)
+        return merged(attention_BTNH(q_BTNH, k_BTKH, v_BTKH))
+
+    def attention_fwd(q, k, v):
+        out, leaves, _, roles = kernel_vjp(q, k, v)
+        atty = checkpoint_name(merged(out), "atty")
+        stats = [checkpoint_name(x, SAVED_ATTN_STATS) for x, role in zip(leaves, roles) if role is None]
+        return atty, (q, k, v, atty, stats)
+
+    def attention_bwd(res, datty):
+        q, k, v, atty, stats = res
+        # traced again for the vjp's structure; the forward it traces is dead code in the backward
+        out, leaves, treedef, roles = kernel_vjp(q, k, v)
+        known, stats = (q, k, v, atty.reshape(out.shape)), iter(stats)
+        vjp = jax.tree_util.tree_unflatten(treedef, [next(stats) if role is None else known[role] for role in roles])
+        return vjp(datty.reshape(out.shape))
+
+    attention.defvjp(attention_fwd, attention_bwd)
     return attention
 
 
@@ -187,8 +232,9 @@ def op_set(kernels: Kernels = XLA) -> OpSet:
     """The op library's functions, with attention (multi-head and grouped-query), the residual +
     layernorm / RMSNorm and the MLP's matmul+GELU swapped for the kernels `kernels` names. The plain
     matmuls stay XLA's (cuBLAS is the fastest)."""
-    attention, layernorm, residual_layernorm = ops.attention, ops.layernorm, _xla_residual_layernorm
-    gqa_attention, residual_rmsnorm, matmul_gelu = _xla_gqa_attention, _xla_residual_rmsnorm, _xla_matmul_gelu
+    attention, layernorm, residual_layernorm = _named_output(ops.attention), ops.layernorm, _xla_residual_layernorm
+    gqa_attention = _named_output(_xla_gqa_attention)
+    residual_rmsnorm, matmul_gelu = _xla_residual_rmsnorm, _xla_matmul_gelu
     if kernels.attention == "pallas":
         from pallas_kernels.flash_attention import flash_attention
         attention, gqa_attention = _qkv_attention(flash_attention), _merged_heads(flash_attention)

@@ -19,6 +19,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from pallas_kernels.common import SAVED_ATTN_STATS, SAVED_NORM_STATS
 
 F32 = jnp.float32
 LN_EPS = 1e-5
@@ -133,7 +136,7 @@ def _layernorm_stats(x):
 def _layernorm_fwd(x, w, b):
     x32, mean, rstd = _layernorm_stats(x)
     out = ((x32 - mean) * rstd * w + b).astype(x.dtype)
-    return out, (x, w, mean, rstd)
+    return out, (x, w, checkpoint_name(mean, SAVED_NORM_STATS), checkpoint_name(rstd, SAVED_NORM_STATS))
 
 
 def _layernorm_bwd(res, dout):
@@ -261,7 +264,7 @@ def attention(qkv_BT3C, NH: int):
 def _attention_fwd(qkv_BT3C, NH):
     q, k, v = split_heads(qkv_BT3C, NH)
     s = _causal_scores(q, k)
-    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)         # (B, NH, T, 1), saved
+    lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), SAVED_ATTN_STATS)  # (B, NH, T, 1)
     p = jnp.exp(s - lse).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=MATMUL_PRECISION, preferred_element_type=F32)
     B, T = qkv_BT3C.shape[:2]

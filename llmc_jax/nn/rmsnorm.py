@@ -22,6 +22,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from pallas_kernels.common import SAVED_NORM_STATS, SAVED_RESIDUAL
 
 F32 = jnp.float32
 
@@ -60,7 +63,7 @@ def rmsnorm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 def _rmsnorm_fwd(x, w, eps):
     y, rstd = _normalize(x, w, eps)
-    return y, (x, w, rstd)
+    return y, (x, w, checkpoint_name(rstd, SAVED_NORM_STATS))
 
 
 def _rmsnorm_bwd(eps, res, dy):
@@ -93,9 +96,9 @@ def _residual_rmsnorm_fwd(x, r, w, eps):
     if r.shape != x.shape or r.dtype != x.dtype:   # both get the one cotangent of x + r back
         raise ValueError(f"r must match x in shape and dtype: x is {x.dtype}{list(x.shape)}, "
                          f"r is {r.dtype}{list(r.shape)}")
-    h = x + r
+    h = checkpoint_name(x + r, SAVED_RESIDUAL)
     y, rstd = _normalize(h, w, eps)
-    return (h, y), (h, w, rstd)
+    return (h, y), (h, w, checkpoint_name(rstd, SAVED_NORM_STATS))
 
 
 def _residual_rmsnorm_bwd(eps, res, cts):
