@@ -137,7 +137,13 @@ def test_fp32_params_and_nearest_are_plain_adds():
 def test_train_step_writes_bf16_params_by_the_numpy_rule():
     """The whole jitted step at -w 0: each bf16 param it writes is, bit for bit, the NumPy rounding of
     the fp32 value AdamW computed (recomputed here from the step's own moments; tensor i = the i-th
-    sorted name). Rounding to nearest differs from it in 30% of the elements."""
+    sorted name). Rounding to nearest differs from it in 30% of the elements.
+
+    The fp32 value is recomputed, not read: XLA's arithmetic (FMAs, its pow and division) may differ
+    from NumPy's in the last bits of p and lr * update, and where the two nearly cancel that moves
+    the value across the rounding threshold. So an element whose rounding changes within 8 ulps of
+    p and of lr * update may be either rounding of that range (at most 1% of a tensor's elements);
+    every other element must be exact."""
     params = {k: np.asarray(v, ml_dtypes.bfloat16) for k, v in random_params(TEST_CONFIG).items()}
     sc = train_step.StepConfig(model=TEST_CONFIG, dtype="bfloat16", weight_decay=0.1)
     state = train_step.init_train_state({k: jnp.asarray(v) for k, v in params.items()}, sc)   # donated
@@ -154,5 +160,10 @@ def test_train_step_writes_bf16_params_by_the_numpy_rule():
         if name in ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"):
             upd = upd + np.float32(0.1) * p
         fp32 = p - lr * upd
-        want = np_stochastic_round(fp32, step, i)
-        np.testing.assert_array_equal(jax_bits(new.params[name]), want, err_msg=name)
+        err = 8 * (np.spacing(np.abs(p)) + np.spacing(np.abs(lr * upd))) * (fp32 != 0)   # exact zeros: wte's padding
+        want, low, high = (np_stochastic_round(x, step, i) for x in (fp32, fp32 - err, fp32 + err))
+        got = jax_bits(new.params[name])
+        ambiguous = (low != want) | (high != want)
+        assert np.count_nonzero(ambiguous) <= 0.01 * got.size, name
+        np.testing.assert_array_equal(got[~ambiguous], want[~ambiguous], err_msg=name)
+        assert np.all((got == want) | (got == low) | (got == high)), name
