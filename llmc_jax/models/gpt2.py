@@ -21,7 +21,7 @@ from llmc_jax.models.config import PARAM_NAMES, GPTConfig
 from llmc_jax.nn import fp8, kv_cache, ops
 from llmc_jax.nn.kernels import ModelOptions, OpSet, loss_value_and_grad, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
-from llmc_jax.nn.layer_gather import gathered_block
+from llmc_jax.nn.layer_gather import LayerGather
 
 Params = dict[str, jax.Array]
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
@@ -44,14 +44,16 @@ def _matmuls(opset: OpSet, fp8_opts: fp8.Fp8Options | None, lm: dict | None) -> 
     return mm, fc_gelu
 
 
-def make_block(opset: OpSet, NH: int, recompute: int, pos, fp8_opts: fp8.Fp8Options | None = None) -> Callable:
+def make_block(opset: OpSet, NH: int, recompute: int, pos, fp8_opts: fp8.Fp8Options | None = None,
+               gather: LayerGather | None = None) -> Callable:
     """The transformer block as a scan body: ((x, delta), cache), (lp, layer, fp8 metas) -> same carry.
 
     The carry holds the residual stream x and the previous block's last branch output delta, not
     yet added, so that add and this block's first layernorm are one fused op (llm.c's fused
     residual forward). With recompute > 0 it is rematerialized as llm.c's -r: 1 recomputes GELU in
     the backward, 2 recomputes GELU and both layernorms. The fp8 metas (None: off) are this layer's
-    slice of the stacked ones: scanned, not closed over, so each meta feeds one call (fp8.py)."""
+    slice of the stacked ones: scanned, not closed over, so each meta feeds one call (fp8.py).
+    gather (ZeRO-3): the layer's shards are all_gathered first, inside the rematerialized block."""
     def block(carry, xs):
         (x, delta), cache = carry
         lp, layer, lm = xs
@@ -65,7 +67,7 @@ def make_block(opset: OpSet, NH: int, recompute: int, pos, fp8_opts: fp8.Fp8Opti
         ln2 = checkpoint_name(ln2, "ln2")
         delta = mm("fcproj", fc_gelu(ln2, lp["fcw"], lp["fcb"]), lp["fcprojw"], lp["fcprojb"])
         return ((x, delta), cache), None
-    return rematerialize(block, recompute, _SAVED)
+    return rematerialize(block, recompute, _SAVED, gather)
 
 
 def forward(params: Params, idx_BT: jax.Array, config: GPTConfig, opts: ModelOptions = ModelOptions(), *,
@@ -87,8 +89,7 @@ def forward(params: Params, idx_BT: jax.Array, config: GPTConfig, opts: ModelOpt
     if not (isinstance(pos, int) and pos == 0):     # decode: the position's row of the table
         wpe = jax.lax.dynamic_slice_in_dim(wpe, pos, T)
     x = opset.encoder(params["wte"], wpe, idx_BT, jnp.zeros((), opts.dtype))
-    block = make_block(opset, config.NH, opts.recompute, pos, opts.fp8)
-    block = gathered_block(block, opts.layer_sharding)
+    block = make_block(opset, config.NH, opts.recompute, pos, opts.fp8, opts.layer_sharding)
     xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L), fp8_metas)
     ((x, delta), cache), _ = jax.lax.scan(block, ((x, jnp.zeros_like(x)), cache), xs)
     return opset.residual_layernorm(x, delta, params["lnfw"], params["lnfb"])[1], cache

@@ -31,7 +31,7 @@ from llmc_jax.models.llama_config import LlamaConfig
 from llmc_jax.nn import fp8, ops
 from llmc_jax.nn.kernels import ModelOptions, OpSet, loss_value_and_grad, op_set, rematerialize
 from llmc_jax.nn.kv_cache import KVCache
-from llmc_jax.nn.layer_gather import gathered_block
+from llmc_jax.nn.layer_gather import LayerGather
 from llmc_jax.nn.rope import rope, rope_frequencies
 from llmc_jax.nn.swiglu import swiglu
 
@@ -70,7 +70,7 @@ def _attend(attention: Callable, q, k, v, cache: KVCache | None, layer, pos):
 
 
 def make_block(config: LlamaConfig, opset: OpSet, recompute: int, pos,
-               fp8_opts: fp8.Fp8Options | None = None) -> Callable:
+               fp8_opts: fp8.Fp8Options | None = None, gather: LayerGather | None = None) -> Callable:
     """The transformer block as a scan body: ((x, delta), cache), (lp, layer, fp8 metas) -> same
     carry; delta is the previous block's branch output, added by this block's fused residual+RMSNorm.
     The metas (None: FP8 off) are this layer's slice of the stacked ones, as in GPT-2's block."""
@@ -91,7 +91,7 @@ def make_block(config: LlamaConfig, opset: OpSet, recompute: int, pos,
         n2 = checkpoint_name(n2, "n2")
         fch = checkpoint_name(mm("fc", n2, lp["fcw"], None), "fch")
         return ((x, mm("fcproj", swiglu(fch), lp["fcprojw"], None)), cache), None
-    return rematerialize(block, recompute, _SAVED)
+    return rematerialize(block, recompute, _SAVED, gather)
 
 
 def forward(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelOptions = ModelOptions(), *,
@@ -106,8 +106,7 @@ def forward(params: Params, idx_BT: jax.Array, config: LlamaConfig, opts: ModelO
         raise ValueError("a prompt of several tokens is written into the cache from position 0 only")
     x = ops.token_embedding(params["wte"], idx_BT, jnp.zeros((), opts.dtype))
     opset = op_set(opts.kernels)
-    block = make_block(config, opset, opts.recompute, pos, opts.fp8)
-    block = gathered_block(block, opts.layer_sharding)
+    block = make_block(config, opset, opts.recompute, pos, opts.fp8, opts.layer_sharding)
     xs = ({k: params[k] for k in LAYER_PARAMS}, jnp.arange(config.L), fp8_metas)
     ((x, delta), cache), _ = jax.lax.scan(block, ((x, jnp.zeros_like(x)), cache), xs)
     return opset.residual_rmsnorm(x, delta, params["lnfw"], config.norm_eps)[1], cache

@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llmc_jax.nn import ops
 from llmc_jax.nn.gqa_attention import gqa_attention as _xla_gqa_attention
+from llmc_jax.nn.layer_gather import LayerGather, gathered_block
 from llmc_jax.nn.rmsnorm import residual_rmsnorm as _xla_residual_rmsnorm
 from pallas_kernels.common import SAVED_ATTN_STATS, SAVED_NORM_STATS, SAVED_RESIDUAL
 
@@ -99,8 +100,8 @@ def default_dtype(platform: str) -> str:
 class ModelOptions(NamedTuple):
     """What changes a model's traced forward, besides its config: hashable, a jit static argument.
 
-    layer_sharding (ZeRO-3): a layer_gather.LayerGather, one layer's tensors whole inside the layer
-    scan and their gradients split back; XLA all-gathers each layer's shards as the scan reaches it.
+    layer_sharding (ZeRO-3, inside shard_map): a layer_gather.LayerGather, each layer's shards
+    all_gathered as the layer scan reaches them and their gradients reduce-scattered back.
     fp8: the forward's FP8 recipe; the per-layer metas are then an argument of forward/loss."""
 
     dtype: Any = jnp.float32
@@ -130,13 +131,20 @@ RECOMPUTE = (0, 1, 2)
 ALWAYS_SAVED = (SAVED_RESIDUAL, SAVED_NORM_STATS, SAVED_ATTN_STATS)
 
 
-def rematerialize(block: Callable, recompute: int, saved: dict[int, tuple[str, ...]]) -> Callable:
+def rematerialize(block: Callable, recompute: int, saved: dict[int, tuple[str, ...]],
+                  gather: LayerGather | None = None) -> Callable:
     """llm.c's -r on a block: level 0 keeps everything; level 1/2 keep only the activations named
-    (checkpoint_name) in saved[level] and ALWAYS_SAVED, and recompute the rest in the backward."""
-    if recompute == 0:
-        return block
+    (checkpoint_name) in saved[level] and ALWAYS_SAVED, and recompute the rest in the backward.
+
+    gather (ZeRO-3): the block gathers its layer's shards first, inside the checkpoint, so that at
+    -r 1/2 the backward gathers each layer again rather than keep every layer's whole weights; -r 0
+    keeps them. (A -r 0 checkpoint keeping all but the gathered tensors was tried: with FP8 on, any
+    jax.checkpoint at -r 0, even everything_saveable, gave NaN losses; not investigated further.)"""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute}")
+    block = gathered_block(block, gather)
+    if recompute == 0:
+        return block
     policy = jax.checkpoint_policies.save_only_these_names(*saved[recompute], *ALWAYS_SAVED)
     return jax.checkpoint(block, policy=policy)
 

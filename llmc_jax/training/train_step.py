@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from llmc_jax.training import optim, rounding
 from llmc_jax.models.family import family_of, reference_of
@@ -210,19 +210,17 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
 
     grad_shardings (a pytree like params, Shardings.grads): the layout of the gradients, reduced
     (replicated: all-reduce; split like the AdamW state: reduce-scatter); mesh: the device mesh of a
-    sharded step. Below ZeRO-3 (and at ZeRO-3 with Pallas kernels) every device computes on its rows
-    inside shard_map with the reductions written out (_sharded_gradients); ZeRO-3 with XLA's ops is
-    left to XLA's partitioner, which gathers each layer's params as the scan reaches it."""
+    sharded step. Every device computes on its rows inside shard_map with the collectives written out
+    (_sharded_gradients); at ZeRO-3 the model all_gathers each layer's params as its scan reaches the
+    layer, and the gather's transpose reduce-scatters the layer's gradients in the compute dtype
+    (left to XLA's partitioner, they were reduce-scattered in fp32: twice the bytes)."""
     sharded = mesh is not None and mesh.size > 1 and grad_shardings is not None
-    uses_pallas = sc.backward == "manual" and sc.kernels.uses_pallas
-    gather_layers = sharded and zero_stage >= 3 and not uses_pallas
-    manual_gather = _manual_layer_gather(sc, grad_shardings) if sharded and zero_stage >= 3 and uses_pallas else None
+    layer_gather = _layer_gather(sc, grad_shardings) if sharded and zero_stage >= 3 else None
     fp8_on = sc.fp8_options is not None
-    value_and_grad = sc.value_and_grad(_layer_gather(sc, mesh, grad_shardings) if gather_layers else manual_gather)
-    value_and_grad = _with_meta_grads(value_and_grad, fp8_on)
-    if sharded and not gather_layers:
+    value_and_grad = _with_meta_grads(sc.value_and_grad(layer_gather), fp8_on)
+    if sharded:
         per_device = _sharded_gradients(value_and_grad, mesh, grad_shardings, zero_stage >= 2,
-                                        None if manual_gather is None else frozenset(dict(manual_gather.dims)))
+                                        None if layer_gather is None else frozenset(dict(layer_gather.dims)))
         return lambda params, x_ABT, y_ABT, metas=None: _drop_meta(per_device(params, metas, x_ABT, y_ABT), metas)
     constrain = ((lambda g: g) if grad_shardings is None else
                  (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)))
@@ -249,17 +247,9 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     return fn
 
 
-def _layer_gather(sc: StepConfig, mesh, grad_shardings) -> LayerGather:
-    """ZeRO-3's per-layer gather under jit: each per-layer tensor's layer slice split as its stack is
-    (the stack's spec without the L axis), whole inside the scan."""
-    split = tuple((name, NamedSharding(mesh, P(*grad_shardings[name].spec[1:])))
-                  for name in sorted(family_of(sc.model).LAYER_PARAMS))
-    return LayerGather(whole=NamedSharding(mesh, P()), split=split)
-
-
-def _manual_layer_gather(sc: StepConfig, grad_shardings) -> LayerGather:
-    """ZeRO-3 inside shard_map (Pallas kernels): each per-layer tensor's layer slice all_gathered over
-    DATA_AXIS along the dimension its stack is split on, less the L axis."""
+def _layer_gather(sc: StepConfig, grad_shardings) -> LayerGather:
+    """ZeRO-3 inside shard_map: each per-layer tensor's layer slice all_gathered over DATA_AXIS along
+    the dimension its stack is split on, less the L axis."""
     from llmc_jax.training.parallel import DATA_AXIS, split_dim
     dims = {name: split_dim(grad_shardings[name].spec) for name in sorted(family_of(sc.model).LAYER_PARAMS)}
     return LayerGather(axis_name=DATA_AXIS, dims=tuple((name, d - 1) for name, d in dims.items() if d is not None))
