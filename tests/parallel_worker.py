@@ -52,12 +52,12 @@ def run(sc, params, zero_stage, mesh, n=8):
     layer_params = family_of(sc.model).LAYER_PARAMS
     info = {}
     if zero_stage is None:
-        step_fn = train_step.make_train_step(sc)
+        step_fn, eval_fn = train_step.make_train_step(sc), train_step.make_eval_step(sc)
         put = lambda x: x
     else:
         sh = parallel.make_shardings(state, mesh, zero_stage, layer_params, sc.dtype)
         state = parallel.shard_state(state, sh)
-        step_fn = train_step.make_train_step(sc, sh)
+        step_fn, eval_fn = train_step.make_train_step(sc, sh), train_step.make_eval_step(sc, shardings=sh)
         put = lambda x: parallel.shard_batch(x, sh)
         x0, y0 = batches(sc.model.V)[0]
         compiled = step_fn.lower(state, put(x0), put(y0), lr_at(0), 0).compile()
@@ -88,6 +88,8 @@ def run(sc, params, zero_stage, mesh, n=8):
         info["params_after"] = {k: list(v.addressable_shards[0].data.shape) for k, v in state.params.items()}
         info["mu_after"] = {k: list(v.addressable_shards[0].data.shape) for k, v in state.opt_state.mu.items()}
     final = {k: np.asarray(v) for k, v in state.params.items()}
+    x, y = batches(sc.model.V)[0]          # validation on the trained params: the first micro-batch's (B, T)
+    info["eval_loss"] = float(eval_fn(state.params, put(x)[0], put(y)[0], state.fp8))
     if state.fp8 is not None:     # the FP8 metas after training: {matmul: {x|w|dout: [scales, histories]}}
         info["fp8"] = {name: {f: [np.asarray(meta.scale).tolist(), np.asarray(meta.amax_history)[:, :STEPS].tolist()]
                               for f, meta in zip(m._fields, m)} for name, m in state.fp8.items()}
@@ -205,7 +207,8 @@ def main():
     ref_losses, ref_params, ref_info = run(sc, params, None, None)
     # how far training moved the params: the scale the sharded runs' differences are judged against
     moved = max(float(np.max(np.abs(ref_params[k] - np.asarray(params[k])))) for k in params)
-    out = {"max_param_update": moved, "num_devices": n, "jax": jax.__version__, "ref_losses": ref_losses, "ref_seconds": ref_info["seconds"],
+    out = {"max_param_update": moved, "num_devices": n, "jax": jax.__version__, "ref_losses": ref_losses,
+           "ref_eval_loss": ref_info["eval_loss"], "ref_seconds": ref_info["seconds"],
            "stages": {}}
     mesh = parallel.make_mesh()
     for z in (0, 1, 2, 3):

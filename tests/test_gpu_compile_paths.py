@@ -47,6 +47,13 @@ def test_zero_stages_on_8_gpus(z):
         assert coll["all-gather"]["bytes"] == pytest.approx(2 * (n + _n_layer_params("d6")), rel=0.02)
 
 
+def test_validation_at_zero3_gathers_layer_by_layer():
+    """At -z 3 the validation step reads the params as the train step does, split, each layer gathered
+    as the scan reaches it: it holds less than at -z 1 (whole bf16 copy) by the bf16 layers but one."""
+    ev = {z: report(f"{GPT2} -z {z}", eval_step=True)["breakdown"]["validation step"] for z in (1, 3)}
+    assert ev[1] - ev[3] >= 2 * _n_layer_params("d6") * 5 / 6, ev
+
+
 def test_pallas_kernels_at_zero3_gather_layer_by_layer():
     """Pallas kernels at -z 3 (per GPU inside shard_map, as every kernel set): the params stay split,
     each layer's bf16 copy is all_gathered as the scan reaches it (XLA combines a layer's 12 tensors

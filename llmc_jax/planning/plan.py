@@ -120,7 +120,7 @@ def compile_train_step(run, mesh, state, shardings) -> Compiled:
                     jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
 
 
-def compile_eval_step(run, mesh, state) -> Compiled:
+def compile_eval_step(run, mesh, state, shardings) -> Compiled:
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -129,7 +129,7 @@ def compile_eval_step(run, mesh, state) -> Compiled:
     from llmc_jax.training.parallel import DATA_AXIS
     spec = P() if run.mesh is None else P(DATA_AXIS)
     xy = jax.ShapeDtypeStruct((run.B * run.num_devices, run.T), jnp.int32, sharding=NamedSharding(mesh, spec))
-    fn = train_step.make_eval_step(run.step_config(), deterministic=True, mesh=run.mesh)
+    fn = train_step.make_eval_step(run.step_config(), deterministic=True, shardings=shardings)
     return _compile(fn, state.params, xy, xy, state.fp8)
 
 
@@ -164,7 +164,7 @@ def plan(args: argparse.Namespace, target: Target, mesh, *, eval_step: bool = Tr
     run = resolve(args, target, mesh)
     state, shardings = abstract_state(run, mesh)
     train = compile_train_step(run, mesh, state, shardings)
-    evaluation = compile_eval_step(run, mesh, state) if eval_step else None
+    evaluation = compile_eval_step(run, mesh, state, shardings) if eval_step else None
     return build_report(run, target, state, shardings, train, evaluation)
 
 

@@ -122,8 +122,7 @@ def start(run: Run) -> Session:
     eot = tokenizer.eot if tokenizer else min(50256, run.model.V - 1)
     return Session(state=state, shardings=shardings, train_loaders=train_loaders, val_loaders=val_loaders,
                    step_fn=train_step.make_train_step(sc, shardings, deterministic=run.platform == "gpu"),
-                   eval_fn=train_step.make_eval_step(sc, deterministic=run.platform == "gpu",
-                                                   mesh=shardings.mesh if shardings else None),
+                   eval_fn=train_step.make_eval_step(sc, deterministic=run.platform == "gpu", shardings=shardings),
                    log=log, tokenizer=tokenizer, eot=eot, device=device, last_good=run.resume_step,
                    metrics=metrics)
 

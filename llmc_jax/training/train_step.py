@@ -138,6 +138,14 @@ def _mean_over_devices(grads: dict, specs: dict, D: int, summed: frozenset = fro
     return {name: reduce(name, g) for name, g in grads.items()}
 
 
+def _gather_outside_layers(params: dict, dims: dict, in_scan: frozenset) -> dict:
+    """Inside shard_map at -z 3: the split tensors the layer scan does not gather (embeddings, final
+    norm; dims: each one's split dimension or None) all_gathered whole before the forward."""
+    from llmc_jax.training.parallel import DATA_AXIS
+    return {k: v if k in in_scan or dims[k] is None else jax.lax.all_gather(v, DATA_AXIS, axis=dims[k], tiled=True)
+            for k, v in params.items()}
+
+
 def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_step: bool,
                        gathered_in_scan: frozenset | None = None):
     """(params, metas, x_ABT, y_ABT) -> (mean loss, mean fp32 grads laid out as grad_shardings, meta
@@ -164,11 +172,6 @@ def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_s
     summed = frozenset(k for k in specs if split_params and k in gathered_in_scan and dims[k] is not None)
     mean = lambda grads: _mean_over_devices(grads, specs, D, summed)
 
-    def gather_whole(params):
-        """-z 3: the split tensors outside the layer scan (embeddings, final norm) gathered whole."""
-        return {k: v if k in summed or dims[k] is None else jax.lax.all_gather(v, DATA_AXIS, axis=dims[k], tiled=True)
-                for k, v in params.items()}
-
     def accumulator(k, p):
         """fp32 zeros for a micro-step sum: each gradient's shard when reduced every micro-step."""
         shape = list(p.shape)
@@ -179,7 +182,7 @@ def _sharded_gradients(value_and_grad, mesh, grad_shardings, reduce_each_micro_s
     def local(params, metas, x_ABT, y_ABT):
         A = x_ABT.shape[0]
         if split_params:
-            params = gather_whole(params)
+            params = _gather_outside_layers(params, dims, summed)
         if A == 1:
             loss, grads, meta_grads = value_and_grad(params, metas, x_ABT[0], y_ABT[0])
             grads = mean(grads)
@@ -337,24 +340,35 @@ def make_train_step(sc: StepConfig, shardings=None, deterministic: bool = False)
                    out_shardings=(shardings.state, StepMetrics(*[rep] * len(StepMetrics._fields))))
 
 
-def make_eval_step(sc: StepConfig, deterministic: bool = False, mesh=None):
+def make_eval_step(sc: StepConfig, deterministic: bool = False, shardings=None):
     """(params, x_BT, y_BT, fp8_metas=None) -> mean loss, the forward pass only.
 
     Under --fp8 the loop passes the train state's metas: validation runs the forward the model trains
     with (llm.c's FP8 validates through its one forward too), quantizing with the current scales and
-    observing nothing (the metas only change in the train step). With a mesh of several devices each
-    runs the forward on its own rows of the batch inside shard_map, reading the params' compute-dtype
-    copy (gathered in bf16 where the master weights are sharded), as the train step does."""
+    observing nothing (the metas only change in the train step). Sharded (shardings: the train
+    step's parallel.Shardings, over several devices) each device runs the forward on its own rows of
+    the batch inside shard_map, reading the params' compute-dtype copy as the train step does:
+    gathered whole in bf16 where the master weights are sharded, at -z 3 one layer at a time."""
+    layer_gather = None
+    if shardings is not None and shardings.mesh.size > 1 and shardings.zero_stage >= 3:
+        layer_gather = _layer_gather(sc, shardings.grads)
     if sc.backward == "autodiff":
         loss = lambda p, x, y, metas=None: reference_of(sc.model).loss(p, x, y, sc.model, dtype=jnp.dtype(sc.dtype))
     else:
-        opts = sc.model_options()
+        opts = sc.model_options(layer_gather)
         loss = lambda p, x, y, metas=None: family_of(sc.model).loss(p, x, y, sc.model, opts, metas)
     fn = loss
-    if mesh is not None and mesh.size > 1:
-        from llmc_jax.training.parallel import DATA_AXIS
+    if shardings is not None and shardings.mesh.size > 1:
+        from llmc_jax.training.parallel import DATA_AXIS, split_dim
+        specs = P()
+        if layer_gather is not None:     # the params stay split as the AdamW state, as in the train step
+            specs = jax.tree.map(lambda sh: sh.spec, shardings.grads)
+            dims = {k: split_dim(spec) for k, spec in specs.items()}
+            in_scan = frozenset(dict(layer_gather.dims))
+            loss_whole = loss
+            loss = lambda p, x, y, metas: loss_whole(_gather_outside_layers(p, dims, in_scan), x, y, metas)
         local = lambda p, x, y, metas: jax.lax.pmean(loss(p, x, y, metas).astype(jnp.float32), DATA_AXIS)
-        per_device = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
+        per_device = jax.shard_map(local, mesh=shardings.mesh, in_specs=(specs, P(DATA_AXIS), P(DATA_AXIS), P()),
                                    out_specs=P(), check_vma=False)
         fn = lambda p, x, y, metas=None: per_device(ops.compute_copy(p, sc.dtype), x, y, metas)
     return jax.jit(fn, compiler_options=DETERMINISTIC if deterministic else None)
