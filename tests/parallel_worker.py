@@ -219,6 +219,9 @@ def main():
         info["max_param_diff"] = max(info["param_diff"].values())
         out["stages"][str(z)] = info
     out["z3_layer_gathers"] = z3_layer_gathers(n)
+    # --backward autodiff at -z 3: the reference model reads whole params (no per-layer gather)
+    sc_ad = dataclasses.replace(sc, backward="autodiff")
+    out["autodiff_z3"] = {name: run(sc_ad, params, z, None if z is None else mesh, n)[0] for name, z in (("ref", None), ("z3", 3))}
     out["llama"] = llama_stages(mesh, n)
     # Pallas kernels (interpret mode) under -z 1: run per device inside shard_map
     sc_pallas = train_step.StepConfig(model=CONFIG, weight_decay=0.1, grad_clip=1.0, kernels=Kernels.resolve("pallas"))

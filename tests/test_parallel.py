@@ -98,6 +98,15 @@ def test_losses_and_params_match_single_device(worker, z):
 
 
 @pytest.mark.slow
+def test_autodiff_backward_at_zero3_matches_single_device(worker):
+    """--backward autodiff (the reference model, which cannot gather layer by layer) at -z 3 on 8
+    devices: whole params in the forward, the state and gradients split; the losses of the
+    unsharded autodiff run, to the tolerance of the stages above."""
+    s = worker["autodiff_z3"]
+    np.testing.assert_allclose(s["z3"], s["ref"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("z", [1, 3])
 def test_llama_losses_and_params_match_single_device(worker, z):
     """Llama 3 (NKV < NH, untied lm_head) through the same ZeRO stages: the same tolerances as GPT-2's,

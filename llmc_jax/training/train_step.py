@@ -250,9 +250,12 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     return fn
 
 
-def _layer_gather(sc: StepConfig, grad_shardings) -> LayerGather:
+def _layer_gather(sc: StepConfig, grad_shardings) -> LayerGather | None:
     """ZeRO-3 inside shard_map: each per-layer tensor's layer slice all_gathered over DATA_AXIS along
-    the dimension its stack is split on, less the L axis."""
+    the dimension its stack is split on, less the L axis. None for --backward autodiff: the reference
+    models read whole params (gathered at shard_map's boundary; the state and gradients stay split)."""
+    if sc.backward != "manual":
+        return None
     from llmc_jax.training.parallel import DATA_AXIS, split_dim
     dims = {name: split_dim(grad_shardings[name].spec) for name in sorted(family_of(sc.model).LAYER_PARAMS)}
     return LayerGather(axis_name=DATA_AXIS, dims=tuple((name, d - 1) for name, d in dims.items() if d is not None))
