@@ -138,8 +138,10 @@ def rematerialize(block: Callable, recompute: int, saved: dict[int, tuple[str, .
 
     gather (ZeRO-3): the block gathers its layer's shards first, inside the checkpoint, so that at
     -r 1/2 the backward gathers each layer again rather than keep every layer's whole weights; -r 0
-    keeps them. (A -r 0 checkpoint keeping all but the gathered tensors was tried: with FP8 on, any
-    jax.checkpoint at -r 0, even everything_saveable, gave NaN losses; not investigated further.)"""
+    keeps them. (A -r 0 checkpoint keeping all but the gathered tensors was tried: with FP8 on,
+    jax.checkpoint(everything_saveable) around the block gives NaN losses, even on one device; a
+    policy that saves no convert_element_type output does not, nor do nothing_saveable or -r 1/2's.
+    Not investigated further.)"""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute}")
     block = gathered_block(block, gather)
