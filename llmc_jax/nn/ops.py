@@ -259,23 +259,57 @@ def _causal_scores(q, k):
     return jnp.where(mask, s, -jnp.inf)
 
 
+# The fp32 (B, NH, T, T) scores of a batch chunk stay within this many elements (512 MiB): XLA's
+# attention holds several such arrays at once in the backward (d12 -b 64: 3 GiB each, whole).
+ATTENTION_CHUNK_ELEMENTS = 2**27
+
+
+def attention_chunks(B: int, NH: int, T: int, limit: int | None = None) -> int:
+    """How many batch chunks keep each chunk's scores within the limit: the smallest divisor of B that
+    does. The batch is the device's own rows (every sharded step runs per device in shard_map)."""
+    limit = ATTENTION_CHUNK_ELEMENTS if limit is None else limit
+    return next(n for n in range(1, B + 1) if B % n == 0 and (B // n) * NH * T * T <= limit or n == B)
+
+
+def _over_batch_chunks(fn, chunks: int, *xs):
+    """fn on the batch (leading axis of every x) whole, or one chunk after another (lax.map)."""
+    if chunks == 1:
+        return fn(*xs)
+    split = [x.reshape(chunks, x.shape[0] // chunks, *x.shape[1:]) for x in xs]
+    out = lax.map(lambda c: fn(*c), split)
+    return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), out)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def attention(qkv_BT3C, NH: int):
     return _attention_fwd(qkv_BT3C, NH)[0]
 
 
 def _attention_fwd(qkv_BT3C, NH):
+    B, T = qkv_BT3C.shape[:2]
+    out, lse = _over_batch_chunks(functools.partial(_attention_forward, NH=NH), attention_chunks(B, NH, T), qkv_BT3C)
+    return out, (qkv_BT3C, checkpoint_name(lse, SAVED_ATTN_STATS))
+
+
+def _attention_forward(qkv_BT3C, NH):
+    """(out (B, T, C), lse (B, NH, T, 1))."""
     q, k, v = split_heads(qkv_BT3C, NH)
     s = _causal_scores(q, k)
-    lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), SAVED_ATTN_STATS)  # (B, NH, T, 1)
+    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
     p = jnp.exp(s - lse).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=MATMUL_PRECISION, preferred_element_type=F32)
     B, T = qkv_BT3C.shape[:2]
-    return out.reshape(B, T, -1).astype(qkv_BT3C.dtype), (qkv_BT3C, lse)
+    return out.reshape(B, T, -1).astype(qkv_BT3C.dtype), lse
 
 
 def _attention_bwd(NH, res, dout_BTC):
     qkv_BT3C, lse = res
+    B, T = qkv_BT3C.shape[:2]
+    return (_over_batch_chunks(functools.partial(_attention_backward, NH=NH), attention_chunks(B, NH, T),
+                               qkv_BT3C, lse, dout_BTC),)
+
+
+def _attention_backward(qkv_BT3C, lse, dout_BTC, NH):
     q, k, v = split_heads(qkv_BT3C, NH)
     B, T, C3 = qkv_BT3C.shape
     HS = C3 // (3 * NH)
@@ -290,7 +324,7 @@ def _attention_bwd(NH, res, dout_BTC):
     dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k, precision=prec, preferred_element_type=F32)
     dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q, precision=prec, preferred_element_type=F32)
     dqkv = jnp.stack([dq, dk, dv], axis=2).reshape(B, T, C3)
-    return (dqkv.astype(dt),)
+    return dqkv.astype(dt)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
