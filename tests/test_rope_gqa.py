@@ -265,3 +265,25 @@ def test_gqa_under_jit_and_repeat_kv_order():
     kr = np.asarray(repeat_kv(k, 2).astype(jnp.float32))
     for h in range(4):
         np.testing.assert_array_equal(kr[:, :, h], np.asarray(k[:, :, h // 2].astype(jnp.float32)))
+
+
+def test_gqa_in_batch_chunks_equals_the_whole_batch(monkeypatch):
+    """Past ops.ATTENTION_CHUNK_ELEMENTS the grouped-query attention runs one batch chunk after
+    another, forward and backward, as ops.attention does: the output and the gradients equal the
+    whole batch's to float32 rounding (bound 1e-6), and only chunk-sized scores are in the program."""
+    B, T, NH, NKV, HS = 4, 16, 4, 2, 8
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(keys[0], (B, T, NH, HS), jnp.float32)
+    k, v = (jax.random.normal(key, (B, T, NKV, HS), jnp.float32) for key in keys[1:3])
+    dout = jax.random.normal(keys[3], (B, T, NH * HS), jnp.float32)
+
+    def out_and_grads(q, k, v, dout):     # a new function per use: jit must trace it again once patched
+        out, vjp = jax.vjp(gqa_attention, q, k, v)
+        return out, *vjp(dout)
+    whole = jax.jit(lambda *a: out_and_grads(*a))(q, k, v, dout)
+    monkeypatch.setattr(ops, "ATTENTION_CHUNK_ELEMENTS", 2 * NH * T * T)     # 2 chunks of 2 rows
+    chunked_fn = jax.jit(lambda *a: out_and_grads(*a))
+    hlo = chunked_fn.lower(q, k, v, dout).as_text()
+    assert f"{B}x{NKV}x{NH // NKV}x{T}x{T}x" not in hlo and f"2x{NKV}x{NH // NKV}x{T}x{T}x" in hlo
+    for c, w in zip(chunked_fn(q, k, v, dout), whole):
+        assert rel_error(c, w) < 1e-6

@@ -47,16 +47,28 @@ def _gqa(q_BTNH, k_BTKH, v_BTKH):
 
 
 def _gqa_fwd(q_BTNH, k_BTKH, v_BTKH):
+    B, T, NH, _ = q_BTNH.shape
+    out, lse = ops.over_batch_chunks(_gqa_forward, ops.attention_chunks(B, NH, T), q_BTNH, k_BTKH, v_BTKH)
+    return out, (q_BTNH, k_BTKH, v_BTKH, checkpoint_name(lse, SAVED_ATTN_STATS))
+
+
+def _gqa_forward(q_BTNH, k_BTKH, v_BTKH):
+    """(out (B, T, NH*HS), lse (B, NKV, n_rep, T, 1)) of a batch (chunk)."""
     B, T, NH, HS = q_BTNH.shape
     s = _causal_scores(_grouped(q_BTNH, k_BTKH.shape[2]), k_BTKH)
-    lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), SAVED_ATTN_STATS)  # (B, NKV, n_rep, T, 1)
+    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
     p = jnp.exp(s - lse).astype(v_BTKH.dtype)
     out = _einsum("bgrqk,bkgd->bqgrd", p, v_BTKH)
-    return out.reshape(B, T, NH * HS).astype(q_BTNH.dtype), (q_BTNH, k_BTKH, v_BTKH, lse)
+    return out.reshape(B, T, NH * HS).astype(q_BTNH.dtype), lse
 
 
 def _gqa_bwd(res, dout_BTC):
     q_BTNH, k, v, lse = res
+    B, T, NH, _ = q_BTNH.shape
+    return ops.over_batch_chunks(_gqa_backward, ops.attention_chunks(B, NH, T), q_BTNH, k, v, lse, dout_BTC)
+
+
+def _gqa_backward(q_BTNH, k, v, lse, dout_BTC):
     NKV, HS = k.shape[2], k.shape[3]
     qg = _grouped(q_BTNH, NKV)
     dt = q_BTNH.dtype

@@ -271,8 +271,9 @@ def attention_chunks(B: int, NH: int, T: int, limit: int | None = None) -> int:
     return next(n for n in range(1, B + 1) if B % n == 0 and (B // n) * NH * T * T <= limit or n == B)
 
 
-def _over_batch_chunks(fn, chunks: int, *xs):
-    """fn on the batch (leading axis of every x) whole, or one chunk after another (lax.map)."""
+def over_batch_chunks(fn, chunks: int, *xs):
+    """fn on the batch (leading axis of every x and of fn's outputs) whole, or one chunk after
+    another (lax.map): XLA's multi-head (here) and grouped-query (gqa_attention) attention."""
     if chunks == 1:
         return fn(*xs)
     split = [x.reshape(chunks, x.shape[0] // chunks, *x.shape[1:]) for x in xs]
@@ -287,7 +288,7 @@ def attention(qkv_BT3C, NH: int):
 
 def _attention_fwd(qkv_BT3C, NH):
     B, T = qkv_BT3C.shape[:2]
-    out, lse = _over_batch_chunks(functools.partial(_attention_forward, NH=NH), attention_chunks(B, NH, T), qkv_BT3C)
+    out, lse = over_batch_chunks(functools.partial(_attention_forward, NH=NH), attention_chunks(B, NH, T), qkv_BT3C)
     return out, (qkv_BT3C, checkpoint_name(lse, SAVED_ATTN_STATS))
 
 
@@ -305,7 +306,7 @@ def _attention_forward(qkv_BT3C, NH):
 def _attention_bwd(NH, res, dout_BTC):
     qkv_BT3C, lse = res
     B, T = qkv_BT3C.shape[:2]
-    return (_over_batch_chunks(functools.partial(_attention_backward, NH=NH), attention_chunks(B, NH, T),
+    return (over_batch_chunks(functools.partial(_attention_backward, NH=NH), attention_chunks(B, NH, T),
                                qkv_BT3C, lse, dout_BTC),)
 
 
