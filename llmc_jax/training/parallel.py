@@ -1,8 +1,8 @@
 """Device mesh and ZeRO shardings for the training state (single process, several local devices).
 
 One mesh with a `data` axis (AxisType.Auto, so `with_sharding_constraint` works and XLA's GSPMD
-partitioner can insert the collectives; the train step writes its own in shard_map below -z 3 and
-with Pallas kernels, train_step._sharded_gradients). `-z` chooses what is sharded over `data`:
+partitioner can insert the collectives; every sharded train and validation step writes its own in
+shard_map, train_step._sharded_gradients). `-z` chooses what is sharded over `data`:
 
     0  everything replicated (plain data parallel: gradients all-reduced)
     1  + AdamW m and v sharded, gradients reduce-scattered once per step (llm.c's ZeRO-1), and
