@@ -94,13 +94,16 @@ def test_kernels_on_the_gpu(family, kernels):
 
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_fp8_matmuls_become_fp8_gemms(recipe):
-    """Each FP8 layer matmul is 3 FP8 GEMMs a layer (forward, dx, dW; llm.c's 3 matmuls by default).
-    Llama's fused [up|gate] matmul may come out as more than one GEMM, so there: at least 3."""
+    """Each FP8 layer matmul is 3 FP8 GEMMs a layer (forward, dX, dW; llm.c's 3 matmuls by default),
+    as Triton fusions and, with XLA's Triton GEMMs off, as cuBLASLt FP8 GEMMs: XLA's GEMM rewriter
+    finds cuBLASLt's scaled-FP8 pattern in every one of them."""
     assert fp8_gemms(report(f"{GPT2} -z 1")["kernels"]) == 0
-    r = report(f"{GPT2} -z 1 --fp8 {recipe}")
+    r = report(f"{GPT2} -z 1 --fp8 {recipe}", fp8_cublas=True)
     assert fp8_gemms(r["kernels"]) == 3 * 6 * 3
-    r = report(f"{LLAMA} -z 3 --fp8 {recipe} --fp8-matmuls qkv,attproj,fc,fcproj")
-    assert 3 * 2 * 4 <= fp8_gemms(r["kernels"]) <= 4 * 2 * 4
+    assert r["fp8_gemms"]["expected"] == r["fp8_gemms"]["cublaslt_fp8"] == 3 * 6 * 3
+    r = report(f"{LLAMA} -z 3 --fp8 {recipe} --fp8-matmuls qkv,attproj,fc,fcproj", fp8_cublas=True)
+    assert fp8_gemms(r["kernels"]) == 3 * 2 * 4
+    assert r["fp8_gemms"]["cublaslt_fp8"] == 3 * 2 * 4
 
 
 def test_determinism_flag_rewrites_the_embedding_scatter():

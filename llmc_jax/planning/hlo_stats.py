@@ -20,8 +20,9 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 _FUSION_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([\w$.]+)"')
 
+CUBLASLT_FP8 = "cuBLASLt FP8 GEMM"
 # custom-call targets -> the kernel names the report uses
-_CALL_NAMES = (("__gpu$xla.gpu.triton", "pallas (Triton)"), ("__cublas$lt$matmul$f8", "cuBLASLt FP8 GEMM"),
+_CALL_NAMES = (("__gpu$xla.gpu.triton", "pallas (Triton)"), ("__cublas$lt$matmul$f8", CUBLASLT_FP8),
                ("__cublas$lt$matmul", "cuBLASLt GEMM"), ("__cublas$gemm", "cuBLAS GEMM"),
                ("__cudnn$fmha", "cuDNN attention"), ("__cudnn$", "cuDNN"))
 

@@ -106,7 +106,7 @@ def abstract_state(run, mesh):
     return placed, shardings
 
 
-def compile_train_step(run, mesh, state, shardings) -> Compiled:
+def compile_train_step(run, mesh, state, shardings, xla_options: dict | None = None) -> Compiled:
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -117,7 +117,7 @@ def compile_train_step(run, mesh, state, shardings) -> Compiled:
     xy = jax.ShapeDtypeStruct((run.grad_accum, run.B * run.num_devices, run.T), jnp.int32, sharding=batch_sh)
     step = train_step.make_train_step(run.step_config(), shardings, deterministic=True)
     return _compile(step, state, xy, xy, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-                    jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+                    jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), xla_options=xla_options)
 
 
 def compile_eval_step(run, mesh, state, shardings) -> Compiled:
@@ -133,19 +133,20 @@ def compile_eval_step(run, mesh, state, shardings) -> Compiled:
     return _compile(fn, state.params, xy, xy, state.fp8)
 
 
-def compile_for_gpu(jitted, *args):
+def compile_for_gpu(jitted, *args, xla_options: dict | None = None):
     """`jitted` (a jax.jit function) traced as for a GPU (Pallas through Triton, cuDNN allowed) and
-    compiled by XLA's GPU compiler for the GPU the args' shardings place it on."""
+    compiled by XLA's GPU compiler for the GPU the args' shardings place it on (`xla_options` are
+    added to the jit's compiler options)."""
     from pallas_kernels.common import compiling_for
     with compiling_for("gpu"):
         traced = jitted.trace(*args)
-    return traced.lower(lowering_platforms=("cuda",)).compile()
+    return traced.lower(lowering_platforms=("cuda",)).compile(xla_options)
 
 
-def _compile(fn, *args) -> Compiled:
+def _compile(fn, *args, xla_options: dict | None = None) -> Compiled:
     t0 = time.perf_counter()
     try:
-        compiled = compile_for_gpu(fn, *args)
+        compiled = compile_for_gpu(fn, *args, xla_options=xla_options)
     except Exception as e:      # e.g. a Pallas kernel over the SM's shared memory
         raise SystemExit(f"error: XLA could not compile the step for the target: {describe(e, 400)}") from None
     m = compiled.memory_analysis()
@@ -159,21 +160,44 @@ def _device_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def plan(args: argparse.Namespace, target: Target, mesh, *, eval_step: bool = True) -> dict:
-    """Compile the run's steps for the target and report what one GPU must hold."""
+def plan(args: argparse.Namespace, target: Target, mesh, *, eval_step: bool = True,
+         fp8_cublas: bool = True) -> dict:
+    """Compile the run's steps for the target and report what one GPU must hold (the validation
+    step too with eval_step; under --fp8 with fp8_cublas, the train step again with cuBLAS GEMMs)."""
     run = resolve(args, target, mesh)
     state, shardings = abstract_state(run, mesh)
     train = compile_train_step(run, mesh, state, shardings)
     evaluation = compile_eval_step(run, mesh, state, shardings) if eval_step else None
-    return build_report(run, target, state, shardings, train, evaluation)
+    report = build_report(run, target, state, shardings, train, evaluation)
+    if fp8_cublas and run.flags.fp8 != "off":
+        report["fp8_gemms"] = fp8_gemms(run, mesh, state, shardings, report["kernels"])
+    return report
 
 
-def plan_flags(flags: list[str], target_name: str, *, eval_step: bool = True) -> dict:
+# XLA's GEMMs as cuBLAS/cuBLASLt calls, as its autotuner may pick them on a GPU (deviceless, with no
+# autotuning, every dot stays a Triton fusion)
+CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def fp8_gemms(run, mesh, state, shardings, kernels: dict) -> dict:
+    """The step's FP8 GEMMs as compiled (Triton) and with cuBLAS GEMMs, beside the 3 per FP8 matmul
+    per layer per micro-batch (forward, dX, dW) the flags ask for. The second count shows XLA's
+    GEMM rewriter finds cuBLASLt's FP8 pattern (scaled FP8 operands) in ours."""
+    cublas = compile_train_step(run, mesh, state, shardings, CUBLAS_GEMMS)
+    as_cublas = hlo_stats.analyze(cublas.hlo, run.num_devices)["kernels"]
+    return {"matmuls": list(run.fp8_matmuls), "expected": 3 * run.model.L * len(run.fp8_matmuls) * run.grad_accum,
+            "compiled": sum(n for k, n in kernels.items() if "FP8" in k),
+            "cublaslt_fp8": as_cublas.get(hlo_stats.CUBLASLT_FP8, 0),
+            "cublas_other": sum(n for k, n in as_cublas.items() if "GEMM" in k and "FP8" not in k),
+            "compile_seconds": round(cublas.seconds, 2)}
+
+
+def plan_flags(flags: list[str], target_name: str, *, eval_step: bool = True, fp8_cublas: bool = True) -> dict:
     """plan() of train flags as given on the command line, for `target_name` (h100x8, ...)."""
     from llmc_jax.training import cli
     prepare_jax()
     target = parse_target(target_name)
-    return plan(cli.parse_args(flags), target, topology_mesh(target), eval_step=eval_step)
+    return plan(cli.parse_args(flags), target, topology_mesh(target), eval_step=eval_step, fp8_cublas=fp8_cublas)
 
 
 def build_report(run, target: Target, state, shardings, train: Compiled, evaluation: Compiled | None) -> dict:
@@ -250,7 +274,7 @@ def _grad_bytes(state, shardings) -> int:
 def find_batch(args: argparse.Namespace, target: Target, mesh) -> int:
     """The largest -b (no accumulation) whose train step fits: doubling, then bisection."""
     def fits(b: int) -> bool:
-        ok = plan(_with_batch(args, b), target, mesh, eval_step=False)["fits"]
+        ok = plan(_with_batch(args, b), target, mesh, eval_step=False, fp8_cublas=False)["fits"]
         print(f"find-batch: -b {b} {'fits' if ok else 'does not fit'}", flush=True)
         return ok
     lo, hi = 0, 1
@@ -301,6 +325,11 @@ def format_report(r: dict) -> str:
     d = r["determinism"]
     lines.append(f"determinism: compiled with xla_gpu_exclude_nondeterministic_ops ({d['scatters']} scatter-adds, "
                  f"{d['sorts']} sorts)")
+    if "fp8_gemms" in r:
+        g = r["fp8_gemms"]
+        lines.append(f"FP8 GEMMs: {g['compiled']} for the {g['expected']} of --fp8-matmuls {','.join(g['matmuls'])} "
+                     f"(forward, dX, dW per layer); with cuBLAS GEMMs (Triton GEMMs off, as XLA's autotuner may "
+                     f"pick on a GPU): {g['cublaslt_fp8']} cuBLASLt FP8 GEMMs ({g['compile_seconds']:.1f} s)")
     c = r["compile_seconds"]
     lines.append(f"compile: train step {c['train']:.1f} s" + ("" if c["validation"] is None else
                                                               f", validation step {c['validation']:.1f} s"))
