@@ -12,3 +12,15 @@ def report(flags: str, target: str = "h100x8", *, eval_step: bool = False, fp8_c
 
 def fp8_gemms(kernels: dict) -> int:
     return sum(n for name, n in kernels.items() if "FP8" in name)
+
+
+def train_step_hlo(flags: str, target: str = "h100") -> tuple[object, str]:
+    """(the resolved run, the optimized HLO of its train step compiled for `target`)."""
+    from llmc_jax.planning.targets import parse_target, prepare_jax, topology_mesh
+    from llmc_jax.training import cli
+    prepare_jax()
+    t = parse_target(target)
+    mesh = topology_mesh(t)
+    run = plan.resolve(cli.parse_args(flags.split()), t, mesh)
+    state, shardings = plan.abstract_state(run, mesh)
+    return run, plan.compile_train_step(run, mesh, state, shardings).hlo

@@ -60,8 +60,8 @@ def make_block(opset: OpSet, NH: int, recompute: int, pos, fp8_opts: fp8.Fp8Opti
         mm, fc_gelu = _matmuls(opset, fp8_opts, lm)
         x, ln1 = opset.residual_layernorm(x, delta, lp["ln1w"], lp["ln1b"])
         ln1 = checkpoint_name(ln1, "ln1")
-        qkv = checkpoint_name(mm("qkv", ln1, lp["qkvw"], lp["qkvb"]), "qkv")
-        atty, cache = kv_cache.attention(opset.attention, qkv, NH, cache, layer, pos)   # named "atty"
+        qkv = mm("qkv", ln1, lp["qkvw"], lp["qkvb"])
+        atty, cache = kv_cache.attention(opset.attention, qkv, NH, cache, layer, pos)   # names "qkv", "atty"
         x, ln2 = opset.residual_layernorm(x, mm("attproj", atty, lp["attprojw"], lp["attprojb"]),
                                           lp["ln2w"], lp["ln2b"])
         ln2 = checkpoint_name(ln2, "ln2")

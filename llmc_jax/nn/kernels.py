@@ -159,7 +159,7 @@ class OpSet(NamedTuple):
     residual_layernorm: Callable      # (x, r, w, b) -> (x + r, layernorm(x + r))
     matmul: Callable
     matmul_gelu: Callable             # (x, w, b) -> gelu(x @ w.T + b)
-    attention: Callable               # (qkv_BT3C, NH) -> (B, T, C), causal, named "atty" for -r
+    attention: Callable               # (qkv_BT3C, NH) -> (B, T, C), causal; names its qkv "qkv", output "atty"
     classifier: Callable
     # Llama 3's
     residual_rmsnorm: Callable        # (x, r, w, eps) -> (x + r, rmsnorm(x + r)), eps a static float
@@ -181,10 +181,18 @@ def _xla_matmul_gelu(x, w, b):
     return ops.gelu(checkpoint_name(ops.matmul(x, w, b), "fch"))
 
 
+def _xla_attention(qkv_BT3C, NH):
+    """ops.attention with its qkv kept (named "qkv" for -r) as (B, 3C, T), the layout its dots read:
+    the forward scan writes each layer's qkv as the backward scan reads it. Kept as (B, T, 3C), XLA
+    transposed the whole stack between the scans (d12 -b 64: 3.4 GiB; d48 -b 16: 7.0 GiB)."""
+    qkv_B3CT = checkpoint_name(jnp.swapaxes(qkv_BT3C, 1, 2), "qkv")
+    return checkpoint_name(ops.attention_B3CT(qkv_B3CT, NH), "atty")
+
+
 def _qkv_attention(attention_BTNH: Callable) -> Callable:
-    """Adapt a (q, k, v) -> out attention on (B, T, NH, HS) to the packed (B, T, 3C) qkv."""
+    """Adapt a (q, k, v) -> out attention on (B, T, NH, HS) to the packed (B, T, 3C) qkv (named "qkv")."""
     merged = _merged_heads(attention_BTNH)
-    return lambda qkv_BT3C, NH: merged(*ops.split_heads(qkv_BT3C, NH))
+    return lambda qkv_BT3C, NH: merged(*ops.split_heads(checkpoint_name(qkv_BT3C, "qkv"), NH))
 
 
 def _merged_heads(attention_BTNH: Callable) -> Callable:
@@ -242,7 +250,7 @@ def op_set(kernels: Kernels = XLA) -> OpSet:
     """The op library's functions, with attention (multi-head and grouped-query), the residual +
     layernorm / RMSNorm and the MLP's matmul+GELU swapped for the kernels `kernels` names. The plain
     matmuls stay XLA's (cuBLAS is the fastest)."""
-    attention, layernorm, residual_layernorm = _named_output(ops.attention), ops.layernorm, _xla_residual_layernorm
+    attention, layernorm, residual_layernorm = _xla_attention, ops.layernorm, _xla_residual_layernorm
     gqa_attention = _named_output(_xla_gqa_attention)
     residual_rmsnorm, matmul_gelu = _xla_residual_rmsnorm, _xla_matmul_gelu
     if kernels.attention == "pallas":

@@ -250,11 +250,11 @@ def split_heads(qkv_BT3C, NH):
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]   # each (B, T, NH, HS)
 
 
-def _causal_scores(q, k):
-    """Scaled, causally masked scores (B, NH, T, T) in fp32."""
-    T, HS = q.shape[1], q.shape[3]
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=MATMUL_PRECISION,
-                   preferred_element_type=F32) * (1.0 / math.sqrt(HS))
+def _causal_scores(q, k, spec: str = "bqhd,bkhd->bhqk"):
+    """Scaled, causally masked scores (B, NH, T, T) in fp32 (q, k as the einsum spec lays them out)."""
+    HS = dict(zip(spec.split(",")[0], q.shape))["d"]
+    s = jnp.einsum(spec, q, k, precision=MATMUL_PRECISION, preferred_element_type=F32) * (1.0 / math.sqrt(HS))
+    T = s.shape[-1]
     mask = jnp.tril(jnp.ones((T, T), dtype=bool))
     return jnp.where(mask, s, -jnp.inf)
 
@@ -281,54 +281,67 @@ def over_batch_chunks(fn, chunks: int, *xs):
     return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def attention(qkv_BT3C, NH: int):
-    return _attention_fwd(qkv_BT3C, NH)[0]
+    """Causal multi-head attention on the packed qkv: (B, T, C)."""
+    return attention_B3CT(jnp.swapaxes(qkv_BT3C, 1, 2), NH)
 
 
-def _attention_fwd(qkv_BT3C, NH):
-    B, T = qkv_BT3C.shape[:2]
-    out, lse = over_batch_chunks(functools.partial(_attention_forward, NH=NH), attention_chunks(B, NH, T), qkv_BT3C)
-    return out, (qkv_BT3C, checkpoint_name(lse, SAVED_ATTN_STATS))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention_B3CT(qkv_B3CT, NH: int):
+    """attention() on qkv with T last: each head's (HS, T) block is an operand of the score and output
+    dots as it is, and the backward keeps its input in that layout (what XLA's layouts want)."""
+    return _attention_fwd(qkv_B3CT, NH)[0]
 
 
-def _attention_forward(qkv_BT3C, NH):
+def _heads_T(qkv_B3CT, NH):
+    B, C3, T = qkv_B3CT.shape
+    qkv = qkv_B3CT.reshape(B, 3, NH, C3 // (3 * NH), T)
+    return qkv[:, 0], qkv[:, 1], qkv[:, 2]      # each (B, NH, HS, T)
+
+
+def _attention_fwd(qkv_B3CT, NH):
+    B, _, T = qkv_B3CT.shape
+    out, lse = over_batch_chunks(functools.partial(_attention_forward, NH=NH), attention_chunks(B, NH, T), qkv_B3CT)
+    return out, (qkv_B3CT, checkpoint_name(lse, SAVED_ATTN_STATS))
+
+
+def _attention_forward(qkv_B3CT, NH):
     """(out (B, T, C), lse (B, NH, T, 1))."""
-    q, k, v = split_heads(qkv_BT3C, NH)
-    s = _causal_scores(q, k)
+    q, k, v = _heads_T(qkv_B3CT, NH)
+    s = _causal_scores(q, k, "bhdq,bhdk->bhqk")
     lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
     p = jnp.exp(s - lse).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=MATMUL_PRECISION, preferred_element_type=F32)
-    B, T = qkv_BT3C.shape[:2]
-    return out.reshape(B, T, -1).astype(qkv_BT3C.dtype), lse
+    out = jnp.einsum("bhqk,bhdk->bqhd", p, v, precision=MATMUL_PRECISION, preferred_element_type=F32)
+    B, _, T = qkv_B3CT.shape
+    return out.reshape(B, T, -1).astype(qkv_B3CT.dtype), lse
 
 
 def _attention_bwd(NH, res, dout_BTC):
-    qkv_BT3C, lse = res
-    B, T = qkv_BT3C.shape[:2]
+    qkv_B3CT, lse = res
+    B, _, T = qkv_B3CT.shape
     return (over_batch_chunks(functools.partial(_attention_backward, NH=NH), attention_chunks(B, NH, T),
-                               qkv_BT3C, lse, dout_BTC),)
+                               qkv_B3CT, lse, dout_BTC),)
 
 
-def _attention_backward(qkv_BT3C, lse, dout_BTC, NH):
-    q, k, v = split_heads(qkv_BT3C, NH)
-    B, T, C3 = qkv_BT3C.shape
+def _attention_backward(qkv_B3CT, lse, dout_BTC, NH):
+    q, k, v = _heads_T(qkv_B3CT, NH)
+    B, C3, T = qkv_B3CT.shape
     HS = C3 // (3 * NH)
-    dt = qkv_BT3C.dtype
+    dt = qkv_B3CT.dtype
     prec = MATMUL_PRECISION
-    p = jnp.exp(_causal_scores(q, k) - lse)                   # recomputed from the saved lse
+    p = jnp.exp(_causal_scores(q, k, "bhdq,bhdk->bhqk") - lse)        # recomputed from the saved lse
     do = dout_BTC.reshape(B, T, NH, HS)
-    dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(dt), do, precision=prec, preferred_element_type=F32)
-    dp = jnp.einsum("bqhd,bkhd->bhqk", do, v, precision=prec, preferred_element_type=F32)
+    dv = jnp.einsum("bhqk,bqhd->bhdk", p.astype(dt), do, precision=prec, preferred_element_type=F32)
+    dp = jnp.einsum("bqhd,bhdk->bhqk", do, v, precision=prec, preferred_element_type=F32)
     # softmax backward: ds = p * (dp - sum_k p * dp); then the 1/sqrt(HS) scale
     ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * (1.0 / math.sqrt(HS))).astype(dt)
-    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k, precision=prec, preferred_element_type=F32)
-    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q, precision=prec, preferred_element_type=F32)
-    dqkv = jnp.stack([dq, dk, dv], axis=2).reshape(B, T, C3)
+    dq = jnp.einsum("bhqk,bhdk->bhdq", ds, k, precision=prec, preferred_element_type=F32)
+    dk = jnp.einsum("bhqk,bhdq->bhdk", ds, q, precision=prec, preferred_element_type=F32)
+    dqkv = jnp.stack([dq, dk, dv], axis=1).reshape(B, C3, T)
     return dqkv.astype(dt)
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+attention_B3CT.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention_reference(qkv_BT3C, NH: int):
