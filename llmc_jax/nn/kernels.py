@@ -71,11 +71,6 @@ class Kernels:
                              "attention); use --attention xla or pallas")
         return kernels
 
-    @property
-    def uses_pallas(self) -> bool:
-        """Whether any op is a Pallas kernel (opaque to XLA's partitioner: runs under shard_map)."""
-        return "pallas" in dataclasses.astuple(self)
-
     def __str__(self) -> str:
         return self.describe()
 

@@ -23,6 +23,11 @@ class LayerGather:
     axis_name: str
     dims: tuple[tuple[str, int], ...] = ()
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The tensors gathered inside the layer scan (the rest are gathered before the model runs)."""
+        return frozenset(name for name, _ in self.dims)
+
 
 def gathered_block(block: Callable, gather: LayerGather | None) -> Callable:
     """The scan body `block(carry, (layer tensors, ...))` with the layer's tensors gathered first."""

@@ -223,7 +223,7 @@ def accumulate_gradients(sc: StepConfig, grad_shardings=None, mesh=None, zero_st
     value_and_grad = _with_meta_grads(sc.value_and_grad(layer_gather), fp8_on)
     if sharded:
         per_device = _sharded_gradients(value_and_grad, mesh, grad_shardings, zero_stage >= 2,
-                                        None if layer_gather is None else frozenset(dict(layer_gather.dims)))
+                                        None if layer_gather is None else layer_gather.names)
         return lambda params, x_ABT, y_ABT, metas=None: _drop_meta(per_device(params, metas, x_ABT, y_ABT), metas)
     constrain = ((lambda g: g) if grad_shardings is None else
                  (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)))
@@ -367,7 +367,7 @@ def make_eval_step(sc: StepConfig, deterministic: bool = False, shardings=None):
         if layer_gather is not None:     # the params stay split as the AdamW state, as in the train step
             specs = jax.tree.map(lambda sh: sh.spec, shardings.grads)
             dims = {k: split_dim(spec) for k, spec in specs.items()}
-            in_scan = frozenset(dict(layer_gather.dims))
+            in_scan = layer_gather.names
             loss_whole = loss
             loss = lambda p, x, y, metas: loss_whole(_gather_outside_layers(p, dims, in_scan), x, y, metas)
         local = lambda p, x, y, metas: jax.lax.pmean(loss(p, x, y, metas).astype(jnp.float32), DATA_AXIS)
