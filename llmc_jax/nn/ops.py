@@ -259,9 +259,9 @@ def _causal_scores(q, k, spec: str = "bqhd,bkhd->bhqk"):
     return jnp.where(mask, s, -jnp.inf)
 
 
-# The fp32 (B, NH, T, T) scores of a batch chunk stay within this many elements (512 MiB): XLA's
+# The fp32 (B, NH, T, T) scores of a batch chunk stay within this many elements (256 MiB): XLA's
 # attention holds several such arrays at once in the backward (d12 -b 64: 3 GiB each, whole).
-ATTENTION_CHUNK_ELEMENTS = 2**27
+ATTENTION_CHUNK_ELEMENTS = 2**26
 
 
 def attention_chunks(B: int, NH: int, T: int, limit: int | None = None) -> int:
