@@ -298,11 +298,20 @@ def _fp8_matmul_fwd(recipe, margin, x, w, b, metas):
     out = (out if b is None else out + b.astype(F32)).astype(x.dtype)
     # the tables of dtypes travel as empty arrays (as in ops); the metas are a few floats
     dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype), None if b is None else jnp.zeros((0,), b.dtype))
-    return out, (x_q, w_q, sx, sw, ax, aw, metas, dtypes)
+    return out, (_bits(x_q), _bits(w_q), sx, sw, ax, aw, metas, dtypes)
+
+
+def _bits(q) -> jax.Array:
+    """An e4m3 residual kept as its bytes. jax.checkpoint rounds every floating residual it saves
+    with reduce_precision(finfo's exponent and mantissa bits), which has IEEE semantics: for
+    e4m3fn (no infinities, max 448) that turns every value above 240 into inf, and the backward
+    into NaN (any -r that saves x_q, with FP8 on). An integer residual is left alone."""
+    return lax.bitcast_convert_type(q, jnp.uint8)
 
 
 def _fp8_matmul_bwd(recipe, margin, res, dout):
-    x_q, w_q, sx, sw, ax, aw, metas, (x_dt, w_dt, b_dt) = res
+    x_bits, w_bits, sx, sw, ax, aw, metas, (x_dt, w_dt, b_dt) = res
+    x_q, w_q = lax.bitcast_convert_type(x_bits, E4M3), lax.bitcast_convert_type(w_bits, E4M3)
     OC, C = w_q.shape
     ad = amax(dout)
     sd = _scale(recipe, metas.dout, ad, E5M2_MAX, margin)
