@@ -10,8 +10,7 @@ def report(flags: str, target: str = "h100x8", *, eval_step: bool = False, fp8_c
     return plan.plan_flags(flags.split(), target, eval_step=eval_step, fp8_cublas=fp8_cublas)
 
 
-def fp8_gemms(kernels: dict) -> int:
-    return sum(n for name, n in kernels.items() if "FP8" in name)
+fp8_gemms = plan.fp8_gemm_count
 
 
 def train_step_hlo(flags: str, target: str = "h100") -> tuple[object, str]:
